@@ -1,0 +1,21 @@
+"""auditclip: audit the weights of a neural network across a training run.
+
+>>> import auditclip
+>>> run = auditclip.open_run("sample_checkpoints/high_lr")  # doctest: +SKIP
+>>> auditclip.drift(run).head()  # doctest: +SKIP
+"""
+
+from ._version import __version__
+from .analysis import AnalysisResult, analyze, drift, inspect_checkpoint, tensor_stats
+from .checkpoints import Checkpoint, Run, open_run, parse_step
+from .errors import AuditclipError, CheckpointError, InputError, NoCheckpointsError
+from .readers import TensorInfo, TensorReader, open_checkpoint_file
+from .stats import describe
+
+inspect = inspect_checkpoint
+
+__all__ = [
+    "AnalysisResult", "AuditclipError", "Checkpoint", "CheckpointError", "InputError", "NoCheckpointsError",
+    "Run", "TensorInfo", "TensorReader", "__version__", "analyze", "describe", "drift", "inspect",
+    "inspect_checkpoint", "open_checkpoint_file", "open_run", "parse_step", "tensor_stats",
+]

@@ -1,0 +1,187 @@
+"""The ``auditclip`` command line: parse options, call one library function, render.
+
+Exit codes: 0 success; 1 the job ran but some checkpoints could not be read
+(they are listed and skipped); 2 bad usage or input (one ``Error:`` line).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ._version import __version__
+from .errors import AuditclipError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+TABLE_COLUMNS = ("tensor", "dtype", "shape", "numel", "mean", "std", "min", "max", "abs_max", "frac_zero",
+                 "n_nan", "n_inf")
+
+
+class CliError(click.ClickException):
+    """A library error shown as one ``Error:`` line, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
+class _Command(click.Command):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AuditclipError as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            raise CliError(str(exc)) from exc
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every command that reads checkpoints shares."""
+    f = click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable).")(f)
+    f = click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")(f)
+    f = click.option("--key", metavar="ENTRY",
+                     help="Container entry holding the state dict in .pt/.ckpt files (e.g. ema, ema_state_dict).")(f)
+    f = click.option("--spectral", is_flag=True,
+                     help="Also compute spectral_norm and stable_rank for tensors of 2+ dimensions.")(f)
+    return f
+
+
+def _table(df: Any, columns: tuple[str, ...] | list[str]) -> str:
+    return df.loc[:, [c for c in columns if c in df]].to_string(
+        index=False, float_format=lambda v: f"{v:.4g}", na_rep=""
+    )
+
+
+class _Progress:
+    """A click progress bar on stderr, created once the number of tensors is known."""
+
+    def __init__(self, hidden: bool) -> None:
+        self.hidden, self.bar, self.done = hidden, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label="Analysing tensors", file=sys.stderr, hidden=self.hidden)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="auditclip")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
+    """Audit the weights of a neural network across a training run.
+
+    \b
+    Examples:
+      auditclip inspect sample_checkpoints/high_lr/epoch_12.safetensors
+      auditclip drift sample_checkpoints/high_lr --out report/
+    """
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="table for people, csv/json (every stats.csv column) for programs.")
+@_run_options
+def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+            spectral: bool) -> None:
+    """Statistics of every tensor of one checkpoint.
+
+    CHECKPOINT is a .safetensors/.pt/.pth/.bin/.ckpt file, a sharded *.index.json,
+    or a Hugging Face checkpoint folder.
+
+    \b
+    Examples:
+      auditclip inspect sample_checkpoints/high_lr/epoch_12.safetensors
+      auditclip inspect run/checkpoint-500 --format csv > stats.csv
+      auditclip inspect lightning/epoch=3-step=48.ckpt --include '*.weight' --spectral
+    """
+    from .analysis import inspect_checkpoint
+
+    df = inspect_checkpoint(checkpoint, key=key, include=include, exclude=exclude, spectral=spectral)
+    if fmt == "csv":
+        click.echo(df.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        click.echo(df.to_json(orient="records", indent=1))
+    else:
+        columns = list(TABLE_COLUMNS) + (["spectral_norm", "stable_rank"] if spectral else [])
+        click.echo(_table(df, columns))
+
+
+@cli.command()
+@click.argument("run", nargs=-1, required=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Directory for stats.csv and drift.csv.")
+@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True,
+              help="Checkpoint order: step parsed from names/metadata, natural name order, or file time.")
+@click.option("--reference", type=click.Path(path_type=str),
+              help="Checkpoint the 'reference' baseline compares with (default: the first of the run).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_run_options
+def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
+          key: str | None, include: tuple[str, ...], exclude: tuple[str, ...], spectral: bool) -> None:
+    """Per-tensor statistics at every checkpoint and how they move.
+
+    RUN is a directory of checkpoints (files or checkpoint-<step>/ folders), a glob,
+    or several checkpoint paths. Writes OUT/stats.csv and OUT/drift.csv and prints
+    the tensors that moved most from the reference by the last checkpoint.
+    Unreadable checkpoints are listed in OUT/errors.csv and skipped (exit 1).
+
+    \b
+    Examples:
+      auditclip drift sample_checkpoints/high_lr --out report/
+      auditclip drift 'runs/exp1/*.ckpt' --out report/ --include '*.weight' --spectral
+      auditclip drift output_dir/ --out report/ --reference output_dir/checkpoint-500
+    """
+    from .analysis import analyze
+    from .output import prepare_out_dir, write_csv
+
+    out_dir = prepare_out_dir(out)
+    progress = _Progress(hidden=quiet or not sys.stderr.isatty())
+    try:
+        result = analyze(list(run), include=include, exclude=exclude, spectral=spectral, reference=reference,
+                         sort=sort, key=key, progress=progress)
+    finally:
+        progress.close()
+    written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]
+    errors_csv = out_dir / "errors.csv"
+    if len(result.errors):
+        written.append(write_csv(result.errors, errors_csv))
+    elif errors_csv.exists():
+        errors_csv.unlink()  # a stale list from an earlier run would mislead
+
+    labels = [c.label for c in result.run if c.label not in set(result.errors.checkpoint)]
+    click.echo(f"Audited {len(labels)} checkpoint(s), {len(result.tensors)} tensor(s): {labels[0]} .. {labels[-1]}")
+    d = result.drift
+    last = d[(d.baseline == "reference") & (d.checkpoint == labels[-1]) & (d.tensor != "__all__")]
+    if top and len(last):
+        ranked = last.sort_values("rel_l2_change", ascending=False, na_position="last").head(top)
+        click.echo(f"\nTop {len(ranked)} by rel_l2_change, {labels[-1]} vs {ranked.baseline_checkpoint.iloc[0]}:")
+        click.echo(_table(ranked, ["tensor", "status", "rel_l2_change", "cosine", "max_abs_change", "std_ratio",
+                                   "ks", "wasserstein"]))
+    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    for e in result.errors.itertuples():
+        click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+    if len(result.errors):
+        sys.exit(1)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

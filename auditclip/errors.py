@@ -1,0 +1,34 @@
+"""Exceptions raised by auditclip.
+
+Every error the library raises on purpose is an :class:`AuditclipError`; the CLI
+turns them into a one-line ``Error: ...`` message and exit code 2, so a user
+never sees a traceback for bad input or a broken file.
+"""
+
+from __future__ import annotations
+
+
+class AuditclipError(Exception):
+    """Base class of every error auditclip raises on purpose."""
+
+
+class InputError(AuditclipError):
+    """The user asked for something that cannot be done (bad path, bad option)."""
+
+
+class NoCheckpointsError(InputError):
+    """A path, directory or glob named no checkpoint at all."""
+
+
+class CheckpointError(AuditclipError):
+    """A checkpoint file could not be read (truncated, garbage, unsafe, missing shard).
+
+    ``path`` names the offending file so a run can report it and go on.
+    """
+
+    def __init__(self, path: object, message: str, kind: str = "unreadable") -> None:
+        self.path = str(path)
+        self.message = message
+        #: short machine-readable cause: ``unreadable``, ``unsafe``, ``missing_shard``...
+        self.kind = kind
+        super().__init__(f"{self.path}: {message}")
