@@ -99,12 +99,16 @@ class _Totals:
         return out
 
 
-def _open_readers(checkpoints: Sequence[Checkpoint], key: str | None, errors: list[dict[str, str]]):
+def _open_readers(
+    checkpoints: Sequence[Checkpoint], key: str | None, errors: list[dict[str, str]], raise_errors: bool = False
+) -> list[tuple[Checkpoint, TensorReader]]:
     readers: list[tuple[Checkpoint, TensorReader]] = []
     for ckpt in checkpoints:
         try:
             readers.append((ckpt, ckpt.open(key)))
         except CheckpointError as exc:
+            if raise_errors:  # a run of one: its error is the answer, not a line in a report
+                raise
             errors.append({"checkpoint": ckpt.label, "error": exc.kind, "message": exc.message})
     return readers
 
@@ -155,6 +159,8 @@ def analyze(
     key = key if key is not None else run.key
     errors: list[dict[str, str]] = []
     readers = _open_readers(run.checkpoints, key, errors)
+    if not readers and len(run) == 1:
+        readers = _open_readers(run.checkpoints, key, [], raise_errors=True)
     if not readers:
         raise InputError(
             "no checkpoint of the run could be read: "

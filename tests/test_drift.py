@@ -1,0 +1,123 @@
+"""Drift between checkpoints: exact against scipy, statuses for changing tensors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from auditclip import analyze, drift
+from auditclip.analysis import DRIFT_COLUMNS
+from auditclip.distances import ks_statistic, wasserstein
+from auditclip.stats import STATS_COLUMNS
+
+from conftest import save_safetensors
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("n_a, n_b", [(1000, 1000), (1000, 777), (5, 3000)])
+def test_ks_and_wasserstein_match_scipy(n_a: int, n_b: int) -> None:
+    rng = np.random.default_rng(0)
+    a = np.sort(rng.standard_t(3, n_a).astype(np.float32))
+    b = np.sort((rng.standard_normal(n_b) * 1.3 + 0.2).astype(np.float32))
+    b[::50] = a[0]  # ties across samples
+    b.sort()
+    assert ks_statistic(a, b) == pytest.approx(scipy.stats.ks_2samp(a, b).statistic, abs=1e-12)
+    assert wasserstein(a, b) == pytest.approx(scipy.stats.wasserstein_distance(a, b), rel=1e-9)
+
+
+def _write_run(folder: Path, dtype: torch.dtype, steps: int = 4) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(120, 50, generator=g) * 0.05
+    b = torch.randn(50, generator=g)
+    versions = []
+    for i in range(steps):
+        w = w + torch.randn(w.shape, generator=g) * 0.01 * (i + 1)
+        b = b * 1.1 + 0.01
+        sd = {"layer.weight": w.to(dtype), "layer.bias": b.to(dtype)}
+        versions.append(sd)
+        save_safetensors(folder / f"step_{(i + 1) * 100}.safetensors", sd)
+    return versions
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_drift_values_match_numpy_scipy(tmp_path: Path, dtype: torch.dtype) -> None:
+    versions = _write_run(tmp_path, dtype)
+    df = drift(tmp_path)
+    assert list(df.columns) == list(DRIFT_COLUMNS)
+    as64 = [{k: v.float().numpy().astype(np.float64).ravel() for k, v in sd.items()} for sd in versions]
+    for row in df[df.tensor != "__all__"].itertuples():
+        i = int(row.step) // 100 - 1
+        j = i - 1 if row.baseline == "previous" else 0
+        cur, base = as64[i][row.tensor], as64[j][row.tensor]
+        assert row.status == "ok"
+        assert row.baseline_checkpoint == f"step_{(j + 1) * 100}.safetensors"
+        assert row.rel_l2_change == pytest.approx(np.linalg.norm(cur - base) / np.linalg.norm(base), rel=1e-9, abs=1e-15)
+        assert row.cosine == pytest.approx(cur @ base / np.linalg.norm(cur) / np.linalg.norm(base), rel=1e-9)
+        assert row.max_abs_change == pytest.approx(np.abs(cur - base).max(), rel=1e-9, abs=1e-15)
+        assert row.mean_shift == pytest.approx(cur.mean() - base.mean(), rel=1e-6, abs=1e-12)
+        assert row.std_ratio == pytest.approx(cur.std() / base.std(), rel=1e-6)
+        # exact, so far inside the documented bounds (0.005 absolute KS, 1% relative W1)
+        assert row.ks == pytest.approx(scipy.stats.ks_2samp(cur, base).statistic, abs=1e-12)
+        assert row.wasserstein == pytest.approx(scipy.stats.wasserstein_distance(cur, base), rel=1e-6, abs=1e-15)
+    # previous rows start at the second checkpoint; reference rows include the first (zero change)
+    assert df[(df.baseline == "previous")].step.min() == 200
+    first = df[(df.baseline == "reference") & (df.step == 100) & (df.tensor == "layer.weight")].iloc[0]
+    assert (first.rel_l2_change, first.ks, first.wasserstein) == (0.0, 0.0, 0.0)
+
+
+def test_all_row_is_global_relative_change(tmp_path: Path) -> None:
+    versions = _write_run(tmp_path, torch.float32)
+    df = drift(tmp_path)
+    row = df[(df.tensor == "__all__") & (df.baseline == "reference") & (df.step == 400)].iloc[0]
+    cur = np.concatenate([v.double().numpy().ravel() for v in versions[3].values()])
+    base = np.concatenate([v.double().numpy().ravel() for v in versions[0].values()])
+    assert row.rel_l2_change == pytest.approx(np.linalg.norm(cur - base) / np.linalg.norm(base), rel=1e-9)
+    assert row.cosine == pytest.approx(cur @ base / np.linalg.norm(cur) / np.linalg.norm(base), rel=1e-9)
+
+
+def test_added_removed_and_shape_changed(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(8)
+    save_safetensors(tmp_path / "step_1.safetensors", {"keep": torch.randn(4, 4, generator=g), "old": torch.ones(3),
+                                                       "grow": torch.randn(4, generator=g)})
+    save_safetensors(tmp_path / "step_2.safetensors", {"keep": torch.randn(4, 4, generator=g), "new": torch.ones(2),
+                                                       "grow": torch.randn(6, generator=g)})
+    result = analyze(tmp_path)
+    d = result.drift[result.drift.baseline == "previous"].set_index("tensor")
+    assert d.loc["keep", "status"] == "ok"
+    assert d.loc["old", "status"] == "removed" and math.isnan(d.loc["old", "rel_l2_change"])
+    assert d.loc["new", "status"] == "added"
+    grow = d.loc["grow"]
+    assert grow.status == "shape_changed" and math.isnan(grow.rel_l2_change) and not math.isnan(grow.ks)
+    # statistics are still reported for whatever each checkpoint holds
+    s = result.stats
+    assert set(s[s.step == 1].tensor) == {"grow", "keep", "old", "__all__"}
+    assert set(s[s.step == 2].tensor) == {"grow", "keep", "new", "__all__"}
+    assert list(s.columns) == list(STATS_COLUMNS)
+
+
+def test_reference_option_and_include_exclude(tmp_path: Path) -> None:
+    _write_run(tmp_path, torch.float32)
+    df = drift(tmp_path, reference=tmp_path / "step_400.safetensors", include=["*.weight"])
+    assert set(df.tensor) == {"layer.weight", "__all__"}
+    ref = df[df.baseline == "reference"]
+    assert set(ref.baseline_checkpoint) == {"step_400.safetensors"}
+    assert ref[ref.step == 400].rel_l2_change.tolist() == [0.0, 0.0]
+    assert ref[ref.step == 100].rel_l2_change.gt(0).all()
+    assert set(drift(tmp_path, exclude=["*.weight"]).tensor) == {"layer.bias", "__all__"}
+
+
+def test_non_finite_values_make_elementwise_change_nan(tmp_path: Path) -> None:
+    a = torch.randn(100, generator=torch.Generator().manual_seed(9))
+    b = a.clone()
+    b[5] = float("nan")
+    save_safetensors(tmp_path / "step_1.safetensors", {"w": a})
+    save_safetensors(tmp_path / "step_2.safetensors", {"w": b})
+    row = drift(tmp_path).query("baseline == 'previous' and tensor == 'w'").iloc[0]
+    assert math.isnan(row.rel_l2_change) and math.isnan(row.max_abs_change)
+    assert row.ks == pytest.approx(scipy.stats.ks_2samp(a.numpy(), np.delete(b.numpy(), 5)).statistic)
