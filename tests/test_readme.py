@@ -1,0 +1,34 @@
+"""README.md stays true: CI command, every command, every CSV column documented."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from auditclip.analysis import DRIFT_COLUMNS, ERROR_COLUMNS
+from auditclip.cli import cli
+from auditclip.stats import STATS_COLUMNS
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = ci.strip().splitlines()[-1]
+    assert "pytest" in command
+    assert f"```bash\n{command}\n```" in README
+
+
+def test_every_command_is_documented_with_an_example() -> None:
+    for name in cli.commands:
+        assert f"### `auditclip {name}" in README
+        assert re.search(rf"^auditclip {name} \S", README, re.MULTILINE), name
+
+
+@pytest.mark.parametrize("columns", [STATS_COLUMNS, DRIFT_COLUMNS, ERROR_COLUMNS])
+def test_every_csv_column_is_in_the_dictionary(columns: tuple[str, ...]) -> None:
+    documented = set(re.findall(r"`([a-z0-9_]+)`", README))
+    assert set(columns) <= documented, set(columns) - documented

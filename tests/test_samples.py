@@ -1,0 +1,79 @@
+"""The shipped sample runs are what the README says they are."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from auditclip import analyze, open_run
+
+from conftest import SAMPLES
+
+
+def _model():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("digits_mlp", SAMPLES / "digits_mlp.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.make_model()
+
+
+def test_sample_runs_are_ordered_by_metadata_step() -> None:
+    for name in ("high_lr", "wgan_clip"):
+        run = open_run(SAMPLES / name)
+        assert run.labels == [f"epoch_{e:02d}.safetensors" for e in range(1, 13)]
+        assert [c.step for c in run] == [45 * e for e in range(1, 13)]
+
+
+def test_wgan_run_stays_inside_its_clip_range() -> None:
+    stats = analyze(SAMPLES / "wgan_clip", drift=False).stats
+    assert len(stats) == 12 * 7
+    assert stats.abs_max.max() <= 0.01
+
+
+def test_high_lr_run_grows_out_of_range_late() -> None:
+    result = analyze(SAMPLES / "high_lr")
+    total = result.stats[result.stats.tensor == "__all__"].set_index("step")
+    assert total.loc[360, "abs_max"] < 1.5 < 5.0 < total.loc[540, "abs_max"]
+    steps = result.drift[(result.drift.tensor == "__all__") & (result.drift.baseline == "previous")]
+    assert steps.loc[steps.rel_l2_change.idxmax(), "step"] == 405  # the jump when the rate goes up
+
+
+def test_held_out_data_and_model_load_every_checkpoint() -> None:
+    data = load_file(str(SAMPLES / "digits_test.safetensors"))
+    assert data["x"].shape == (360, 64) and data["x"].dtype == torch.float32 and data["y"].dtype == torch.int64
+    model = _model()
+    for path in sorted((SAMPLES / "wgan_clip").glob("*.safetensors")):
+        model.load_state_dict(load_file(str(path)), strict=True)
+    model.eval()
+    with torch.inference_mode():
+        accuracy = (model(data["x"]).argmax(1) == data["y"]).float().mean().item()
+    assert accuracy > 0.9  # clipped to +-0.01 and still a working classifier
+
+
+def test_samples_are_small() -> None:
+    assert sum(p.stat().st_size for p in SAMPLES.rglob("*") if p.is_file()) < 5_000_000
+
+
+def test_regeneration_reproduces_the_shipped_files(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(SAMPLES))
+    try:
+        import make_samples
+    finally:
+        sys.path.remove(str(SAMPLES))
+    make_samples.main(tmp_path)
+    shipped = sorted(p.relative_to(SAMPLES) for p in SAMPLES.rglob("*.safetensors"))
+    assert shipped == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors"))
+    for rel in shipped:
+        with safe_open(str(SAMPLES / rel), "pt") as a, safe_open(str(tmp_path / rel), "pt") as b:
+            # safetensors writes metadata keys in hash order, so compare contents, not bytes
+            assert a.metadata() == b.metadata()
+            assert sorted(a.keys()) == sorted(b.keys())
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), (rel, key)
