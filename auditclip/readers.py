@@ -331,6 +331,11 @@ class TensorReader:
     def __len__(self) -> int:
         return len(self._raw)
 
+    @property
+    def name_map(self) -> dict[str, str]:
+        """Clean name -> stored name, for every tensor."""
+        return dict(self._raw)
+
     def raw_name(self, name: str) -> str:
         """The name the tensor is stored under (with any prefix stripped from ``name``)."""
         return self._raw[name]

@@ -1,0 +1,202 @@
+"""Clip tensors after the fact, in their own dtype, protecting chosen elements.
+
+Bounds are rounded *inward* to values the tensor's dtype can hold (a bf16 tensor
+clipped to 0.01 gets 0.00997..., the largest bf16 not above 0.01), so every
+output value is inside the bound as written, and every value that was inside
+stays bit-identical. NaN stays NaN; +-Inf is clipped to the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ClipSettings, ClipSpec
+from .errors import InputError
+from .stats import finite_sorted, percentile
+
+CLIP_REPORT_COLUMNS = (
+    "checkpoint", "tensor", "spec", "lo", "hi", "n_clipped", "frac_clipped", "n_protected",
+    "abs_max_before", "abs_max_after",
+)
+
+
+@dataclass
+class ClipOutcome:
+    """A clipped tensor and what clipping did to it."""
+
+    tensor: torch.Tensor
+    lo: float
+    hi: float
+    n_clipped: int
+    n_protected: int
+
+    def report(self, before: torch.Tensor) -> dict[str, Any]:
+        n = before.numel()
+        return {
+            "lo": self.lo, "hi": self.hi, "n_clipped": self.n_clipped,
+            "frac_clipped": self.n_clipped / n if n else 0.0, "n_protected": self.n_protected,
+            "abs_max_before": _abs_max(before), "abs_max_after": _abs_max(self.tensor),
+        }
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    x = t.detach().reshape(-1).to(torch.float64)
+    x = x[torch.isfinite(x)]
+    return float(x.abs().max()) if x.numel() else math.nan
+
+
+@lru_cache(maxsize=None)
+def _representable(dtype: torch.dtype) -> np.ndarray:
+    """Every finite value of an 8-bit float dtype, sorted (torch has no nextafter for them)."""
+    raw = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float64).numpy()
+    return np.unique(raw[np.isfinite(raw)])
+
+
+def inward(value: float, dtype: torch.dtype, down: bool) -> float:
+    """The nearest value of ``dtype`` at or below (``down``) / above ``value``.
+
+    >>> inward(0.01, torch.bfloat16, down=True) <= 0.01 < inward(0.01, torch.bfloat16, down=False)
+    True
+    """
+    if dtype.itemsize == 1:
+        table = _representable(dtype)
+        i = np.searchsorted(table, value, side="right") - 1 if down else np.searchsorted(table, value, side="left")
+        return float(table[min(max(i, 0), table.size - 1)])
+    v = torch.tensor(value, dtype=torch.float64).to(dtype)
+    if down and float(v) > value:
+        v = torch.nextafter(v, torch.tensor(-math.inf, dtype=dtype))
+    elif not down and float(v) < value:
+        v = torch.nextafter(v, torch.tensor(math.inf, dtype=dtype))
+    return float(v)
+
+
+def bounds(t: torch.Tensor, spec: ClipSpec) -> tuple[float, float]:
+    """The [lo, hi] a spec means for this tensor (percentile and sigma look at its values).
+
+    >>> bounds(torch.tensor([-3.0, 1.0]), ClipSpec.parse("max_abs=2"))
+    (-2.0, 2.0)
+    """
+    if spec.kind == "range":
+        return float(spec.a), float(spec.b)  # type: ignore[arg-type]
+    if spec.kind == "max_abs":
+        return -float(spec.a), float(spec.a)  # type: ignore[arg-type]
+    values, _, _ = finite_sorted(t)
+    if values.size == 0:
+        return math.nan, math.nan
+    if spec.kind == "percentile":
+        p = float(spec.a)  # type: ignore[arg-type]
+        return percentile(values, 100.0 - p), percentile(values, p)
+    if spec.kind == "sigma":
+        x = values.astype(np.float64)
+        mean, std = float(x.mean()), float(x.std())
+        return mean - float(spec.a) * std, mean + float(spec.a) * std  # type: ignore[arg-type]
+    raise InputError(f"cannot clip with spec {spec}")
+
+
+def parse_protect(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"net.0.weight[3, 17]"`` -> ``("net.0.weight", (3, 17))``.
+
+    >>> parse_protect("fc.weight[3, 17]")
+    ('fc.weight', (3, 17))
+    """
+    name, sep, rest = text.rpartition("[")
+    try:
+        if not sep or not name or not rest.endswith("]"):
+            raise ValueError
+        index = tuple(int(p) for p in rest[:-1].split(",") if p.strip())
+    except ValueError:
+        raise InputError(f"--protect {text!r}: expected NAME[i, j], e.g. 'net.0.weight[3, 17]'") from None
+    return name, index
+
+
+def _protected_positions(t: torch.Tensor, name: str, protect: tuple[str, ...], top: int) -> torch.Tensor:
+    flat: list[int] = []
+    for entry in protect:
+        pname, index = parse_protect(entry)
+        if pname != name:
+            continue
+        if len(index) != t.dim() or any(not -d <= i < d for i, d in zip(index, t.shape)):
+            raise InputError(f"--protect {entry!r}: index out of range for shape {list(t.shape)}")
+        flat.append(int(np.ravel_multi_index(tuple(i % d for i, d in zip(index, t.shape)), t.shape)) if t.dim() else 0)
+    positions = torch.tensor(flat, dtype=torch.long)
+    if top and t.numel():
+        magnitude = t.detach().reshape(-1).to(torch.float32).abs().nan_to_num(nan=-1.0)
+        positions = torch.cat([positions, magnitude.topk(min(top, t.numel())).indices])
+    return positions.unique()
+
+
+def clip_tensor_outcome(
+    t: torch.Tensor, spec: ClipSpec, *, name: str = "", protect: tuple[str, ...] = (), protect_top: int = 0
+) -> ClipOutcome:
+    """Clip one tensor and count what changed (see :func:`clip_tensor`)."""
+    if not t.is_floating_point():
+        return ClipOutcome(t, math.nan, math.nan, 0, 0)
+    lo, hi = bounds(t, spec)
+    if math.isnan(lo):  # nothing finite to take percentiles of
+        return ClipOutcome(t, lo, hi, 0, 0)
+    lo_d, hi_d = inward(lo, t.dtype, down=False), inward(hi, t.dtype, down=True)
+    if lo_d > hi_d:
+        raise InputError(f"{name or 'tensor'}: no {t.dtype} value lies in [{lo:g}, {hi:g}]")
+    wide = t.dtype.itemsize == 1  # torch cannot clamp fp8: clamp exactly in float32 and come back
+    work = t.to(torch.float32) if wide else t
+    outside = (work < lo_d) | (work > hi_d)
+    clipped = work.clamp(lo_d, hi_d)
+    clipped = clipped.to(t.dtype) if wide else clipped
+    n_protected = 0
+    positions = _protected_positions(t, name, protect, protect_top)
+    if positions.numel():
+        flat_out, flat_in = clipped.reshape(-1), t.reshape(-1)
+        n_protected = int(outside.reshape(-1)[positions].sum())
+        flat_out[positions] = flat_in[positions]
+        clipped = flat_out.reshape(t.shape)
+    return ClipOutcome(clipped, lo_d, hi_d, int(outside.sum()) - n_protected, n_protected)
+
+
+def clip_tensor(t: torch.Tensor, spec: ClipSpec | str, **protection: Any) -> torch.Tensor:
+    """A clipped copy of ``t``, same dtype and shape; values inside the bound unchanged.
+
+    ``spec``: a :class:`ClipSpec` or its text (``max_abs=0.01``, ``range=-1:1``,
+    ``percentile=99.9``, ``sigma=4``). ``protect_top=K`` keeps the K largest
+    magnitudes, ``protect=("name[i, j]",)`` with ``name=`` keeps given elements.
+
+    >>> clip_tensor(torch.tensor([0.5, -0.002, 0.03]), "max_abs=0.01").tolist()
+    [0.009999999776482582, -0.0020000000949949026, 0.009999999776482582]
+    """
+    spec = spec if isinstance(spec, ClipSpec) else ClipSpec.parse(spec)
+    return clip_tensor_outcome(t, spec, **protection).tensor
+
+
+def clip_state_dict(
+    state: dict[str, torch.Tensor], specs: ClipSettings | ClipSpec | str
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Clip every selected floating tensor of a state dict; others are returned as they are.
+
+    Returns the new state dict and one report row per clipped tensor
+    (the ``clip_report.csv`` columns without ``checkpoint``).
+
+    >>> sd, report = clip_state_dict({"w": torch.tensor([2.0, 0.0])}, "max_abs=1")
+    >>> sd["w"].tolist(), report[0]["n_clipped"]
+    ([1.0, 0.0], 1)
+    """
+    from .selection import name_filter
+
+    settings = specs if isinstance(specs, ClipSettings) else ClipSettings(
+        spec=specs if isinstance(specs, ClipSpec) else ClipSpec.parse(specs))
+    keep = name_filter(settings.include, settings.exclude)
+    out: dict[str, torch.Tensor] = {}
+    report: list[dict[str, Any]] = []
+    for name, t in state.items():
+        spec = settings.spec_for(name) if keep(name) else None
+        if spec is None or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            out[name] = t
+            continue
+        outcome = clip_tensor_outcome(t, spec, name=name, protect=settings.protect, protect_top=settings.protect_top)
+        out[name] = outcome.tensor
+        report.append({"tensor": name, "spec": str(spec), **outcome.report(t)})
+    return out, report

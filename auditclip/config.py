@@ -1,0 +1,428 @@
+"""Rule and clipping settings from options, a TOML config file, or ``pyproject.toml``.
+
+Settings are read from ``--config FILE`` or else the ``[tool.auditclip]`` table of
+the nearest ``pyproject.toml`` (searched upward from the working directory);
+command-line options win over both. Layout::
+
+    [tool.auditclip]
+    exclude = ["*.num_batches_tracked"]      # shared by flag and clip
+
+    [tool.auditclip.flag]
+    max_abs = 0.01                           # or range = "-0.01:0.01"
+    zscore = 10
+    jump = 5
+    norm_growth = 3.0
+    spike = 50
+    fail_on = "error"
+
+    [[tool.auditclip.flag.override]]         # later overrides win
+    pattern = ["*.bias", "*norm*"]
+    off = ["range"]
+
+    [tool.auditclip.clip]
+    max_abs = 0.01                           # or range / percentile / sigma
+    protect_top = 1
+
+    [[tool.auditclip.clip.override]]
+    pattern = "*norm*"
+    skip = true
+
+In a file given with ``--config`` the same tables may sit at the top level
+(``[flag]``, ``[clip]``) or under ``[tool.auditclip]``. An unknown key or a bad
+value is an error naming it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+RULES = ("range", "nonfinite", "outlier", "jump", "norm_growth", "spike", "dead", "frozen")
+SEVERITIES = ("error", "warning", "info")
+FAIL_ON = ("error", "warning", "info", "never")
+
+
+def parse_range(text: str, what: str = "--range") -> tuple[float, float]:
+    """``"-0.01:0.01"`` -> ``(-0.01, 0.01)``; LO must be below HI.
+
+    >>> parse_range("-0.01:0.01")
+    (-0.01, 0.01)
+    """
+    parts = str(text).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected LO:HI with two numbers, e.g. -0.01:0.01") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise InputError(f"{what} {text!r}: LO must be a finite number below HI")
+    return lo, hi
+
+
+def positive(what: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} {value!r}: expected a number") from None
+    if not (math.isfinite(number) and number > 0):
+        raise InputError(f"{what} {value!r}: must be a positive number")
+    return number
+
+
+def percentile_value(what: str, value: Any) -> float:
+    number = positive(what, value)
+    if not 50 < number < 100:
+        raise InputError(f"{what} {value!r}: must be between 50 and 100 (clip to the [100-P, P] percentiles)")
+    return number
+
+
+def _patterns(what: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise InputError(f"{what}: expected a glob or a list of globs")
+
+
+# ---------------------------------------------------------------- clip specs
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How one tensor is clipped: ``range``, ``max_abs``, ``percentile``, ``sigma`` or ``none``.
+
+    >>> ClipSpec.parse("max_abs=0.01"), str(ClipSpec.parse("range=-1:2"))
+    (ClipSpec(kind='max_abs', a=0.01, b=None), 'range=-1:2')
+    """
+
+    kind: str
+    a: float | None = None
+    b: float | None = None
+
+    KINDS = ("range", "max_abs", "percentile", "sigma", "none")
+
+    @classmethod
+    def make(cls, kind: str, value: Any) -> ClipSpec:
+        if kind == "range":
+            lo, hi = parse_range(value, "range")
+            return cls("range", lo, hi)
+        if kind == "max_abs":
+            return cls("max_abs", positive("max_abs", value))
+        if kind == "percentile":
+            return cls("percentile", percentile_value("percentile", value))
+        if kind == "sigma":
+            return cls("sigma", positive("sigma", value))
+        if kind in ("none", "skip"):
+            return cls("none")
+        raise InputError(f"unknown clip spec {kind!r}; use one of range, max_abs, percentile, sigma, none")
+
+    @classmethod
+    def parse(cls, text: str) -> ClipSpec:
+        """Parse ``KIND=VALUE`` (``max_abs=0.01``, ``range=-1:1``, ``percentile=99.9``, ``sigma=4``, ``none``)."""
+        kind, _, value = str(text).partition("=")
+        return cls.make(kind.strip(), value.strip())
+
+    def __str__(self) -> str:
+        if self.kind == "range":
+            return f"range={self.a:g}:{self.b:g}"
+        if self.kind == "none":
+            return "none"
+        return f"{self.kind}={self.a:g}"
+
+
+# ---------------------------------------------------------------- flag settings
+
+@dataclass(frozen=True)
+class FlagRules:
+    """Thresholds of the flag rules for one tensor (see ``auditclip flag --help``)."""
+
+    range: tuple[float, float] | None = None
+    zscore: float = 10.0
+    jump: float = 5.0
+    norm_growth: float | None = None
+    spike: float = 50.0
+    off: frozenset[str] = frozenset()
+
+    def on(self, rule: str) -> bool:
+        return rule not in self.off and (rule != "range" or self.range is not None) and (
+            rule != "norm_growth" or self.norm_growth is not None)
+
+
+def _flag_changes(where: str, table: Mapping[str, Any], allowed: set[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in allowed:
+            raise InputError(f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(allowed))}")
+        what = f"{where}: {key}"
+        if key == "range":
+            out["range"] = parse_range(value, what)
+        elif key == "max_abs":
+            c = positive(what, value)
+            out["range"] = (-c, c)
+        elif key in ("zscore", "jump", "spike", "norm_growth"):
+            out[key] = positive(what, value)
+        elif key == "off":
+            rules = _patterns(what, value)
+            unknown = [r for r in rules if r not in RULES or r == "nonfinite"]
+            if unknown:
+                raise InputError(f"{what}: unknown or mandatory rule {unknown[0]!r}; rules: {', '.join(RULES[2:] + ('range',))}")
+            out["off"] = frozenset(rules)
+    if "range" in table and "max_abs" in table:
+        raise InputError(f"{where}: give range or max_abs, not both")
+    return out
+
+
+@dataclass
+class FlagSettings:
+    """Everything ``flag`` needs: default rules, per-pattern overrides, selection, fail level."""
+
+    rules: FlagRules = field(default_factory=FlagRules)
+    overrides: list[tuple[tuple[str, ...], dict[str, Any]]] = field(default_factory=list)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    fail_on: str = "error"
+
+    def rules_for(self, name: str) -> FlagRules:
+        """The rules for one tensor: defaults, then every matching override in order.
+
+        >>> s = FlagSettings(FlagRules(range=(-1, 1)), [(("*.bias",), {"off": frozenset({"range"})})])
+        >>> s.rules_for("fc.bias").on("range"), s.rules_for("fc.weight").on("range")
+        (False, True)
+        """
+        rules = self.rules
+        for patterns, changes in self.overrides:
+            if any(fnmatchcase(name, p) for p in patterns):
+                rules = replace(rules, **changes)
+        return rules
+
+
+@dataclass
+class ClipSettings:
+    """Everything ``clip`` needs: a default spec, per-pattern specs, protection, selection."""
+
+    spec: ClipSpec | None = None
+    overrides: list[tuple[tuple[str, ...], ClipSpec]] = field(default_factory=list)
+    protect: tuple[str, ...] = ()
+    protect_top: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def spec_for(self, name: str) -> ClipSpec | None:
+        """The spec of one tensor (None: leave it alone). Later overrides win.
+
+        >>> s = ClipSettings(ClipSpec.parse("max_abs=0.01"), [(("*norm*",), ClipSpec("none"))])
+        >>> str(s.spec_for("fc.weight")), s.spec_for("norm.weight")
+        ('max_abs=0.01', None)
+        """
+        spec = self.spec
+        for patterns, override in self.overrides:
+            if any(fnmatchcase(name, p) for p in patterns):
+                spec = override
+        return None if spec is None or spec.kind == "none" else spec
+
+
+_FLAG_KEYS = {"range", "max_abs", "zscore", "jump", "norm_growth", "spike", "off"}
+_CLIP_SPEC_KEYS = {"range", "max_abs", "percentile", "sigma"}
+
+
+def _clip_spec(where: str, table: Mapping[str, Any]) -> ClipSpec | None:
+    given = [k for k in _CLIP_SPEC_KEYS if k in table]
+    if table.get("skip") is True:
+        given.append("skip")
+    if len(given) > 1:
+        raise InputError(f"{where}: give one clip spec per tensor, not {' and '.join(sorted(given))}")
+    if not given:
+        return None
+    return ClipSpec("none") if given[0] == "skip" else ClipSpec.make(given[0], table[given[0]])
+
+
+# ---------------------------------------------------------------- files
+
+def find_pyproject(start: Path | None = None) -> Path | None:
+    """The nearest ``pyproject.toml`` at or above ``start`` (default: the working directory)."""
+    here = (start or Path.cwd()).absolute()
+    for folder in (here, *here.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_table(
+    config: str | os.PathLike[str] | None, start: Path | None = None, search: bool = True
+) -> tuple[dict[str, Any], str]:
+    """The auditclip table and where it came from (``{}`` when there is none).
+
+    Without ``config``, the nearest ``pyproject.toml`` is used when ``search`` is true.
+    """
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise InputError(f"--config {path}: no such file")
+        doc = _read_toml(path)
+        table = doc.get("tool", {}).get("auditclip") if "tool" in doc else doc
+        return dict(table or {}), str(path)
+    path = find_pyproject(start) if search else None
+    if path is None:
+        return {}, ""
+    return dict(_read_toml(path).get("tool", {}).get("auditclip") or {}), f"{path} [tool.auditclip]"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(f"cannot read config {path}: {exc}") from exc
+
+
+def _section(table: Mapping[str, Any], name: str, where: str) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
+    unknown = set(table) - {"flag", "clip", "include", "exclude"}
+    if unknown:
+        raise InputError(f"unknown key {sorted(unknown)[0]!r} in {where}; known keys: clip, exclude, flag, include")
+    section = table.get(name, {})
+    if not isinstance(section, dict):
+        raise InputError(f"{where}: {name} must be a table")
+    include = _patterns(f"{where}: include", table.get("include", []))
+    exclude = _patterns(f"{where}: exclude", table.get("exclude", []))
+    return section, include, exclude
+
+
+def _override_tables(section: Mapping[str, Any], where: str) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    out = []
+    for i, entry in enumerate(section.get("override", [])):
+        if not isinstance(entry, dict) or "pattern" not in entry:
+            raise InputError(f"{where}: override {i + 1} needs a pattern")
+        patterns = _patterns(f"{where}: override {i + 1} pattern", entry["pattern"])
+        out.append((patterns, {k: v for k, v in entry.items() if k != "pattern"}))
+    return out
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """``'GLOB:key=value,key=value'`` from the command line (``off`` takes ``rule+rule``).
+
+    >>> parse_override("*.bias:max_abs=1,zscore=20")
+    (('*.bias',), {'max_abs': '1', 'zscore': '20'})
+    """
+    pattern, sep, rest = text.partition(":")
+    pairs = [p for p in rest.split(",") if p.strip()]
+    if not sep or not pattern or not pairs or any("=" not in p for p in pairs):
+        raise InputError(f"--override {text!r}: expected GLOB:KEY=VALUE[,KEY=VALUE], e.g. '*.bias:max_abs=1'")
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        key, value = key.strip(), value.strip()
+        changes[key] = value.split("+") if key == "off" else (True if key == "skip" and value == "true" else value)
+    return (pattern,), changes
+
+
+def flag_settings(
+    config: str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    start: Path | None = None,
+    search: bool = True,
+) -> FlagSettings:
+    """Merge the config file and command-line options into :class:`FlagSettings`.
+
+    ``options`` holds command-line values (None = not given): ``range``, ``max_abs``,
+    ``zscore``, ``jump``, ``norm_growth``, ``spike``, ``fail_on``, ``include``, ``exclude``.
+
+    >>> flag_settings(options={"max_abs": 0.01}, start=Path("/")).rules.range
+    (-0.01, 0.01)
+    """
+    table, source = load_table(config, start, search)
+    where = source or "config"
+    section, include, exclude = _section(table, "flag", where)
+    where_flag = f"{where} flag"
+    base = {k: v for k, v in section.items() if k not in ("override", "fail_on")}
+    changes = _flag_changes(where_flag, base, _FLAG_KEYS)
+    fail_on = section.get("fail_on", "error")
+    opts = {k: v for k, v in (options or {}).items() if v not in (None, ())}
+    cli = {k: opts[k] for k in _FLAG_KEYS if k in opts}
+    if "range" in cli and "max_abs" in cli:
+        raise InputError("give --range or --max-abs, not both")
+    if "range" in cli or "max_abs" in cli:
+        changes.pop("range", None)
+    changes.update(_flag_changes("options", cli, _FLAG_KEYS))
+    fail_on = opts.get("fail_on", fail_on)
+    if fail_on not in FAIL_ON:
+        raise InputError(f"{where_flag}: fail_on {fail_on!r}: use one of {', '.join(FAIL_ON)}")
+    override_list = [(p, _flag_changes(f"{where_flag} override", c, _FLAG_KEYS))
+                     for p, c in _override_tables(section, where_flag)]
+    override_list += [(p, _flag_changes(f"--override {p[0]}", c, _FLAG_KEYS)) for p, c in map(parse_override, overrides)]
+    return FlagSettings(
+        rules=FlagRules(**changes), overrides=override_list, fail_on=fail_on,
+        include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)),
+    )
+
+
+def clip_settings(
+    config: str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    start: Path | None = None,
+    search: bool = True,
+) -> ClipSettings:
+    """Merge the config file and command-line options into :class:`ClipSettings`.
+
+    ``options``: ``range``, ``max_abs``, ``percentile``, ``sigma``, ``protect``,
+    ``protect_top``, ``include``, ``exclude`` (None = not given). Exactly one spec.
+
+    >>> str(clip_settings(options={"percentile": 99.9}, start=Path("/")).spec)
+    'percentile=99.9'
+    """
+    table, source = load_table(config, start, search)
+    where = f"{source or 'config'} clip"
+    section, include, exclude = _section(table, "clip", where)
+    allowed = _CLIP_SPEC_KEYS | {"override", "protect", "protect_top"}
+    for key in section:
+        if key not in allowed:
+            raise InputError(f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(allowed))}")
+    opts = {k: v for k, v in (options or {}).items() if v not in (None, ())}
+    cli_spec = _clip_spec("options", {k: opts[k] for k in _CLIP_SPEC_KEYS if k in opts}) if any(
+        k in opts for k in _CLIP_SPEC_KEYS) else None
+    if cli_spec is not None and sum(k in opts for k in _CLIP_SPEC_KEYS) > 1:
+        raise InputError("give one of --range, --max-abs, --percentile, --sigma")
+    spec = cli_spec or _clip_spec(where, section)
+    override_list: list[tuple[tuple[str, ...], ClipSpec]] = []
+    for patterns, entry in _override_tables(section, where):
+        unknown = set(entry) - _CLIP_SPEC_KEYS - {"skip"}
+        if unknown:
+            raise InputError(f"unknown key {sorted(unknown)[0]!r} in {where} override")
+        override_list.append((patterns, _clip_spec(f"{where} override", entry) or ClipSpec("none")))
+    for patterns, entry in map(parse_override, overrides):
+        unknown = set(entry) - _CLIP_SPEC_KEYS - {"skip"}
+        if unknown:
+            raise InputError(f"--override {patterns[0]}: unknown key {sorted(unknown)[0]!r} for clip")
+        override_list.append((patterns, _clip_spec(f"--override {patterns[0]}", entry) or ClipSpec("none")))
+    if spec is None and not override_list:
+        raise InputError("no clipping asked for: give --range, --max-abs, --percentile or --sigma (or a config)")
+    protect_top = opts.get("protect_top", section.get("protect_top", 0))
+    if not isinstance(protect_top, int) or protect_top < 0:
+        raise InputError(f"{where}: protect_top {protect_top!r}: must be a whole number >= 0")
+    return ClipSettings(
+        spec=spec, overrides=override_list, protect_top=protect_top,
+        protect=tuple(opts.get("protect", ())) + _patterns(f"{where}: protect", section.get("protect", [])),
+        include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)),
+    )
+
+
+def severity_at_least(severity: str, fail_on: str) -> bool:
+    """True when a finding of ``severity`` fails a run with ``--fail-on fail_on``.
+
+    >>> severity_at_least("warning", "error"), severity_at_least("error", "warning")
+    (False, True)
+    """
+    if fail_on == "never":
+        return False
+    return SEVERITIES.index(severity) <= SEVERITIES.index(fail_on)
+
+
