@@ -37,6 +37,8 @@ BASELINES = ("previous", "reference")
 
 #: ``progress(done, total)`` is called after each tensor name.
 Progress = Callable[[int, int], None]
+#: ``visit(checkpoint_label, tensor_name, tensor, summary)``
+Visitor = Callable[[str, str, torch.Tensor, TensorSummary], None]
 RunLike = Run | str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
 
@@ -49,6 +51,7 @@ class AnalysisResult:
     errors: pd.DataFrame
     run: Run
     tensors: list[str] = field(default_factory=list)
+    reference: str | None = None  # label of the checkpoint the reference rows compare with
 
 
 @dataclass
@@ -143,6 +146,7 @@ def analyze(
     sort: str = "step",
     key: str | None = None,
     progress: Progress | None = None,
+    visit: Visitor | None = None,
 ) -> AnalysisResult:
     """Statistics of every tensor at every checkpoint, and drift between checkpoints.
 
@@ -150,6 +154,8 @@ def analyze(
     ``exclude``: glob patterns on tensor names. ``spectral``: fill
     ``spectral_norm``/``stable_rank`` for tensors of 2+ dimensions.
     ``reference``: the checkpoint drift is measured against (default: the first).
+    ``visit(label, name, tensor, summary)`` is called for every floating tensor
+    version read, while it is in memory (``flag`` checks elements this way).
 
     >>> result = analyze("sample_checkpoints/high_lr")  # doctest: +SKIP
     >>> result.drift.query("tensor == '__all__' and baseline == 'reference'").rel_l2_change.iloc[-1]  # doctest: +SKIP
@@ -192,7 +198,10 @@ def analyze(
                 failed.add(i)
                 errors.append({"checkpoint": ckpt.label, "error": exc.kind, "message": exc.message})
             return None
-        return _Version(info, tensor, describe(tensor, info, spectral=spectral))
+        summary = describe(tensor, info, spectral=spectral)
+        if visit is not None:
+            visit(ckpt.label, name, tensor, summary)
+        return _Version(info, tensor, summary)
 
     for name_i, name in enumerate(names):
         ref_version = None
@@ -252,6 +261,7 @@ def analyze(
         errors=pd.DataFrame(errors, columns=list(ERROR_COLUMNS)),
         run=run,
         tensors=names,
+        reference=ref_ckpt.label if ref_ckpt is not None else None,
     )
 
 

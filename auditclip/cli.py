@@ -179,6 +179,164 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
         sys.exit(1)
 
 
+def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--override", "overrides", multiple=True, metavar="GLOB:KEY=VALUE",
+                     help="Per-pattern setting, e.g. '*.bias:max_abs=1' or 'norm*:off=range+outlier' (repeatable).")(f)
+    f = click.option("--config", "config", type=click.Path(path_type=str),
+                     help="TOML file with the settings (default: [tool.auditclip] of the nearest pyproject.toml).")(f)
+    return f
+
+
+def _write_errors(result_errors: Any, out_dir: Any, written: list[Any]) -> None:
+    from .output import write_csv
+
+    errors_csv = out_dir / "errors.csv"
+    if len(result_errors):
+        written.append(write_csv(result_errors, errors_csv))
+        for e in result_errors.itertuples():
+            click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+    elif errors_csv.exists():
+        errors_csv.unlink()  # a stale list from an earlier run would mislead
+
+
+@cli.command()
+@click.argument("run", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for flags.csv.")
+@click.option("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error).")
+@click.option("--max-abs", type=float, metavar="C", help="Values must lie in [-C, C] (rule range, error).")
+@click.option("--zscore", type=float, metavar="K", help="Robust z-score limit of rule outlier (default 10).")
+@click.option("--jump", type=float, metavar="K", help="Step change limit, x the median step change (default 5).")
+@click.option("--norm-growth", type=float, metavar="F", help="L2 norm growth limit over the reference (off by default).")
+@click.option("--spike", type=float, metavar="K", help="Super-weight limit, x the 99.99th percentile of |w| (default 50).")
+@click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]),
+              help="Lowest severity that makes the exit code 1 (default error).")
+@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
+@click.option("--reference", type=click.Path(path_type=str), help="Checkpoint norm growth is measured against.")
+@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable).")
+@_config_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def flag(run: tuple[str, ...], out: str, range_: str | None, max_abs: float | None, zscore: float | None,
+         jump: float | None, norm_growth: float | None, spike: float | None, fail_on: str | None, sort: str,
+         reference: str | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+         config: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Flag out-of-range parameters across a run; exit 1 on findings (for CI).
+
+    \b
+    Rules: range (error), nonfinite (error, always on), outlier (warning),
+    jump (warning), norm_growth (warning), spike (info: possible super weight),
+    dead and frozen (info). Writes OUT/flags.csv and prints a summary.
+
+    \b
+    Exit codes:
+      0  nothing at or above --fail-on
+      1  findings at or above --fail-on, or unreadable checkpoints (OUT/errors.csv)
+      2  usage or input error
+
+    \b
+    Examples:
+      auditclip flag sample_checkpoints/wgan_clip --max-abs 0.01 --out flags/
+      auditclip flag runs/exp1 --range -0.01:0.01 --override '*.bias:off=range' --out flags/
+      auditclip flag runs/exp1 --config audit.toml --fail-on warning --out flags/
+    """
+    from .config import flag_settings
+    from .flags import flag as run_flag, summary_table
+    from .output import prepare_out_dir, write_csv
+
+    options = {"range": range_, "max_abs": max_abs, "zscore": zscore, "jump": jump, "norm_growth": norm_growth,
+               "spike": spike, "fail_on": fail_on, "include": include, "exclude": exclude}
+    settings = flag_settings(config, options, overrides)
+    out_dir = prepare_out_dir(out)
+    progress = _Progress(hidden=quiet or not sys.stderr.isatty())
+    try:
+        result = run_flag(list(run), settings, reference=reference, sort=sort, key=key, progress=progress)
+    finally:
+        progress.close()
+    written = [write_csv(result.flags, out_dir / "flags.csv")]
+    _write_errors(result.errors, out_dir, written)
+    n_ckpt = len(result.analysis.run) - len(result.errors)
+    counts = result.flags.severity.value_counts()
+    click.echo(f"Checked {n_ckpt} checkpoint(s), {len(result.analysis.tensors)} tensor(s): "
+               + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info")))
+    if len(result.flags):
+        click.echo("")
+        click.echo(_table(summary_table(result.flags), ["rule", "severity", "tensor", "checkpoints", "count",
+                                                        "worst_value", "first_checkpoint"]))
+    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    if result.failed or len(result.errors):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("src", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for the clipped checkpoints.")
+@click.option("--range", "range_", metavar="LO:HI", help="Clip every selected tensor to [LO, HI].")
+@click.option("--max-abs", type=float, metavar="C", help="Clip to [-C, C].")
+@click.option("--percentile", type=float, metavar="P", help="Per tensor, clip to its [100-P, P] percentiles.")
+@click.option("--sigma", type=float, metavar="K", help="Per tensor, clip to mean +- K std.")
+@click.option("--protect", multiple=True, metavar="'NAME[i, j]'", help="Keep this element unclipped (repeatable).")
+@click.option("--protect-top", type=click.IntRange(0), metavar="K", help="Keep the K largest |w| of each tensor unclipped.")
+@click.option("--to", type=click.Choice(["safetensors"]), help="Convert .pt/.ckpt/.bin to safetensors.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
+@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only clip tensors whose name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Never clip tensors whose name matches (repeatable).")
+@_config_options
+def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | None, percentile: float | None,
+         sigma: float | None, protect: tuple[str, ...], protect_top: int | None, to: str | None, force: bool,
+         dry_run: bool, sort: str, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+         config: str | None, overrides: tuple[str, ...]) -> None:
+    """Clip checkpoints after the fact into new files, in the input's format.
+
+    SRC is one checkpoint or a run; the output mirrors the run's layout under OUT.
+    Only selected floating tensors change; everything else is copied bit for bit.
+    Writes OUT/clip_report.csv (not with --dry-run).
+
+    \b
+    Examples:
+      auditclip clip sample_checkpoints/high_lr --max-abs 1.5 --out clipped/
+      auditclip clip model.safetensors --percentile 99.99 --protect-top 1 --out clipped/
+      auditclip clip 'ckpts/*.ckpt' --sigma 6 --override '*norm*:skip=true' --out clipped/
+    """
+    from .clip_files import clip_run
+    from .config import clip_settings
+    from .output import prepare_out_dir, write_csv
+
+    options = {"range": range_, "max_abs": max_abs, "percentile": percentile, "sigma": sigma, "protect": protect,
+               "protect_top": protect_top, "include": include, "exclude": exclude}
+    settings = clip_settings(config, options, overrides)
+    result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,
+                      force=force, dry_run=dry_run)
+    report = result.report
+    written = list(result.written)
+    if dry_run:
+        for e in result.errors.itertuples():
+            click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+    else:
+        out_dir = prepare_out_dir(out)
+        written.append(write_csv(report, out_dir / "clip_report.csv"))
+        _write_errors(result.errors, out_dir, written)
+    n_ckpt = report.checkpoint.nunique() if len(report) else 0
+    verb = "Would clip" if dry_run else "Clipped"
+    click.echo(f"{verb} {int(report.n_clipped.sum()) if len(report) else 0} value(s) in "
+               f"{int((report.n_clipped > 0).sum()) if len(report) else 0} tensor version(s) "
+               f"across {n_ckpt} checkpoint(s); {int(report.n_protected.sum()) if len(report) else 0} protected")
+    changed = report[report.n_clipped > 0] if len(report) else report
+    if len(changed):
+        click.echo(_table(changed.sort_values("frac_clipped", ascending=False).head(10),
+                          ["checkpoint", "tensor", "spec", "n_clipped", "frac_clipped", "n_protected",
+                           "abs_max_before", "abs_max_after"]))
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    if not dry_run:
+        click.echo(f"Wrote {len(written)} file(s) under {out}")
+    if len(result.errors):
+        sys.exit(1)
+
+
 def main() -> None:
     cli()
 

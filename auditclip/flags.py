@@ -1,0 +1,254 @@
+"""Flag out-of-range parameters across a run.
+
+Element rules look at each tensor version while it is in memory during the
+streaming walk (:func:`auditclip.analysis.analyze`); run rules read the drift
+and statistics tables afterwards.
+
+=============  ========  ================================================================
+rule           severity  fires when
+=============  ========  ================================================================
+range          error     a finite value lies outside [LO, HI] (``--range`` / ``--max-abs``)
+nonfinite      error     any NaN or Inf (always on)
+outlier        warning   robust z = |x - median| / (1.4826 MAD) above K (``--zscore``)
+jump           warning   step-to-step rel_l2_change above K x the tensor's median step change
+norm_growth    warning   L2 norm above F x its value at the reference checkpoint
+spike          info      |w| above K x the tensor's 99.99th percentile of |w| (``--spike``)
+dead           info      every element zero, or all equal
+frozen         info      identical at every checkpoint while the model changes
+=============  ========  ================================================================
+
+A bound is met when a value is inside it as the tensor's dtype can write it:
+a bf16 weight clamped to 0.01 in bf16 (0.01001) passes ``--max-abs 0.01``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .analysis import AnalysisResult, RunLike, analyze
+from .config import RULES, FlagSettings, flag_settings, severity_at_least
+from .stats import TensorSummary
+
+FLAG_COLUMNS = ("checkpoint", "step", "tensor", "rule", "severity", "count", "fraction", "worst_value",
+                "worst_index", "threshold", "message")
+SEVERITY = {"range": "error", "nonfinite": "error", "outlier": "warning", "jump": "warning",
+            "norm_growth": "warning", "spike": "info", "dead": "info", "frozen": "info"}
+#: Fewest step-to-step changes whose median makes a meaningful yardstick for ``jump``.
+MIN_STEPS_FOR_JUMP = 3
+
+
+@dataclass
+class FlagResult:
+    """What :func:`flag` returns: the findings, unreadable checkpoints, and the analysis behind them."""
+
+    flags: pd.DataFrame
+    errors: pd.DataFrame
+    analysis: AnalysisResult
+    fail_on: str = "error"
+
+    @property
+    def failed(self) -> bool:
+        """True when a finding reaches ``fail_on`` (the CLI then exits 1)."""
+        return any(severity_at_least(s, self.fail_on) for s in self.flags.severity)
+
+
+def index_text(flat_index: int, shape: tuple[int, ...]) -> str:
+    """Flat position -> ``"[3, 17]"``, the multi-dimensional index in ``flags.csv``.
+
+    >>> index_text(7, (2, 5))
+    '[1, 2]'
+    """
+    if not shape:
+        return "[]"
+    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat_index, shape)) + "]"
+
+
+def _dtype_edge(value: float, dtype: torch.dtype) -> float:
+    """``value`` as the dtype rounds it: the loosest reading of a bound for that dtype."""
+    try:
+        return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+    except (RuntimeError, TypeError):
+        return value
+
+
+def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, settings: FlagSettings) -> list[dict[str, Any]]:
+    """Findings of the element rules (range, nonfinite, outlier, spike, dead) for one tensor.
+
+    >>> from auditclip.stats import describe
+    >>> t = torch.tensor([0.0, 0.5, -0.002])
+    >>> [f["rule"] for f in element_findings("w", t, describe(t), flag_settings(options={"max_abs": 0.01}, search=False))]
+    ['range']
+    """
+    rules = settings.rules_for(name)
+    shape = tuple(t.shape)
+    numel = t.numel()
+    x = t.detach().reshape(-1)
+    x = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
+    finite = torch.isfinite(x)
+    out: list[dict[str, Any]] = []
+
+    def add(rule: str, count: int, worst: int, threshold: str, message: str) -> None:
+        out.append({"tensor": name, "rule": rule, "severity": SEVERITY[rule], "count": count,
+                    "fraction": count / numel if numel else 0.0, "worst_value": float(x[worst]),
+                    "worst_index": index_text(worst, shape), "threshold": threshold, "message": message})
+
+    n_bad = numel - summary.n_finite
+    if n_bad:
+        first = int(torch.nonzero(~finite)[0])
+        add("nonfinite", n_bad, first, "finite",
+            f"{int(summary.stats['n_nan'])} NaN and {int(summary.stats['n_inf'])} Inf values")
+    if summary.n_finite == 0:
+        return out
+    if rules.on("range"):
+        lo, hi = rules.range  # type: ignore[misc]
+        lo_e, hi_e = min(lo, _dtype_edge(lo, t.dtype)), max(hi, _dtype_edge(hi, t.dtype))
+        excess = torch.maximum(lo_e - x, x - hi_e).nan_to_num(nan=-math.inf)
+        count = int((excess > 0).sum())
+        if count:
+            worst = int(excess.argmax())
+            add("range", count, worst, f"[{lo:g}, {hi:g}]",
+                f"{count} value(s) outside [{lo:g}, {hi:g}]; worst {float(x[worst]):.6g}")
+    median = summary.stats["p50"]
+    if rules.on("outlier") and summary.n_finite > 2:
+        mad = float(np.median(np.abs(summary.values.astype(np.float64) - median)))
+        if mad > 0:
+            limit = rules.zscore * 1.4826 * mad
+            dev = (x.to(torch.float64) - median).abs().nan_to_num(nan=-1.0, posinf=-1.0)
+            count = int((dev > limit).sum())
+            if count:
+                worst = int(dev.argmax())
+                z = float(dev[worst]) / (1.4826 * mad)
+                add("outlier", count, worst, f"z>{rules.zscore:g}",
+                    f"{count} value(s) with robust z-score above {rules.zscore:g} (max z={z:.3g}; median {median:.3g}, MAD {mad:.3g})")
+    if rules.on("spike") and summary.n_finite > 1:
+        magnitude = np.abs(summary.values.astype(np.float64))
+        p9999 = float(np.percentile(magnitude, 99.99))
+        if p9999 > 0:
+            limit = rules.spike * p9999
+            mag = x.abs().to(torch.float64).nan_to_num(nan=-1.0, posinf=-1.0)
+            count = int((mag > limit).sum())
+            if count:
+                worst = int(mag.argmax())
+                add("spike", count, worst, f">{rules.spike:g}x p99.99(|w|)={p9999:.3g}",
+                    f"{count} weight(s) above {rules.spike:g}x the 99.99th percentile of |w|: possible super weight(s). "
+                    "Such weights can carry a model (zeroing one in a 7B LLM sends perplexity up by orders of "
+                    f"magnitude): protect them (clip --protect '{name}{index_text(worst, shape)}' or --protect-top) rather than clip")
+    if rules.on("dead") and numel > 1 and summary.n_finite == numel and summary.stats["std"] == 0:
+        value = summary.stats["mean"]
+        what = "all zeros" if value == 0 else f"constant ({value:.6g})"
+        add("dead", numel, 0, "std=0", f"tensor is {what}")
+    return out
+
+
+def _run_findings(result: AnalysisResult, settings: FlagSettings, norms: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    d = result.drift
+    labels = [c.label for c in result.run if c.label not in set(result.errors.checkpoint)]
+    steps = {c.label: c.step for c in result.run}
+    prev = d[(d.baseline == "previous") & (d.tensor != "__all__") & (d.status == "ok")]
+    model_moved = bool((d[(d.baseline == "previous") & (d.tensor == "__all__")].rel_l2_change > 0).any())
+    for name, rows in prev.groupby("tensor", sort=False):
+        rules = settings.rules_for(str(name))
+        changes = rows.rel_l2_change.to_numpy(dtype=float)
+        if rules.on("jump") and len(changes) >= MIN_STEPS_FOR_JUMP:
+            yardstick = float(np.nanmedian(changes))
+            for row in rows[rows.rel_l2_change > rules.jump * yardstick].itertuples():
+                ratio = row.rel_l2_change / yardstick if yardstick > 0 else math.inf
+                out.append({"checkpoint": row.checkpoint, "tensor": name, "rule": "jump", "severity": "warning",
+                            "count": 1, "fraction": math.nan, "worst_value": row.rel_l2_change, "worst_index": "",
+                            "threshold": f">{rules.jump:g}x median {yardstick:.3g}",
+                            "message": f"step change {row.rel_l2_change:.3g} is {ratio:.3g}x the tensor's median "
+                                       f"step change ({yardstick:.3g}) since {row.baseline_checkpoint}"})
+        if (rules.on("frozen") and model_moved and len(rows) == len(labels) - 1 and len(rows) >= 1
+                and bool((rows.max_abs_change == 0).all())):
+            out.append({"checkpoint": labels[-1], "tensor": name, "rule": "frozen", "severity": "info",
+                        "count": 1, "fraction": math.nan, "worst_value": math.nan, "worst_index": "",
+                        "threshold": "identical", "message": f"identical in all {len(labels)} checkpoints while the model changed"})
+    reference = result.reference
+    for (label, name), norm in norms.items():
+        rules = settings.rules_for(name)
+        base = norms.get((reference, name)) if reference else None
+        if label not in steps or not rules.on("norm_growth") or not base:
+            continue
+        growth = norm / base
+        if growth > rules.norm_growth:  # type: ignore[operator]
+            out.append({"checkpoint": label, "tensor": name, "rule": "norm_growth", "severity": "warning",
+                        "count": 1, "fraction": math.nan, "worst_value": norm, "worst_index": "",
+                        "threshold": f">{rules.norm_growth:g}x", "message": f"L2 norm {norm:.4g} is {growth:.3g}x "
+                                                                            f"its value at {reference} ({base:.4g})"})
+    return out
+
+
+def flag(
+    run: RunLike,
+    settings: FlagSettings | None = None,
+    *,
+    reference: str | os.PathLike[str] | None = None,
+    sort: str = "step",
+    key: str | None = None,
+    progress: Any = None,
+    **options: Any,
+) -> FlagResult:
+    """Check every tensor of a run against the rules; one row per finding (``flags.csv``).
+
+    ``settings`` from :func:`auditclip.config.flag_settings`, or rule options
+    directly: ``max_abs``, ``range``, ``zscore``, ``jump``, ``norm_growth``,
+    ``spike``, ``include``, ``exclude``, ``fail_on``.
+
+    >>> result = flag("sample_checkpoints/wgan_clip", max_abs=0.01)  # doctest: +SKIP
+    >>> result.failed  # doctest: +SKIP
+    False
+    """
+    if settings is None:
+        settings = flag_settings(options=options, search=False)
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    norms: dict[tuple[str, str], float] = {}
+
+    def visit(label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
+        found[(label, name)] = element_findings(name, tensor, summary, settings)  # type: ignore[arg-type]
+        norms[(label, name)] = summary.stats["l2_norm"]
+
+    result = analyze(run, include=settings.include, exclude=settings.exclude, reference=reference, sort=sort,
+                     key=key, progress=progress, visit=visit)
+    order = {c.label: i for i, c in enumerate(result.run)}
+    steps = {c.label: c.step for c in result.run}
+    rows = [{"checkpoint": label, **f} for (label, _), fs in found.items() if label in order for f in fs]
+    rows += _run_findings(result, settings, norms)
+    names = {n: i for i, n in enumerate(result.tensors)}
+    rows.sort(key=lambda r: (order[r["checkpoint"]], names.get(r["tensor"], -1), RULES.index(r["rule"])))
+    for r in rows:
+        r["step"] = steps[r["checkpoint"]]
+    flags = pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
+    flags["step"] = flags["step"].astype("Int64")
+    flags["count"] = flags["count"].astype("Int64")
+    return FlagResult(flags=flags, errors=result.errors, analysis=result, fail_on=settings.fail_on)
+
+
+def summary_table(flags: pd.DataFrame) -> pd.DataFrame:
+    """Findings grouped by rule and tensor: checkpoints hit, total count, worst value, first step.
+
+    >>> summary_table(pd.DataFrame(columns=list(FLAG_COLUMNS))).columns.tolist()
+    ['rule', 'severity', 'tensor', 'checkpoints', 'count', 'worst_value', 'first_checkpoint']
+    """
+    columns = ["rule", "severity", "tensor", "checkpoints", "count", "worst_value", "first_checkpoint"]
+    if flags.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = flags.groupby(["rule", "severity", "tensor"], sort=False).agg(
+        checkpoints=("checkpoint", "nunique"), count=("count", "sum"),
+        worst_value=("worst_value", lambda v: v.iloc[int(np.nanargmax(np.abs(v.to_numpy(float))))] if v.notna().any() else math.nan),
+        first_checkpoint=("checkpoint", "first"),
+    ).reset_index()
+    rank = {s: i for i, s in enumerate(("error", "warning", "info"))}
+    grouped["_r"] = grouped.severity.map(rank)
+    return grouped.sort_values(["_r", "rule"], kind="stable").drop(columns="_r")[columns]
+
+
+__all__: Sequence[str] = ("FLAG_COLUMNS", "FlagResult", "element_findings", "flag", "summary_table")
