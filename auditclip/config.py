@@ -79,7 +79,10 @@ def positive(what: str, value: Any) -> float:
 
 
 def percentile_value(what: str, value: Any) -> float:
-    number = positive(what, value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} {value!r}: expected a number") from None
     if not 50 < number < 100:
         raise InputError(f"{what} {value!r}: must be between 50 and 100 (clip to the [100-P, P] percentiles)")
     return number
@@ -387,10 +390,9 @@ def clip_settings(
         if key not in allowed:
             raise InputError(f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(allowed))}")
     opts = {k: v for k, v in (options or {}).items() if v not in (None, ())}
-    cli_spec = _clip_spec("options", {k: opts[k] for k in _CLIP_SPEC_KEYS if k in opts}) if any(
-        k in opts for k in _CLIP_SPEC_KEYS) else None
-    if cli_spec is not None and sum(k in opts for k in _CLIP_SPEC_KEYS) > 1:
-        raise InputError("give one of --range, --max-abs, --percentile, --sigma")
+    if sum(k in opts for k in _CLIP_SPEC_KEYS) > 1:
+        raise InputError("give one of --range, --max-abs, --percentile, --sigma (per-pattern specs go in --override)")
+    cli_spec = _clip_spec("options", {k: opts[k] for k in _CLIP_SPEC_KEYS if k in opts})
     spec = cli_spec or _clip_spec(where, section)
     override_list: list[tuple[tuple[str, ...], ClipSpec]] = []
     for patterns, entry in _override_tables(section, where):
