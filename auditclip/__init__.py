@@ -8,6 +8,10 @@
 from ._version import __version__
 from .analysis import AnalysisResult, analyze, drift, inspect_checkpoint, tensor_stats
 from .checkpoints import Checkpoint, Run, open_run, parse_step
+from .clip_files import clip_checkpoint, clip_run
+from .clipping import clip_state_dict, clip_tensor
+from .config import ClipSettings, ClipSpec, FlagSettings, clip_settings, flag_settings
+from .flags import flag
 from .errors import AuditclipError, CheckpointError, InputError, NoCheckpointsError
 from .readers import TensorInfo, TensorReader, open_checkpoint_file
 from .stats import describe
@@ -18,4 +22,6 @@ __all__ = [
     "AnalysisResult", "AuditclipError", "Checkpoint", "CheckpointError", "InputError", "NoCheckpointsError",
     "Run", "TensorInfo", "TensorReader", "__version__", "analyze", "describe", "drift", "inspect",
     "inspect_checkpoint", "open_checkpoint_file", "open_run", "parse_step", "tensor_stats",
+    "ClipSettings", "ClipSpec", "FlagSettings", "clip_checkpoint", "clip_run", "clip_settings", "clip_state_dict",
+    "clip_tensor", "flag", "flag_settings",
 ]

@@ -23,7 +23,7 @@ import torch
 from ._version import __version__
 from .checkpoints import HF_WEIGHT_NAMES, _TRAINER_STATE, Checkpoint, open_run
 from .clipping import CLIP_REPORT_COLUMNS, clip_tensor_outcome
-from .config import ClipSettings
+from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
 from .output import atomic_path
 from .readers import WRAPPER_KEYS, find_state_dict, load_torch_file, normalize_names, open_checkpoint_file
@@ -149,7 +149,7 @@ def _outputs(ckpt: Checkpoint, out: Path, to: str | None) -> tuple[Path, list[Pa
 def clip_checkpoint(
     src: str | os.PathLike[str] | Checkpoint,
     dst: str | os.PathLike[str],
-    specs: ClipSettings,
+    specs: ClipSettings | ClipSpec | str,
     *,
     to: str | None = None,
     key: str | None = None,
@@ -159,10 +159,12 @@ def clip_checkpoint(
 
     Returns the ``clip_report.csv`` rows for it.
 
-    >>> from auditclip.config import ClipSpec
-    >>> clip_checkpoint("run/step_100.safetensors", "clipped/step_100.safetensors",
-    ...                 ClipSettings(ClipSpec.parse("max_abs=0.01")))  # doctest: +SKIP
+    ``specs``: :class:`ClipSettings`, a :class:`ClipSpec` or its text.
+
+    >>> clip_checkpoint("run/step_100.safetensors", "clipped/step_100.safetensors", "max_abs=0.01")  # doctest: +SKIP
     """
+    if not isinstance(specs, ClipSettings):
+        specs = ClipSettings(spec=specs if isinstance(specs, ClipSpec) else ClipSpec.parse(specs))
     ckpt = src if isinstance(src, Checkpoint) else open_run(src, key=key)[0]
     dst = Path(dst)
     clipper = _Clipper(specs, ckpt.label)

@@ -200,3 +200,12 @@ def test_read_only_inputs_are_never_opened_for_writing(run_dir: Path, tmp_path: 
     before = {p.name: sha256(p) for p in run_dir.iterdir()}
     assert invoke("clip", run_dir, "--max-abs", "0.1", "--out", tmp_path / "o").exit_code == 0
     assert {p.name: sha256(p) for p in run_dir.iterdir()} == before
+
+
+def test_python_api_clip_checkpoint(tmp_path: Path) -> None:
+    import auditclip
+
+    src = save_safetensors(tmp_path / "a.safetensors", {"w": torch.tensor([0.5, -2.0, 0.001])})
+    report = auditclip.clip_checkpoint(src, tmp_path / "b.safetensors", "max_abs=0.1")
+    assert report[["tensor", "n_clipped"]].values.tolist() == [["w", 2]]
+    assert load_file(str(tmp_path / "b.safetensors"))["w"].tolist() == pytest.approx([0.1, -0.1, 0.001])

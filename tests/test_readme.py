@@ -7,6 +7,8 @@ import re
 import pytest
 
 from auditclip.analysis import DRIFT_COLUMNS, ERROR_COLUMNS
+from auditclip.clipping import CLIP_REPORT_COLUMNS
+from auditclip.flags import FLAG_COLUMNS
 from auditclip.cli import cli
 from auditclip.stats import STATS_COLUMNS
 
@@ -28,7 +30,7 @@ def test_every_command_is_documented_with_an_example() -> None:
         assert re.search(rf"^auditclip {name} \S", README, re.MULTILINE), name
 
 
-@pytest.mark.parametrize("columns", [STATS_COLUMNS, DRIFT_COLUMNS, ERROR_COLUMNS])
+@pytest.mark.parametrize("columns", [STATS_COLUMNS, DRIFT_COLUMNS, ERROR_COLUMNS, FLAG_COLUMNS, CLIP_REPORT_COLUMNS])
 def test_every_csv_column_is_in_the_dictionary(columns: tuple[str, ...]) -> None:
     documented = set(re.findall(r"`([a-z0-9_]+)`", README))
     assert set(columns) <= documented, set(columns) - documented
