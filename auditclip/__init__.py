@@ -12,6 +12,8 @@ from .clip_files import clip_checkpoint, clip_run
 from .clipping import clip_state_dict, clip_tensor
 from .config import ClipSettings, ClipSpec, FlagSettings, clip_settings, flag_settings
 from .flags import flag
+from .evaluation import evaluate, sweep
+from .audit import audit
 from .errors import AuditclipError, CheckpointError, InputError, NoCheckpointsError
 from .readers import TensorInfo, TensorReader, open_checkpoint_file
 from .stats import describe
@@ -23,5 +25,5 @@ __all__ = [
     "Run", "TensorInfo", "TensorReader", "__version__", "analyze", "describe", "drift", "inspect",
     "inspect_checkpoint", "open_checkpoint_file", "open_run", "parse_step", "tensor_stats",
     "ClipSettings", "ClipSpec", "FlagSettings", "clip_checkpoint", "clip_run", "clip_settings", "clip_state_dict",
-    "clip_tensor", "flag", "flag_settings",
+    "clip_tensor", "flag", "flag_settings", "evaluate", "sweep", "audit",
 ]

@@ -199,28 +199,41 @@ def _write_errors(result_errors: Any, out_dir: Any, written: list[Any]) -> None:
         errors_csv.unlink()  # a stale list from an earlier run would mislead
 
 
+def _rule_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The flag rules' options, shared by ``flag`` and ``audit``."""
+    for option in reversed([
+        click.option("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error)."),
+        click.option("--max-abs", type=float, metavar="C", help="Values must lie in [-C, C] (rule range, error)."),
+        click.option("--zscore", type=float, metavar="K", help="Robust z-score limit of rule outlier (default 10)."),
+        click.option("--jump", type=float, metavar="K", help="Step change limit, x the median step change (default 5)."),
+        click.option("--norm-growth", type=float, metavar="F", help="L2 norm growth limit over the reference (off by default)."),
+        click.option("--spike", type=float, metavar="K", help="Super-weight limit, x the 99.99th percentile of |w| (default 50)."),
+        click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]),
+                     help="Lowest severity that makes the exit code 1 (default error)."),
+        click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True),
+        click.option("--reference", type=click.Path(path_type=str), help="Reference checkpoint (default: the first)."),
+        click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files."),
+        click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]):
+        f = option(f)
+    return _config_options(f)
+
+
+def _flag_settings(kw: dict[str, Any]) -> Any:
+    from .config import flag_settings
+
+    options = {"range": kw.pop("range_"), **{k: kw.pop(k) for k in ("max_abs", "zscore", "jump", "norm_growth",
+                                                                     "spike", "fail_on", "include", "exclude")}}
+    return flag_settings(kw.pop("config"), options, kw.pop("overrides"))
+
+
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for flags.csv.")
-@click.option("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error).")
-@click.option("--max-abs", type=float, metavar="C", help="Values must lie in [-C, C] (rule range, error).")
-@click.option("--zscore", type=float, metavar="K", help="Robust z-score limit of rule outlier (default 10).")
-@click.option("--jump", type=float, metavar="K", help="Step change limit, x the median step change (default 5).")
-@click.option("--norm-growth", type=float, metavar="F", help="L2 norm growth limit over the reference (off by default).")
-@click.option("--spike", type=float, metavar="K", help="Super-weight limit, x the 99.99th percentile of |w| (default 50).")
-@click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]),
-              help="Lowest severity that makes the exit code 1 (default error).")
-@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
-@click.option("--reference", type=click.Path(path_type=str), help="Checkpoint norm growth is measured against.")
-@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable).")
-@_config_options
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def flag(run: tuple[str, ...], out: str, range_: str | None, max_abs: float | None, zscore: float | None,
-         jump: float | None, norm_growth: float | None, spike: float | None, fail_on: str | None, sort: str,
-         reference: str | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
-         config: str | None, overrides: tuple[str, ...], quiet: bool) -> None:
+@_rule_options
+def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     """Flag out-of-range parameters across a run; exit 1 on findings (for CI).
 
     \b
@@ -240,17 +253,15 @@ def flag(run: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
       auditclip flag runs/exp1 --range -0.01:0.01 --override '*.bias:off=range' --out flags/
       auditclip flag runs/exp1 --config audit.toml --fail-on warning --out flags/
     """
-    from .config import flag_settings
     from .flags import flag as run_flag, summary_table
     from .output import prepare_out_dir, write_csv
 
-    options = {"range": range_, "max_abs": max_abs, "zscore": zscore, "jump": jump, "norm_growth": norm_growth,
-               "spike": spike, "fail_on": fail_on, "include": include, "exclude": exclude}
-    settings = flag_settings(config, options, overrides)
+    settings = _flag_settings(kw)
     out_dir = prepare_out_dir(out)
-    progress = _Progress(hidden=quiet or not sys.stderr.isatty())
+    progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
-        result = run_flag(list(run), settings, reference=reference, sort=sort, key=key, progress=progress)
+        result = run_flag(list(run), settings, reference=kw["reference"], sort=kw["sort"], key=kw["key"],
+                          progress=progress)
     finally:
         progress.close()
     written = [write_csv(result.flags, out_dir / "flags.csv")]
@@ -334,6 +345,182 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
     if not dry_run:
         click.echo(f"Wrote {len(written)} file(s) under {out}")
     if len(result.errors):
+        sys.exit(1)
+
+
+def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Model, data and evaluation options shared by ``evaluate``, ``sweep`` and ``audit``."""
+    for option in reversed([
+        click.option("--model", "model", metavar="REF",
+                     help="module:factory, path/to/file.py:factory (returns a torch.nn.Module), or a .pt2 export."),
+        click.option("--data", "data", metavar="REF",
+                     help="Held-out data: .safetensors/.pt/.npz with x/y, a CSV/Parquet table, or module:factory."),
+        click.option("--inputs-key", default="x", show_default=True, help="Key of the inputs in a data file."),
+        click.option("--targets-key", default="y", show_default=True, help="Key of the targets in a data file."),
+        click.option("--target", metavar="COLUMN", help="Target column of a CSV/Parquet table."),
+        click.option("--task", type=click.Choice(["auto", "classification", "regression"]), default="auto",
+                     show_default=True, help="auto: integer targets are classes, float targets regression."),
+        click.option("--metric", "metrics", multiple=True, metavar="REF",
+                     help="Extra metric module:fn, fn(outputs, targets) -> dict[str, float] (repeatable)."),
+        click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True),
+        click.option("--limit", type=click.IntRange(1), metavar="N", help="Evaluate on the first N samples only."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True),
+        click.option("--strict/--no-strict", default=True, show_default=True,
+                     help="Missing or unexpected state-dict keys are an error."),
+        click.option("--strip-prefix", metavar="P", help="Remove P from the checkpoint's tensor names before loading."),
+        click.option("--add-prefix", metavar="P", help="Prepend P to the checkpoint's tensor names before loading."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _eval_settings(kw: dict[str, Any]) -> Any:
+    from .evaluation import EvalOptions
+
+    names = ("task", "metrics", "batch_size", "limit", "device", "strict", "strip_prefix", "add_prefix",
+             "inputs_key", "targets_key", "target")
+    return EvalOptions(**{n: kw.pop(n) for n in names}, key=kw.get("key"), sort=kw.get("sort", "step"))
+
+
+def _need(value: str | None, option: str) -> str:
+    if not value:
+        raise CliError(f"Missing option '{option}'")
+    return value
+
+
+@cli.command()
+@click.argument("run", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for evaluation.csv.")
+@click.option("--clip", "clips", multiple=True, metavar="SPEC",
+              help="Also evaluate a clipped variant: max_abs=C, range=LO:HI, percentile=P, sigma=K (repeatable).")
+@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
+@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
+@_eval_options
+def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) -> None:
+    """Evaluate every checkpoint (and clipped variants) on held-out data.
+
+    Clipping happens in memory; nothing but OUT/evaluation.csv is written.
+
+    \b
+    Examples:
+      auditclip evaluate sample_checkpoints/high_lr --model sample_checkpoints/digits_mlp.py:make_model \\
+          --data sample_checkpoints/digits_test.safetensors --clip max_abs=1.5 --out eval/
+      auditclip evaluate run/ --model model.pt2 --data heldout.csv --target label --out eval/
+    """
+    from .evaluation import evaluate as run_evaluate
+    from .output import prepare_out_dir, write_csv
+
+    model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
+    options = _eval_settings(kw)
+    df = run_evaluate(list(run), model, data, clips, options)
+    path = write_csv(df, prepare_out_dir(out) / "evaluation.csv")
+    metric_cols = [c for c in df.columns[5:] if not c.startswith("delta_")]
+    click.echo(_table(df, ["checkpoint", "variant", "n_clipped", *metric_cols,
+                           *(f"delta_{c}" for c in metric_cols[:2])]))
+    click.echo(f"\nWrote {path}")
+
+
+@cli.command()
+@click.argument("run", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for sweep.csv (and sweep.png).")
+@click.option("--max-abs", "max_abs", metavar="LIST", help="Settings to try, e.g. 0.005,0.01,0.02,0.05.")
+@click.option("--percentile", metavar="LIST", help="Settings to try, e.g. 99,99.9,99.99.")
+@click.option("--sigma", metavar="LIST", help="Settings to try, e.g. 3,4,6.")
+@click.option("--tolerance", type=float, metavar="T",
+              help="Allowed loss of the primary metric: percentage points of accuracy (default 0.5), "
+                   "or percent of loss for regression (default 1).")
+@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
+@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
+@_eval_options
+def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str | None, sigma: str | None,
+          tolerance: float | None, **kw: Any) -> None:
+    """Try a family of clip settings; recommend the tightest that keeps the metric.
+
+    \b
+    Examples:
+      auditclip sweep sample_checkpoints/wgan_clip/epoch_12.safetensors \\
+          --model sample_checkpoints/digits_mlp.py:make_model \\
+          --data sample_checkpoints/digits_test.safetensors --max-abs 0.002,0.005,0.01 --out sweep/
+      auditclip sweep run/ --model m.py:make --data test.npz --percentile 99,99.9,99.99 --out sweep/
+    """
+    from .evaluation import parse_values, sweep as run_sweep
+    from .output import prepare_out_dir, write_csv
+    from .plots import PLOT_HINT, have_matplotlib, sweep_plot
+
+    families = {k: v for k, v in (("max_abs", max_abs), ("percentile", percentile), ("sigma", sigma)) if v}
+    if len(families) != 1:
+        raise CliError("give exactly one of --max-abs, --percentile, --sigma with a list of settings")
+    (family, text), = families.items()
+    values = parse_values(text, f"--{family.replace('_', '-')}")
+    model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
+    result = run_sweep(list(run), model, data, family, values, tolerance=tolerance, options=_eval_settings(kw))
+    out_dir = prepare_out_dir(out)
+    written = [write_csv(result.table, out_dir / "sweep.csv")]
+    if have_matplotlib():
+        written.append(sweep_plot(result.table, result.metric, out_dir / "sweep.png"))
+    t = result.table
+    click.echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
+                          f"delta_{result.metric}", "recommended"]))
+    for checkpoint, group in t.groupby("checkpoint", sort=False):
+        chosen = group[group.recommended]
+        click.echo(f"recommended for {checkpoint}: "
+                   + (chosen.variant.iloc[0] if len(chosen) else "none (every setting costs more than the tolerance)"))
+    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    if not have_matplotlib():
+        click.echo(f"note: {PLOT_HINT}")
+
+
+@cli.command()
+@click.argument("run", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for every report.")
+@click.option("--clip", "clips", multiple=True, metavar="SPEC",
+              help="Evaluate a clipped variant too (needs --model/--data): max_abs=C, percentile=P... (repeatable).")
+@click.option("--tolerance", type=float, metavar="T", help="As for sweep: allowed loss of the primary metric.")
+@_rule_options
+@_eval_options
+def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: float | None, **kw: Any) -> None:
+    """The whole job: stats, drift, flags and (with a model) evaluation, in one report.
+
+    Writes OUT/stats.csv, drift.csv, flags.csv, evaluation.csv (with --model and
+    --data), summary.md and, with matplotlib, drift_heatmap.png, histograms.png,
+    sweep.png. Exit codes as for flag: 1 when a finding reaches --fail-on.
+
+    \b
+    Examples:
+      auditclip audit sample_checkpoints/high_lr --model sample_checkpoints/digits_mlp.py:make_model \\
+          --data sample_checkpoints/digits_test.safetensors --clip max_abs=1.5 --clip max_abs=3 --out report/
+      auditclip audit runs/exp1 --max-abs 0.01 --out report/
+    """
+    from .audit import audit as run_audit
+
+    settings = _flag_settings(kw)
+    model, data = kw.pop("model"), kw.pop("data")
+    options = _eval_settings(kw)
+    progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
+    try:
+        result = run_audit(list(run), out, model=model, data=data, clips=clips, settings=settings,
+                           eval_options=options, tolerance=tolerance, reference=kw["reference"], sort=kw["sort"],
+                           key=kw["key"], progress=progress)
+    finally:
+        progress.close()
+    flags = result.flags.flags
+    counts = flags.severity.value_counts()
+    click.echo(f"Audited {len(result.flags.analysis.run) - len(result.errors)} checkpoint(s): "
+               + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info"))
+               + f" ({'FAILED' if result.flags.failed else 'passed'} at --fail-on {result.flags.fail_on})")
+    if result.evaluation is not None:
+        ev = result.evaluation
+        last = ev[ev.checkpoint == ev.checkpoint.iloc[-1]]
+        metric_cols = [c for c in ev.columns[5:] if not c.startswith("delta_") and c != "recommended"]
+        click.echo(_table(last, ["checkpoint", "variant", "n_clipped", *metric_cols, "recommended"]))
+    if result.recommendation:
+        click.echo(f"recommended clip: {result.recommendation}")
+    for e in result.errors.itertuples():
+        click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}")
+    if result.failed:
         sys.exit(1)
 
 

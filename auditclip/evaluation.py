@@ -1,0 +1,255 @@
+"""Re-evaluate original and clipped checkpoints on held-out data; sweep clipping ranges.
+
+Clipping for evaluation happens in memory (:func:`auditclip.clipping.clip_state_dict`);
+nothing is written. One checkpoint's weights are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .analysis import RunLike
+from .checkpoints import open_run
+from .clipping import clip_state_dict
+from .config import ClipSettings, ClipSpec
+from .data import HeldOut, load_data
+from .errors import CheckpointError, InputError
+from .metrics import TASKS, CustomMetric, MetricTotals, infer_task, load_custom_metric, model_outputs, primary_metric
+from .modelref import ModelLoader, _one_line
+
+SWEEP_FAMILIES = ("max_abs", "percentile", "sigma")
+
+
+@dataclass
+class EvalOptions:
+    """How to evaluate: ``task``, ``metrics`` (custom ``module:fn``), batching, device, loading."""
+
+    task: str = "auto"
+    metrics: Sequence[str | CustomMetric] = ()
+    batch_size: int = 256
+    limit: int | None = None
+    device: str = "auto"
+    strict: bool = True
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
+    inputs_key: str = "x"
+    targets_key: str = "y"
+    target: str | None = None
+    key: str | None = None
+    sort: str = "step"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda, else mps, else cpu; asking for a device that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps: no MPS device is available here; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name!r}: use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+class Evaluator:
+    """Runs a model over held-out data and returns the metrics."""
+
+    def __init__(self, model_ref: str, data: str | HeldOut, options: EvalOptions) -> None:
+        if options.task not in TASKS:
+            raise InputError(f"--task {options.task!r}: use one of {', '.join(TASKS)}")
+        self.options = options
+        self.device = pick_device(options.device)
+        self.loader = ModelLoader(model_ref, strict=options.strict, strip_prefix=options.strip_prefix,
+                                  add_prefix=options.add_prefix, device=self.device)
+        self.data = data if isinstance(data, HeldOut) else load_data(
+            data, inputs_key=options.inputs_key, targets_key=options.targets_key, target=options.target,
+            batch_size=options.batch_size, limit=options.limit)
+        self.custom: tuple[CustomMetric, ...] = tuple(
+            load_custom_metric(m) if isinstance(m, str) else m for m in options.metrics)
+        self.task: str | None = None if options.task == "auto" else options.task
+
+    def run(self, state: dict[str, torch.Tensor], checkpoint: str) -> dict[str, float]:
+        model = self.loader.load(state, checkpoint)
+        totals: MetricTotals | None = None
+        with torch.inference_mode():
+            for inputs, targets in self.data.batches():
+                if self.task is None:
+                    self.task = infer_task(targets)
+                totals = totals or MetricTotals(self.task, self.custom)
+                inputs = _to(inputs, self.device)
+                try:
+                    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                except Exception as exc:
+                    shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+                    raise InputError(f"--data {self.data.source}: the model cannot take inputs of shape {shape}: "
+                                     f"{_one_line(exc)}") from exc
+                totals.update(model_outputs(out).float().cpu(), targets)
+        if totals is None:
+            raise InputError(f"--data {self.data.source}: no samples")
+        return totals.result()
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
+
+
+def _read_state(ckpt: Any, key: str | None) -> dict[str, torch.Tensor]:
+    with ckpt.open(key) as reader:
+        return {name: reader.get(name) for name in reader.names()}
+
+
+def _variants(clips: Sequence[str | ClipSpec | ClipSettings]) -> list[tuple[str, ClipSettings]]:
+    out = []
+    for c in clips:
+        settings = c if isinstance(c, ClipSettings) else ClipSettings(spec=c if isinstance(c, ClipSpec) else ClipSpec.parse(c))
+        out.append((str(settings.spec) if settings.spec else "custom", settings))
+    return out
+
+
+def _evaluate_rows(
+    run: RunLike, model: str, data: str | HeldOut, variants: list[tuple[str, ClipSettings]], options: EvalOptions,
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    run = open_run(run, sort=options.sort, key=options.key)
+    evaluator = Evaluator(model, data, options)
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    for ckpt in run:
+        try:
+            state = _read_state(ckpt, options.key or run.key)
+        except CheckpointError as exc:
+            errors.append({"checkpoint": ckpt.label, "error": exc.kind, "message": exc.message})
+            continue
+        n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
+        base = evaluator.run(state, ckpt.label)
+        rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": "original", "n_clipped": 0,
+                     "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}})
+        for name, settings in variants:
+            clipped, report = clip_state_dict(state, settings)
+            n_clipped = sum(r["n_clipped"] for r in report)
+            metrics = evaluator.run(clipped, ckpt.label)
+            rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": name, "n_clipped": n_clipped,
+                         "frac_clipped": n_clipped / n_float if n_float else 0.0, **metrics,
+                         **{f"delta_{k}": metrics[k] - base[k] for k in base}})
+    if not rows:
+        raise InputError("no checkpoint could be evaluated: " + "; ".join(e["message"] for e in errors))
+    df = pd.DataFrame(rows)
+    metric_cols = [c for c in df.columns if c not in ("checkpoint", "step", "variant", "n_clipped", "frac_clipped")
+                   and not c.startswith("delta_")]
+    df = df[["checkpoint", "step", "variant", "n_clipped", "frac_clipped", *metric_cols,
+             *(f"delta_{c}" for c in metric_cols)]]
+    df["step"] = df["step"].astype("Int64")
+    return df, pd.DataFrame(errors, columns=["checkpoint", "error", "message"]), evaluator.task or "classification"
+
+
+def evaluate(
+    run: RunLike, model: str, data: str | HeldOut, clips: Sequence[str | ClipSpec | ClipSettings] = (),
+    options: EvalOptions | None = None, **option_values: Any,
+) -> pd.DataFrame:
+    """Metrics of every checkpoint, and of each clipped variant (``evaluation.csv``).
+
+    ``clips``: specs such as ``"max_abs=0.01"``; the variant column names them.
+
+    >>> df = evaluate("sample_checkpoints/wgan_clip", "sample_checkpoints/digits_mlp.py:make_model",
+    ...               "sample_checkpoints/digits_test.safetensors", clips=["max_abs=0.005"])  # doctest: +SKIP
+    >>> df.columns[:6].tolist()  # doctest: +SKIP
+    ['checkpoint', 'step', 'variant', 'n_clipped', 'frac_clipped', 'loss']
+    """
+    options = options or EvalOptions(**option_values)
+    df, _, _ = _evaluate_rows(run, model, data, _variants(clips), options)
+    return df
+
+
+def recommend(df: pd.DataFrame, task: str, tolerance: float | None, tightest_first: list[str]) -> pd.Series:
+    """Mark, per checkpoint, the tightest variant whose primary metric stays within tolerance.
+
+    ``tolerance``: percentage points of accuracy (default 0.5) for classification,
+    percent of loss (default 1.0) for regression. ``tightest_first`` orders the variants.
+    """
+    metric = primary_metric(task)
+    tol = tolerance if tolerance is not None else (0.5 if task == "classification" else 1.0)
+    marks = pd.Series(False, index=df.index)
+    for _, group in df.groupby("checkpoint", sort=False):
+        base = group[group.variant == "original"][metric]
+        if base.empty:
+            continue
+        base_value = float(base.iloc[0])
+        for variant in tightest_first:
+            row = group[group.variant == variant]
+            if row.empty:
+                continue
+            value = float(row[metric].iloc[0])
+            if metric == "accuracy":
+                ok = (base_value - value) * 100 <= tol + 1e-12
+            else:
+                ok = value <= base_value * (1 + tol / 100) + 1e-15 or (base_value == 0 and value == 0)
+            if ok and not math.isnan(value):
+                marks[row.index[0]] = True
+                break
+    return marks
+
+
+@dataclass
+class SweepResult:
+    """``sweep`` rows (``sweep.csv``), the task, the primary metric and unreadable checkpoints."""
+
+    table: pd.DataFrame
+    task: str
+    metric: str
+    errors: pd.DataFrame
+
+
+def sweep(
+    run: RunLike, model: str, data: str | HeldOut, family: str, values: Sequence[float], *,
+    tolerance: float | None = None, options: EvalOptions | None = None, **option_values: Any,
+) -> SweepResult:
+    """Evaluate one family of clip settings and recommend the tightest that keeps the metric.
+
+    ``family``: ``max_abs``, ``percentile`` or ``sigma``; smaller values are tighter
+    in each. Rows: the original and each setting, per checkpoint, with ``recommended``.
+
+    >>> r = sweep("sample_checkpoints/wgan_clip/epoch_12.safetensors", "sample_checkpoints/digits_mlp.py:make_model",
+    ...           "sample_checkpoints/digits_test.safetensors", "max_abs", [0.002, 0.005, 0.01])  # doctest: +SKIP
+    >>> r.table[r.table.recommended].variant.tolist()  # doctest: +SKIP
+    ['max_abs=0.005']
+    """
+    if family not in SWEEP_FAMILIES:
+        raise InputError(f"unknown sweep family {family!r}; use one of {', '.join(SWEEP_FAMILIES)}")
+    if not values:
+        raise InputError(f"--{family.replace('_', '-')}: give at least one value")
+    specs = [ClipSpec.make(family, v) for v in sorted(set(values))]
+    options = options or EvalOptions(**option_values)
+    df, errors, task = _evaluate_rows(run, model, data, _variants(specs), options)
+    df.insert(3, "setting", [math.nan if v == "original" else float(v.split("=")[1]) for v in df.variant])
+    df["recommended"] = recommend(df, task, tolerance, [str(s) for s in specs])
+    return SweepResult(df, task, primary_metric(task), errors)
+
+
+def parse_values(text: str, what: str) -> list[float]:
+    """``"0.005,0.01,0.02"`` -> floats; a clear error otherwise.
+
+    >>> parse_values("0.005, 0.01", "--max-abs")
+    [0.005, 0.01]
+    """
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected comma-separated numbers, e.g. 0.005,0.01,0.02") from None
+    if not values:
+        raise InputError(f"{what}: give at least one value")
+    return values
+
+

@@ -1,0 +1,163 @@
+"""Build the user's model and load a checkpoint's weights into it.
+
+``--model`` is ``package.module:factory`` or ``path/to/file.py:factory`` (the
+user's own code, imported as they would import it), or a ``torch.export``
+program saved as ``.pt2`` whose parameters are swapped for the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400] or type(exc).__name__
+
+
+def load_factory(ref: str, what: str = "--model") -> Callable[..., Any]:
+    """The factory function a ``module:factory`` or ``file.py:factory`` reference names.
+
+    >>> load_factory("sample_checkpoints/digits_mlp.py:make_model").__name__  # doctest: +SKIP
+    'make_model'
+    """
+    module_part, sep, attr = ref.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise InputError(f"{what} {ref!r}: expected package.module:factory, path/to/file.py:factory or a .pt2 file")
+    try:
+        if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+            path = Path(module_part)
+            if not path.is_file():
+                raise InputError(f"{what} {ref!r}: no such file {path}")
+            name = f"auditclip_user_{abs(hash(str(path.resolve())))}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+            try:
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+        else:
+            module = importlib.import_module(module_part)
+    except InputError:
+        raise
+    except BaseException as exc:  # the user's module may raise anything while importing
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise InputError(f"{what} {ref!r}: cannot import {module_part}: {type(exc).__name__}: {_one_line(exc)}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InputError(f"{what} {ref!r}: {module_part} has no callable {attr!r}")
+    return factory
+
+
+class ModelLoader:
+    """Makes a ready-to-run model for each checkpoint from a ``--model`` reference.
+
+    >>> loader = ModelLoader("sample_checkpoints/digits_mlp.py:make_model")  # doctest: +SKIP
+    >>> model = loader.load(state_dict, "run/epoch_12.safetensors")  # doctest: +SKIP
+    """
+
+    def __init__(self, ref: str, *, strict: bool = True, strip_prefix: str | None = None,
+                 add_prefix: str | None = None, device: torch.device | str = "cpu") -> None:
+        self.ref, self.strict, self.device = ref, strict, torch.device(device)
+        self.strip_prefix, self.add_prefix = strip_prefix, add_prefix
+        self._model: torch.nn.Module | None = None
+        if ref.endswith(".pt2"):
+            path = Path(ref)
+            if not path.is_file():
+                raise InputError(f"--model {ref}: no such file")
+            try:
+                program = torch.export.load(str(path))
+                self._model = program.module()
+            except Exception as exc:
+                raise InputError(f"--model {ref}: not a torch.export program: {_one_line(exc)}") from exc
+            self._factory = None
+            self._per_checkpoint = False
+        else:
+            self._factory = load_factory(ref)
+            try:
+                params = inspect.signature(self._factory).parameters
+            except (TypeError, ValueError):
+                params = {}  # type: ignore[assignment]
+            self._per_checkpoint = "checkpoint" in params
+
+    def _build(self, checkpoint: str) -> torch.nn.Module:
+        assert self._factory is not None
+        try:
+            model = self._factory(checkpoint=checkpoint) if self._per_checkpoint else self._factory()
+        except Exception as exc:
+            raise InputError(f"--model {self.ref}: the factory raised {type(exc).__name__}: {_one_line(exc)}") from exc
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"--model {self.ref}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def _rename(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in state.items():
+            if self.strip_prefix and name.startswith(self.strip_prefix):
+                name = name[len(self.strip_prefix):]
+            if self.add_prefix:
+                name = self.add_prefix + name
+            out[name] = t
+        return out
+
+    def load(self, state: Mapping[str, torch.Tensor], checkpoint: str) -> torch.nn.Module:
+        """The model with ``state`` loaded, in eval mode on the chosen device."""
+        if self._model is None or self._per_checkpoint:
+            self._model = self._build(checkpoint)
+        model = self._model
+        state = self._rename(state)
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if self.strict and (missing or unexpected):
+            raise InputError(_key_mismatch(checkpoint, missing, unexpected, expected, set(state)))
+        try:
+            model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise InputError(f"{checkpoint}: the weights do not fit --model {self.ref}: {_one_line(exc)}") from exc
+        return model.to(self.device).eval()
+
+
+def _key_mismatch(checkpoint: str, missing: list[str], unexpected: list[str], expected: set[str], given: set[str]) -> str:
+    def show(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+    parts = [f"{checkpoint}: state dict does not match the model"]
+    if missing:
+        parts.append(f"missing: {show(missing)}")
+    if unexpected:
+        parts.append(f"unexpected: {show(unexpected)}")
+    hint = suggest_prefix(expected, given)
+    if hint:
+        parts.append(f"try {hint}")
+    else:
+        parts.append("use --no-strict to load what matches")
+    return "; ".join(parts)
+
+
+def suggest_prefix(expected: set[str], given: set[str]) -> str | None:
+    """An option that would make the names line up, if a common prefix explains the mismatch.
+
+    >>> suggest_prefix({"fc.weight"}, {"model.fc.weight"})
+    '--strip-prefix model.'
+    >>> suggest_prefix({"net.fc.weight"}, {"fc.weight"})
+    '--add-prefix net.'
+    """
+    for a, b, option in ((given, expected, "--strip-prefix"), (expected, given, "--add-prefix")):
+        sample = next(iter(b), None)
+        for longer in a:
+            if sample and longer.endswith(sample) and longer != sample:
+                prefix = longer[: len(longer) - len(sample)]
+                if {n[len(prefix):] for n in a if n.startswith(prefix)} == b and all(n.startswith(prefix) for n in a):
+                    return f"{option} {prefix}"
+    return None
