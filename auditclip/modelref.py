@@ -125,7 +125,10 @@ class ModelLoader:
             model.load_state_dict(state, strict=False)
         except RuntimeError as exc:
             raise InputError(f"{checkpoint}: the weights do not fit --model {self.ref}: {_one_line(exc)}") from exc
-        return model.to(self.device).eval()
+        model = model.to(self.device)
+        if self._factory is not None:
+            model.eval()  # an exported program was traced in its own mode; it refuses eval()
+        return model
 
 
 def _key_mismatch(checkpoint: str, missing: list[str], unexpected: list[str], expected: set[str], given: set[str]) -> str:

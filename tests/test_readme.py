@@ -34,3 +34,15 @@ def test_every_command_is_documented_with_an_example() -> None:
 def test_every_csv_column_is_in_the_dictionary(columns: tuple[str, ...]) -> None:
     documented = set(re.findall(r"`([a-z0-9_]+)`", README))
     assert set(columns) <= documented, set(columns) - documented
+
+
+def test_main_command_is_audit_on_the_sample_run() -> None:
+    first_block = README.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert "auditclip audit sample_checkpoints/high_lr --model sample_checkpoints/digits_mlp.py:make_model" in first_block
+    assert "--data sample_checkpoints/digits_test.safetensors" in first_block and "'.[plot]'" in first_block
+
+
+def test_evaluation_columns_are_documented() -> None:
+    for column in ("variant", "n_clipped", "frac_clipped", "loss", "accuracy", "top5_accuracy", "mae", "recommended",
+                   "setting"):
+        assert f"`{column}`" in README, column
