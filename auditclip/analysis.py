@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,16 @@ class _Version:
     info: TensorInfo
     tensor: torch.Tensor | None = None  # None for integer/bool tensors, which are not analysed
     summary: TensorSummary | None = None
+
+
+@dataclass
+class _NameResult:
+    """What walking one tensor name produced, merged by the caller in name order."""
+
+    stats: list[tuple[tuple[int, int, int], dict]] = field(default_factory=list)
+    drift: list[tuple[tuple[int, int, int], dict]] = field(default_factory=list)
+    totals: list[tuple[int, TensorSummary, int]] = field(default_factory=list)
+    sums: list[tuple[int, str, dict[str, float]]] = field(default_factory=list)
 
 
 class _Totals:
@@ -147,6 +158,7 @@ def analyze(
     key: str | None = None,
     progress: Progress | None = None,
     visit: Visitor | None = None,
+    workers: int | None = None,
 ) -> AnalysisResult:
     """Statistics of every tensor at every checkpoint, and drift between checkpoints.
 
@@ -154,6 +166,8 @@ def analyze(
     ``exclude``: glob patterns on tensor names. ``spectral``: fill
     ``spectral_norm``/``stable_rank`` for tensors of 2+ dimensions.
     ``reference``: the checkpoint drift is measured against (default: the first).
+    ``workers``: threads walking tensors in parallel (default: the number of
+    cores); results do not depend on it.
     ``visit(label, name, tensor, summary)`` is called for every floating tensor
     version read, while it is in memory (``flag`` checks elements this way).
 
@@ -203,7 +217,10 @@ def analyze(
             visit(ckpt.label, name, tensor, summary)
         return _Version(info, tensor, summary)
 
-    for name_i, name in enumerate(names):
+    def walk(item: tuple[int, str]) -> _NameResult:
+        """Every checkpoint's version of one tensor; touches no shared state but ``errors``."""
+        name_i, name = item
+        out = _NameResult()
         ref_version = None
         if drift and ref_index is None:
             ref_version = version(-1, ref_ckpt, ref_reader, name)
@@ -213,9 +230,9 @@ def analyze(
             if i == ref_index:
                 ref_version = cur
             if cur is not None:
-                stats_rows.append(((i, name_i, 0), _stats_row(ckpt, name, cur)))
+                out.stats.append(((i, name_i, 0), _stats_row(ckpt, name, cur)))
                 if cur.summary is not None:
-                    totals[i].add(cur.summary, cur.info.numel)
+                    out.totals.append((i, cur.summary, cur.info.numel))
             if drift:
                 if ref_version is None and ref_index is not None and ref_index > i:
                     ref_version = version(ref_index, *readers[ref_index], name)
@@ -227,15 +244,33 @@ def analyze(
                         continue
                     row, sums = _drift_row(ckpt, name, baseline, base_label, cur, base)
                     if row is not None:
-                        drift_rows.append(((i, name_i, b_i), row))
+                        out.drift.append(((i, name_i, b_i), row))
                     if sums is not None:
-                        acc = change_sums[i][baseline]
-                        for k in ("delta_sq", "base_sq", "cur_sq", "dot"):
-                            acc[k] += sums[k]
-                        acc["max_abs"] = math.nan if math.isnan(sums["max_abs"]) else max(acc["max_abs"], sums["max_abs"])
+                        out.sums.append((i, baseline, sums))
             prev = cur
-        if progress is not None:
-            progress(name_i + 1, len(names))
+        return out
+
+    # Tensors are walked in parallel threads (torch and numpy release the GIL), and
+    # merged here in name order, so the sums come out the same for any --workers.
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        results = pool.map(walk, enumerate(names)) if pool else map(walk, enumerate(names))
+        for done, result in enumerate(results, start=1):
+            stats_rows += result.stats
+            drift_rows += result.drift
+            for i, summary, numel in result.totals:
+                totals[i].add(summary, numel)
+            for i, baseline, sums in result.sums:
+                acc = change_sums[i][baseline]
+                for k in ("delta_sq", "base_sq", "cur_sq", "dot"):
+                    acc[k] += sums[k]
+                acc["max_abs"] = math.nan if math.isnan(sums["max_abs"]) else max(acc["max_abs"], sums["max_abs"])
+            if progress is not None:
+                progress(done, len(names))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
     for i, (ckpt, _) in enumerate(readers):
         stats_rows.append(((i, len(names), 0), {**_ids(ckpt, ALL), "dtype": "", "shape": "",
@@ -255,6 +290,8 @@ def analyze(
         reader.close()
     if ref_index is None and ref_reader is not None:
         ref_reader.close()
+    order = {c.label: i for i, c in enumerate(run)}
+    errors = sorted({e["checkpoint"]: e for e in errors}.values(), key=lambda e: order.get(e["checkpoint"], -1))
     return AnalysisResult(
         stats=_frame(stats_rows, STATS_COLUMNS),
         drift=_frame(drift_rows, DRIFT_COLUMNS),

@@ -130,9 +130,12 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
               help="Checkpoint the 'reference' baseline compares with (default: the first of the run).")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--workers", type=click.IntRange(1), metavar="N",
+              help="Threads walking tensors in parallel (default: the number of cores); results do not change.")
 @_run_options
 def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
-          key: str | None, include: tuple[str, ...], exclude: tuple[str, ...], spectral: bool) -> None:
+          workers: int | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+          spectral: bool) -> None:
     """Per-tensor statistics at every checkpoint and how they move.
 
     RUN is a directory of checkpoints (files or checkpoint-<step>/ folders), a glob,
@@ -153,7 +156,7 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     progress = _Progress(hidden=quiet or not sys.stderr.isatty())
     try:
         result = analyze(list(run), include=include, exclude=exclude, spectral=spectral, reference=reference,
-                         sort=sort, key=key, progress=progress)
+                         sort=sort, key=key, progress=progress, workers=workers)
     finally:
         progress.close()
     written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]

@@ -35,6 +35,7 @@ import torch
 
 from .analysis import AnalysisResult, RunLike, analyze
 from .config import RULES, FlagSettings, flag_settings, severity_at_least
+from . import sketch
 from .stats import TensorSummary
 
 FLAG_COLUMNS = ("checkpoint", "step", "tensor", "rule", "severity", "count", "fraction", "worst_value",
@@ -79,6 +80,17 @@ def _dtype_edge(value: float, dtype: torch.dtype) -> float:
         return value
 
 
+def _abs_quantile(summary: TensorSummary, x: torch.Tensor, center: float, q: float) -> float:
+    """The q-th percentile of |x - center| over finite values: exact for small tensors, sketched for large."""
+    if summary.values is not None:
+        return float(np.percentile(np.abs(summary.values.astype(np.float64) - center), q))
+    dev = (x - center).abs()
+    dev = dev[torch.isfinite(dev)]
+    if not dev.numel():
+        return math.nan
+    return sketch.build(dev, float(dev.min()), float(dev.max()), dev.numel()).quantile(q)
+
+
 def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, settings: FlagSettings) -> list[dict[str, Any]]:
     """Findings of the element rules (range, nonfinite, outlier, spike, dead) for one tensor.
 
@@ -118,7 +130,7 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
                 f"{count} value(s) outside [{lo:g}, {hi:g}]; worst {float(x[worst]):.6g}")
     median = summary.stats["p50"]
     if rules.on("outlier") and summary.n_finite > 2:
-        mad = float(np.median(np.abs(summary.values.astype(np.float64) - median)))
+        mad = _abs_quantile(summary, x, median, 50.0)
         if mad > 0:
             limit = rules.zscore * 1.4826 * mad
             dev = (x.to(torch.float64) - median).abs().nan_to_num(nan=-1.0, posinf=-1.0)
@@ -129,8 +141,7 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
                 add("outlier", count, worst, f"z>{rules.zscore:g}",
                     f"{count} value(s) with robust z-score above {rules.zscore:g} (max z={z:.3g}; median {median:.3g}, MAD {mad:.3g})")
     if rules.on("spike") and summary.n_finite > 1:
-        magnitude = np.abs(summary.values.astype(np.float64))
-        p9999 = float(np.percentile(magnitude, 99.99))
+        p9999 = _abs_quantile(summary, x, 0.0, 99.99)
         if p9999 > 0:
             limit = rules.spike * p9999
             mag = x.abs().to(torch.float64).nan_to_num(nan=-1.0, posinf=-1.0)

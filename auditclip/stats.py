@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .readers import TensorInfo
+from .sketch import EXACT_MAX, Sketch, build, from_sorted
 
 PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p0_1", 0.1), ("p1", 1.0), ("p5", 5.0), ("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p99_9", 99.9),
@@ -51,12 +52,14 @@ class TensorSummary:
     """
 
     info: TensorInfo
-    values: np.ndarray
+    values: np.ndarray | None
     stats: dict[str, float]
+    sketch: Sketch | None = None  # for tensors above EXACT_MAX elements, instead of ``values``
+    n_finite: int = 0
 
-    @property
-    def n_finite(self) -> int:
-        return int(self.values.size)
+    def cdf_sketch(self) -> Sketch:
+        """The value distribution as a sketch (exact steps for small tensors)."""
+        return self.sketch if self.sketch is not None else from_sorted(self.values)  # type: ignore[arg-type]
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -178,23 +181,80 @@ def describe(t: torch.Tensor, info: TensorInfo | None = None, *, spectral: bool 
     """
     if info is None:
         info = TensorInfo("", str(t.dtype).removeprefix("torch."), tuple(t.shape))
-    values, n_nan, n_inf = finite_sorted(t)
     numel = t.numel()
     stats: dict[str, float] = dict.fromkeys(STAT_COLUMNS, math.nan)
-    stats.update(moments(values))
-    stats["n_nan"], stats["n_inf"] = n_nan, n_inf
-    if values.size:
-        lo, hi = float(values[0]), float(values[-1])
-        stats.update(min=lo, max=hi, abs_max=max(abs(lo), abs(hi)))
-        zeros = int(np.searchsorted(values, 0.0, "right") - np.searchsorted(values, 0.0, "left"))
-        stats["frac_zero"] = zeros / numel
-        for name, q in PERCENTILES:
-            stats[name] = percentile(values, q)
-    elif numel:
-        stats["frac_zero"] = 0.0
+    if numel > EXACT_MAX:
+        summary = _describe_large(t, info, stats)
+    else:
+        values, n_nan, n_inf = finite_sorted(t)
+        stats.update(moments(values))
+        stats["n_nan"], stats["n_inf"] = n_nan, n_inf
+        if values.size:
+            lo, hi = float(values[0]), float(values[-1])
+            stats.update(min=lo, max=hi, abs_max=max(abs(lo), abs(hi)))
+            zeros = int(np.searchsorted(values, 0.0, "right") - np.searchsorted(values, 0.0, "left"))
+            stats["frac_zero"] = zeros / numel
+            for name, q in PERCENTILES:
+                stats[name] = percentile(values, q)
+        elif numel:
+            stats["frac_zero"] = 0.0
+        summary = TensorSummary(info=info, values=values, stats=stats, n_finite=int(values.size))
     if spectral and t.dim() >= 2 and numel:
         sigma = spectral_norm(t)
         stats["spectral_norm"] = sigma
         frob2 = stats["l2_norm"] ** 2
         stats["stable_rank"] = frob2 / sigma**2 if sigma > 0 else math.nan
-    return TensorSummary(info=info, values=values, stats=stats)
+    return summary
+
+
+def _describe_large(t: torch.Tensor, info: TensorInfo, stats: dict[str, float]) -> TensorSummary:
+    """Streaming statistics: float64 moments over blocks, percentiles from a :mod:`sketch`.
+
+    Two passes for the moments (sums, then central moments about the exact mean),
+    one to three for the sketch; no copy of the tensor is ever made.
+    """
+    flat = t.detach().reshape(-1)
+    n = n_nan = zeros = 0
+    total = sumsq = 0.0
+    lo, hi = math.inf, -math.inf
+    for block in _torch_blocks(flat):
+        finite = torch.isfinite(block)
+        if not bool(finite.all()):
+            n_nan += int(torch.isnan(block).sum())
+            block = block[finite]
+        n += block.numel()
+        if block.numel():
+            wide = block.to(torch.float64)
+            total += float(wide.sum())
+            sumsq += float(torch.dot(wide, wide))
+            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+            zeros += int((block == 0).sum())
+    stats["n_nan"], stats["n_inf"] = n_nan, t.numel() - n - n_nan
+    stats["frac_zero"] = zeros / t.numel()
+    if n == 0:
+        return TensorSummary(info=info, values=None, stats=stats, sketch=build(flat, 0.0, 0.0, 0), n_finite=0)
+    mean = total / n
+    c2 = c3 = c4 = 0.0
+    for block in _torch_blocks(flat):
+        d = block[torch.isfinite(block)].to(torch.float64) - mean if n < t.numel() else block.to(torch.float64) - mean
+        d2 = d * d
+        c2 += float(d2.sum())
+        c3 += float(torch.dot(d2, d))
+        c4 += float(torch.dot(d2, d2))
+    m2, m3, m4 = c2 / n, c3 / n, c4 / n
+    constant = m2 <= (np.finfo(np.float64).resolution * 10 * mean) ** 2
+    stats.update(mean=mean, std=math.sqrt(m2), skew=math.nan if constant else m3 / m2**1.5,
+                 kurtosis=math.nan if constant else m4 / m2**2 - 3.0, l2_norm=math.sqrt(sumsq),
+                 rms=math.sqrt(sumsq / n), min=lo, max=hi, abs_max=max(abs(lo), abs(hi)))
+    sketch = build(flat, lo, hi, n)
+    for name, q in PERCENTILES:
+        stats[name] = sketch.quantile(q)
+    return TensorSummary(info=info, values=None, stats=stats, sketch=sketch, n_finite=n)
+
+
+def _torch_blocks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
+    from .sketch import BLOCK
+
+    for start in range(0, flat.numel(), BLOCK):
+        block = flat[start:start + BLOCK]
+        yield block if block.dtype in (torch.float32, torch.float64) else block.to(torch.float32)
