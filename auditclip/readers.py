@@ -103,6 +103,8 @@ class _SafetensorsSource(_Source):
         from safetensors import safe_open
 
         self.path = path
+        self._layout: tuple[int, dict[str, Any]] | None = None
+        self._map: Any = None
         try:
             self._file = safe_open(str(path), framework="pt", device="cpu")
             self._names = list(self._file.keys())
@@ -119,13 +121,48 @@ class _SafetensorsSource(_Source):
         return _SAFETENSORS_DTYPES.get(code, code.lower()), tuple(part.get_shape())
 
     def raw_get(self, raw: str) -> torch.Tensor:
+        mapped = self._mapped(raw)
+        if mapped is not None:
+            return mapped
         try:
             return self._file.get_tensor(raw)
         except Exception as exc:
             raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {_one_line(exc)}") from exc
 
+    def _mapped(self, raw: str) -> torch.Tensor | None:
+        """The tensor as a view of the memory-mapped file: file pages, not a copy in RAM.
+
+        The header was validated by ``safe_open``; the map is private (copy on
+        write), so nothing done to the tensor can ever reach the file.
+        """
+        try:
+            if self._layout is None:
+                import mmap
+
+                with open(self.path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if f.seek(0, 2) else None
+                self._layout = (8 + size, header)
+            base, header = self._layout
+            entry = header[raw]
+            dtype = getattr(torch, _SAFETENSORS_DTYPES.get(entry["dtype"], ""), None)
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            if not isinstance(dtype, torch.dtype) or self._map is None or (base + begin) % dtype.itemsize:
+                return None
+            count = math.prod(shape)
+            if count == 0 or (end - begin) != count * dtype.itemsize:
+                return None
+            return torch.frombuffer(self._map, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+        except Exception:  # anything unusual: let safe_open read it the ordinary way
+            return None
+
     def close(self) -> None:
-        self._file = None  # type: ignore[assignment]  # drops the mmap
+        # Dropping the references (not mmap.close()) lets tensors still in use keep their pages.
+        self._file = None  # type: ignore[assignment]
+        self._map = None
+        self._layout = None
 
 
 class _TorchSource(_Source):

@@ -39,7 +39,7 @@ HEAVY = 1e-3
 #: Tensors up to this many elements keep their exact sorted values instead.
 EXACT_MAX = 1 << 16
 #: Elements per block of a streaming pass.
-BLOCK = 1 << 22
+BLOCK = 1 << 20
 
 
 @dataclass

@@ -210,42 +210,49 @@ def describe(t: torch.Tensor, info: TensorInfo | None = None, *, spectral: bool 
 def _describe_large(t: torch.Tensor, info: TensorInfo, stats: dict[str, float]) -> TensorSummary:
     """Streaming statistics: float64 moments over blocks, percentiles from a :mod:`sketch`.
 
-    Two passes for the moments (sums, then central moments about the exact mean),
-    one to three for the sketch; no copy of the tensor is ever made.
+    One pass accumulates power sums of ``x - shift`` in float64, the shift being the
+    first block's mean: with it near the true mean, turning them into central
+    moments loses only a few float64 digits (checked to 1e-6 against scipy in
+    the tests). One to four more passes build the sketch. Nothing is copied whole.
     """
     flat = t.detach().reshape(-1)
     n = n_nan = zeros = 0
-    total = sumsq = 0.0
+    s1 = s2 = s3 = s4 = 0.0
+    shift: float | None = None
     lo, hi = math.inf, -math.inf
     for block in _torch_blocks(flat):
-        finite = torch.isfinite(block)
-        if not bool(finite.all()):
-            n_nan += int(torch.isnan(block).sum())
-            block = block[finite]
+        wide = block.to(torch.float64)
+        if not math.isfinite(float(wide.sum())):  # NaN/Inf propagate into the sum: only then filter
+            finite = torch.isfinite(wide)
+            n_nan += int(torch.isnan(wide).sum())
+            wide, block = wide[finite], block[finite]
+        if not block.numel():
+            continue
+        if shift is None:
+            shift = float(wide.mean())
         n += block.numel()
-        if block.numel():
-            wide = block.to(torch.float64)
-            total += float(wide.sum())
-            sumsq += float(torch.dot(wide, wide))
-            lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-            zeros += int((block == 0).sum())
+        y = wide - shift
+        y2 = y * y
+        s1 += float(y.sum())
+        s2 += float(y2.sum())
+        s3 += float(torch.dot(y2, y))
+        s4 += float(torch.dot(y2, y2))
+        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+        zeros += int((block == 0).sum())
     stats["n_nan"], stats["n_inf"] = n_nan, t.numel() - n - n_nan
     stats["frac_zero"] = zeros / t.numel()
-    if n == 0:
+    if n == 0 or shift is None:
         return TensorSummary(info=info, values=None, stats=stats, sketch=build(flat, 0.0, 0.0, 0), n_finite=0)
-    mean = total / n
-    c2 = c3 = c4 = 0.0
-    for block in _torch_blocks(flat):
-        d = block[torch.isfinite(block)].to(torch.float64) - mean if n < t.numel() else block.to(torch.float64) - mean
-        d2 = d * d
-        c2 += float(d2.sum())
-        c3 += float(torch.dot(d2, d))
-        c4 += float(torch.dot(d2, d2))
-    m2, m3, m4 = c2 / n, c3 / n, c4 / n
+    e1, e2, e3, e4 = s1 / n, s2 / n, s3 / n, s4 / n
+    mean = shift + e1
+    m2 = max(e2 - e1 * e1, 0.0)
+    m3 = e3 - 3 * e1 * e2 + 2 * e1**3
+    m4 = e4 - 4 * e1 * e3 + 6 * e1 * e1 * e2 - 3 * e1**4
+    sumsq = s2 + 2 * shift * s1 + n * shift * shift  # sum of x^2 from the shifted sums
     constant = m2 <= (np.finfo(np.float64).resolution * 10 * mean) ** 2
     stats.update(mean=mean, std=math.sqrt(m2), skew=math.nan if constant else m3 / m2**1.5,
-                 kurtosis=math.nan if constant else m4 / m2**2 - 3.0, l2_norm=math.sqrt(sumsq),
-                 rms=math.sqrt(sumsq / n), min=lo, max=hi, abs_max=max(abs(lo), abs(hi)))
+                 kurtosis=math.nan if constant else m4 / m2**2 - 3.0, l2_norm=math.sqrt(max(sumsq, 0.0)),
+                 rms=math.sqrt(max(sumsq, 0.0) / n), min=lo, max=hi, abs_max=max(abs(lo), abs(hi)))
     sketch = build(flat, lo, hi, n)
     for name, q in PERCENTILES:
         stats[name] = sketch.quantile(q)
