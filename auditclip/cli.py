@@ -81,14 +81,25 @@ class _Progress:
 @click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="auditclip")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
-def cli(debug: bool) -> None:
+@click.option("--allow-global", "allow_global", multiple=True, metavar="module.Class",
+              help="Admit this class when unpickling .pt/.ckpt/.bin files (repeatable; only classes you trust).")
+def cli(debug: bool, allow_global: tuple[str, ...]) -> None:
     """Audit the weights of a neural network across a training run.
 
     \b
     Examples:
       auditclip inspect sample_checkpoints/high_lr/epoch_12.safetensors
       auditclip drift sample_checkpoints/high_lr --out report/
+      auditclip --allow-global mylib.TrainState drift runs/exp1 --out report/
     """
+    if allow_global:
+        from .errors import AuditclipError as _Err
+        from .readers import allow_globals
+
+        try:
+            allow_globals(list(allow_global))
+        except _Err as exc:
+            raise CliError(str(exc)) from exc
 
 
 @cli.command()
@@ -416,11 +427,18 @@ def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) 
     model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
     options = _eval_settings(kw)
     df = run_evaluate(list(run), model, data, clips, options)
-    path = write_csv(df, prepare_out_dir(out) / "evaluation.csv")
+    out_dir = prepare_out_dir(out)
+    path = write_csv(df, out_dir / "evaluation.csv")
+    written = [path]
+    errors = df.attrs.get("errors")
+    if errors is not None:
+        _write_errors(errors, out_dir, written)
     metric_cols = [c for c in df.columns[5:] if not c.startswith("delta_")]
     click.echo(_table(df, ["checkpoint", "variant", "n_clipped", *metric_cols,
                            *(f"delta_{c}" for c in metric_cols[:2])]))
-    click.echo(f"\nWrote {path}")
+    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    if errors is not None and len(errors):
+        sys.exit(1)
 
 
 @cli.command()
@@ -468,9 +486,12 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
         chosen = group[group.recommended]
         click.echo(f"recommended for {checkpoint}: "
                    + (chosen.variant.iloc[0] if len(chosen) else "none (every setting costs more than the tolerance)"))
+    _write_errors(result.errors, out_dir, written)
     click.echo("\nWrote " + ", ".join(str(p) for p in written))
     if not have_matplotlib():
         click.echo(f"note: {PLOT_HINT}")
+    if len(result.errors):
+        sys.exit(1)
 
 
 @cli.command()

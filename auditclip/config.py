@@ -164,7 +164,7 @@ def _flag_changes(where: str, table: Mapping[str, Any], allowed: set[str]) -> di
     for key, value in table.items():
         if key not in allowed:
             raise InputError(f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(allowed))}")
-        what = f"{where}: {key}"
+        what = f"--{key.replace('_', '-')}" if where == "options" else f"{where}: {key}"
         if key == "range":
             out["range"] = parse_range(value, what)
         elif key == "max_abs":

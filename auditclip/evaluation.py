@@ -169,7 +169,8 @@ def evaluate(
     ['checkpoint', 'step', 'variant', 'n_clipped', 'frac_clipped', 'loss']
     """
     options = options or EvalOptions(**option_values)
-    df, _, _ = _evaluate_rows(run, model, data, _variants(clips), options)
+    df, errors, _ = _evaluate_rows(run, model, data, _variants(clips), options)
+    df.attrs["errors"] = errors  # unreadable checkpoints, skipped (checkpoint, error, message)
     return df
 
 

@@ -24,7 +24,10 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     ...     tmp.write_text("a,b\\n")
     """
     final = Path(final)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        raise InputError(f"cannot write in {final.parent}: {exc.strerror or exc}; choose another --out") from exc
     os.close(fd)
     tmp = Path(name)
     try:

@@ -193,6 +193,34 @@ class _TorchSource(_Source):
         self._tensors = {}
 
 
+def allow_globals(names: list[str] | tuple[str, ...]) -> list[Any]:
+    """Admit specific classes (``module.Class``) into ``torch.load(weights_only=True)``.
+
+    For checkpoints that pickle a trusted class of your own; there is no blanket
+    switch. Importing ``module`` runs it, which is the point: you name code you trust.
+
+    >>> allow_globals(["collections.OrderedDict"])  # doctest: +ELLIPSIS
+    [<class 'collections.OrderedDict'>]
+    """
+    import importlib
+
+    from .errors import InputError
+
+    found = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr) if module_name else None
+        except Exception as exc:
+            raise InputError(f"--allow-global {name}: cannot import it: {_one_line(exc)}") from exc
+        if obj is None:
+            raise InputError(f"--allow-global {name!r}: expected module.Class")
+        found.append(obj)
+    if found:
+        torch.serialization.add_safe_globals(found)
+    return found
+
+
 def load_torch_file(path: Path) -> Any:
     """``torch.load`` a pickle safely: ``weights_only=True``, memory-mapped if possible.
 
@@ -214,10 +242,15 @@ def _unsafe_message(path: Path, exc: Exception) -> str:
         names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:  # legacy-format files cannot be scanned; the load error names the global
         pass
-    what = ", ".join(names) if names else _one_line(exc).split(" Please file")[0][:300]
+    if not names:  # the unpickler's own message names the first global it refused
+        import re
+
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    what = ", ".join(dict.fromkeys(names)) if names else "an unsupported object"
     return (
         f"refused: loading it would need Python globals that are not plain tensors ({what}); "
-        "auditclip never runs code from a checkpoint. Re-save it as safetensors with code you trust"
+        "auditclip never runs code from a checkpoint. Re-save it as safetensors with code you trust, "
+        "or admit a class you trust with --allow-global module.Class"
     )
 
 

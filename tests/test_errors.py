@@ -1,0 +1,60 @@
+"""Every row of README's input-error table: exit 2, one `Error:` line, no traceback."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from auditclip.cli import cli
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+TABLE = README.split("### Input errors", 1)[1].split("\n\n", 3)[2]
+ROWS = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^\| (.+?) \| `(.+?)` \| `(.+?)` \|$", TABLE, re.M)}
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Files the README examples name, in a working directory of their own."""
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    Path("run").mkdir()
+    for step in (1, 2):
+        save_file({"weight": torch.randn(3, 4, generator=g), "bias": torch.randn(3, generator=g)}, f"run/step_{step}.safetensors")
+    Path("empty").mkdir()
+    Path("notes.txt").write_text("not a directory")
+    Path("bad.toml").write_text("[flag]\nzscroe = 3\n")
+    Path("broken.py").write_text("import not_a_real_module_xyz\n")
+    Path("m.py").write_text("import torch\ndef make():\n    return torch.nn.Linear(4, 3)\n"
+                            "def wide():\n    return torch.nn.Linear(7, 3)\ndef nothing():\n    return 42\n")
+    save_file({"x": torch.randn(10, 4, generator=g), "y": torch.randint(0, 3, (10,), generator=g)}, "d.safetensors")
+    save_file({"inputs": torch.randn(10, 4, generator=g), "y": torch.zeros(10)}, "other.safetensors")
+    save_file({"x": torch.randn(10, 7, generator=g), "y": torch.randint(0, 3, (10,), generator=g)}, "d7.safetensors")
+    Path("broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    torch.save({"w": torch.zeros(2)}, "x.pt")
+    return tmp_path
+
+
+def test_table_is_complete() -> None:
+    assert len(ROWS) == 20, sorted(ROWS)
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_readme_error_row(workspace: Path, row: str) -> None:
+    example, message = ROWS[row]
+    import shlex
+
+    args = shlex.split(example)
+    assert args[0] == "auditclip"
+    result = CliRunner().invoke(cli, args[1:])
+    assert result.exit_code == 2, (row, result.output)
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(message), (lines[0], message)
