@@ -46,8 +46,16 @@ class ClipOutcome:
 
 
 def _abs_max(t: torch.Tensor) -> float:
-    x = t.detach().reshape(-1).to(torch.float64)
-    x = x[torch.isfinite(x)]
+    """Largest finite |x|, in the tensor's own dtype (no float64 copy of a large tensor)."""
+    x = t.detach().reshape(-1)
+    if not x.numel():
+        return math.nan
+    x = x if x.dtype.itemsize > 1 else x.to(torch.float32)
+    lo, hi = torch.aminmax(x)  # one pass, no |x| temporary
+    top = max(-float(lo), float(hi))
+    if math.isfinite(top):
+        return top
+    x = x[torch.isfinite(x)]  # only when a NaN or Inf hides the answer
     return float(x.abs().max()) if x.numel() else math.nan
 
 
@@ -152,10 +160,10 @@ def clip_tensor_outcome(
     positions = _protected_positions(t, name, protect, protect_top)
     if positions.numel():
         flat_out, flat_in = clipped.reshape(-1), t.reshape(-1)
-        n_protected = int(outside.reshape(-1)[positions].sum())
+        n_protected = int(torch.count_nonzero(outside.reshape(-1)[positions]))
         flat_out[positions] = flat_in[positions]
         clipped = flat_out.reshape(t.shape)
-    return ClipOutcome(clipped, lo_d, hi_d, int(outside.sum()) - n_protected, n_protected)
+    return ClipOutcome(clipped, lo_d, hi_d, int(torch.count_nonzero(outside)) - n_protected, n_protected)
 
 
 def clip_tensor(t: torch.Tensor, spec: ClipSpec | str, **protection: Any) -> torch.Tensor:

@@ -73,7 +73,8 @@ def write_safetensors(
             t = produce(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, announced {dtype} {tuple(shape)}")
-            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            if t.numel():  # the tensor's own bytes, written without another copy
+                f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
         f.flush()
         os.fsync(f.fileno())
     return dest

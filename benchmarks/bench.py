@@ -5,7 +5,8 @@
 Generates a synthetic transformer-like run (a few large matrices, many small
 vectors, drifting from step to step), then times whole processes: (a)
 ``auditclip drift``, (b) ``benchmarks/reference.py`` (numpy/scipy, exact), (c)
-``benchmarks/floor.py`` (read and sum every tensor). Reports wall seconds, MB/s,
+``benchmarks/floor.py`` (read and sum every tensor), and (d) ``auditclip clip``
+writing a clipped copy of the run. Reports wall seconds, MB/s,
 peak anonymous memory (RssAnon sampled from /proc), the ratios a/b and a/c, and
 whether (a)'s numbers agree with (b)'s within the documented bounds.
 """
@@ -127,6 +128,11 @@ def main() -> None:
     rows["bare import"] = timed([py, "-c", "import torch, pandas, scipy.stats, safetensors"])
     rows["(a) auditclip drift"] = timed(cli)
     rows["(c) floor: read+sum"] = timed([py, str(ROOT / "benchmarks" / "floor.py"), str(run)])
+    clip_out = work / "clipped"
+    if clip_out.exists():
+        shutil.rmtree(clip_out)
+    rows["(d) auditclip clip"] = timed([py, "-m", "auditclip.cli", "clip", str(run), "--max-abs", "0.05",
+                                        "--out", str(clip_out)])
     if not args.skip_reference:
         rows["(b) reference numpy/scipy"] = timed([py, str(ROOT / "benchmarks" / "reference.py"), str(run), str(work / "ref.csv")])
     bare_s, bare_mem = rows["bare import"]
@@ -138,6 +144,11 @@ def main() -> None:
         rate = total_mb / secs if name != "bare import" else float("nan")
         net = total_mb / max(secs - bare_s, 1e-9) if name != "bare import" else float("nan")
         print(f"{name:28} {secs:8.2f} {rate:8.0f} {net:9.0f} {mem / 1e6:13.0f}")
+    clip_mb = sum(p.stat().st_size for p in clip_out.glob("*.safetensors")) / 1e6
+    d = rows["(d) auditclip clip"]
+    print(f"clip: wrote {clip_mb:.0f} MB at {clip_mb / max(d[0] - bare_s, 1e-9):.0f} MB/s net of start-up "
+          f"({clip_mb / d[0]:.0f} MB/s whole process)")
+    shutil.rmtree(clip_out)
     a = rows["(a) auditclip drift"]
     print(f"a/c (floor) time ratio: {a[0] / rows['(c) floor: read+sum'][0]:.2f}")
     if "(b) reference numpy/scipy" in rows:
