@@ -28,7 +28,7 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0 and "drift" in result.output and "inspect" in result.output
 
 
-@pytest.mark.parametrize("command", ["inspect", "drift"])
+@pytest.mark.parametrize("command", sorted(cli.commands))
 def test_every_command_has_help_with_an_example(command: str) -> None:
     result = invoke(command, "--help")
     assert result.exit_code == 0
