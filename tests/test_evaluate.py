@@ -193,3 +193,43 @@ def test_prefix_fix_loads(tmp_path: Path) -> None:
 def test_audit_needs_model_and_data_together(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="go together"):
         audit(SAMPLES / "wgan_clip", tmp_path, model=MODEL)
+
+
+def test_custom_metric_limit_checkpoint_factory_and_logits_mapping(tmp_path: Path) -> None:
+    (tmp_path / "extra.py").write_text(
+        "import torch\n"
+        "class Wrapped(torch.nn.Module):\n"
+        "    def __init__(self, inner):\n        super().__init__()\n        self.inner = inner\n"
+        "    def forward(self, x):\n        return {'logits': self.inner(x), 'hidden': x}\n"
+        "def make(checkpoint):\n"
+        "    import importlib.util\n"
+        f"    spec = importlib.util.spec_from_file_location('dm', {str(SAMPLES / 'digits_mlp.py')!r})\n"
+        "    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "    assert str(checkpoint).endswith('epoch_12.safetensors'), checkpoint  # the factory gets the path\n"
+        "    return Wrapped(m.make_model())\n"
+        "def margin(outputs, targets):\n"
+        "    top2 = outputs.topk(2, dim=1).values\n"
+        "    return {'margin': float((top2[:, 0] - top2[:, 1]).mean())}\n")
+    ckpt = SAMPLES / "wgan_clip" / "epoch_12.safetensors"
+    df = evaluate(ckpt, f"{tmp_path}/extra.py:make", DATA, metrics=[f"{tmp_path}/extra.py:margin"], limit=100,
+                  batch_size=32, strip_prefix=None, add_prefix="inner.", device="cpu")
+    row = df.iloc[0]
+    model = _sample_model()
+    model.load_state_dict(load_file(str(ckpt)))
+    model.eval()
+    data = load_file(DATA)
+    with torch.no_grad():
+        logits = model(data["x"][:100]).double()
+    top2 = logits.topk(2, dim=1).values
+    assert row.accuracy == pytest.approx((logits.argmax(1) == data["y"][:100]).double().mean().item(), abs=1e-12)
+    # custom metrics are sample-weighted over the whole set, not averaged per batch (100 = 32+32+32+4)
+    assert row.margin == pytest.approx(float((top2[:, 0] - top2[:, 1]).mean()), rel=1e-6)
+    assert "delta_margin" in df.columns
+
+
+def test_device_cuda_without_a_gpu_is_a_clean_error(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("evaluate", SAMPLES / "wgan_clip" / "epoch_12.safetensors", "--model", MODEL, "--data", DATA,
+                    "--device", "cuda", "--out", tmp_path)
+    assert result.exit_code == 2 and "Error: --device cuda: no CUDA device" in result.output
