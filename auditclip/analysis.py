@@ -225,6 +225,7 @@ def analyze(
         if drift and ref_index is None:
             ref_version = version(-1, ref_ckpt, ref_reader, name)
         prev: _Version | None = None
+        done: dict[tuple[int, int], tuple[dict | None, dict | None]] = {}
         for i, (ckpt, reader) in enumerate(readers):
             cur = version(i, ckpt, reader, name)
             if i == ref_index:
@@ -242,7 +243,14 @@ def analyze(
                 )):
                     if baseline == "previous" and i == 0:
                         continue
-                    row, sums = _drift_row(ckpt, name, baseline, base_label, cur, base)
+                    pair = (id(cur), id(base))
+                    if pair in done and cur is not None and base is not None:
+                        # previous and reference are the same checkpoint: measure once
+                        row, sums = done[pair]
+                        row = {**row, "baseline": baseline} if row is not None else None  # type: ignore[dict-item]
+                    else:
+                        row, sums = _drift_row(ckpt, name, baseline, base_label, cur, base)
+                        done = {pair: (row, sums)}
                     if row is not None:
                         out.drift.append(((i, name_i, b_i), row))
                     if sums is not None:

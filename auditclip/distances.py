@@ -137,6 +137,8 @@ def compare(
     """
     metrics = dict.fromkeys(DRIFT_METRICS, math.nan)
     sums = None
+    if cur_t is base_t:  # the reference against itself: nothing moved, no pass over the data
+        return _self_compare(cur)
     if tuple(cur_t.shape) == tuple(base_t.shape):
         sums = elementwise(cur_t, base_t)
         metrics["rel_l2_change"] = rel_change(sums)
@@ -151,4 +153,20 @@ def compare(
         a, b = cur.cdf_sketch(), base.cdf_sketch()
         metrics["ks"] = sketch.ks(a, b)
         metrics["wasserstein"] = sketch.wasserstein(a, b)
+    return metrics, sums
+
+
+def _self_compare(s: TensorSummary) -> tuple[dict[str, float], dict[str, float]]:
+    """What :func:`compare` gives for a tensor against itself, read off its statistics."""
+    clean = s.n_finite == s.info.numel
+    sq = s.stats["l2_norm"] ** 2 if clean else math.nan  # element-wise sums propagate NaN/Inf
+    sums = dict(delta_sq=0.0 if clean else math.nan, base_sq=sq, cur_sq=sq, dot=sq,
+                max_abs=0.0 if clean else math.nan)
+    metrics = dict.fromkeys(DRIFT_METRICS, math.nan)
+    if s.info.numel:
+        metrics.update(rel_l2_change=rel_change(sums), cosine=cosine(sums), max_abs_change=sums["max_abs"])
+    metrics["mean_shift"] = 0.0 if s.n_finite else math.nan
+    metrics["std_ratio"] = ratio(s.stats["std"], s.stats["std"])
+    metrics["ks"] = 0.0 if s.n_finite else math.nan
+    metrics["wasserstein"] = 0.0 if s.n_finite else math.nan
     return metrics, sums
