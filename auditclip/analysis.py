@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .checkpoints import Checkpoint, Run, natural_key, open_run
-from .distances import DRIFT_METRICS, compare, cosine, elementwise_many, rel_change
+from .distances import DRIFT_METRICS, compare, cosine, rel_change
 from .errors import CheckpointError, InputError
 from .readers import TensorInfo, TensorReader
 from .selection import name_filter
@@ -237,7 +237,6 @@ def analyze(
             if drift:
                 if ref_version is None and ref_index is not None and ref_index > i:
                     ref_version = version(ref_index, *readers[ref_index], name)
-                pre = _shared_pass(cur, [prev if i else None, ref_version])
                 for b_i, (baseline, base, base_label) in enumerate((
                     ("previous", prev, readers[i - 1][0].label if i else None),
                     ("reference", ref_version, ref_ckpt.label),
@@ -250,7 +249,7 @@ def analyze(
                         row, sums = done[pair]
                         row = {**row, "baseline": baseline} if row is not None else None  # type: ignore[dict-item]
                     else:
-                        row, sums = _drift_row(ckpt, name, baseline, base_label, cur, base, pre.get(id(base)))
+                        row, sums = _drift_row(ckpt, name, baseline, base_label, cur, base)
                         done = {pair: (row, sums)}
                     if row is not None:
                         out.drift.append(((i, name_i, b_i), row))
@@ -322,21 +321,8 @@ def _stats_row(ckpt: Checkpoint, name: str, v: _Version) -> dict[str, object]:
     return row
 
 
-def _shared_pass(cur: _Version | None, bases: list[_Version | None]) -> dict[int, dict[str, float]]:
-    """Element-wise sums of ``cur`` against two distinct same-shape baselines, in one pass."""
-    if cur is None or cur.tensor is None:
-        return {}
-    distinct = {id(b): b for b in bases if b is not None and b.tensor is not None and b is not cur
-                and tuple(b.tensor.shape) == tuple(cur.tensor.shape)}
-    if len(distinct) < 2:
-        return {}
-    found = elementwise_many(cur.tensor, [b.tensor for b in distinct.values()])  # type: ignore[misc]
-    return dict(zip(distinct, found))
-
-
 def _drift_row(
-    ckpt: Checkpoint, name: str, baseline: str, base_label: str | None, cur: _Version | None, base: _Version | None,
-    sums: dict[str, float] | None = None,
+    ckpt: Checkpoint, name: str, baseline: str, base_label: str | None, cur: _Version | None, base: _Version | None
 ) -> tuple[dict[str, object] | None, dict[str, float] | None]:
     cur_ok = cur is not None and cur.summary is not None
     base_ok = base is not None and base.summary is not None
@@ -351,7 +337,7 @@ def _drift_row(
         row["status"] = "removed"
     else:
         assert cur is not None and base is not None
-        metrics, sums = compare(cur.summary, cur.tensor, base.summary, base.tensor, sums)  # type: ignore[arg-type]
+        metrics, sums = compare(cur.summary, cur.tensor, base.summary, base.tensor)  # type: ignore[arg-type]
         row["status"] = "ok" if sums is not None else "shape_changed"
         row.update(metrics)
     return row, sums

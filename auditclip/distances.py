@@ -82,27 +82,19 @@ def elementwise(cur: torch.Tensor, base: torch.Tensor) -> dict[str, float]:
     Returns ``delta_sq`` (||cur-base||^2), ``base_sq``, ``cur_sq``, ``dot`` and
     ``max_abs`` (max |cur-base|), computed in blocks so memory stays bounded.
     """
-    return elementwise_many(cur, [base])[0]
-
-
-def elementwise_many(cur: torch.Tensor, bases: list[torch.Tensor]) -> list[dict[str, float]]:
-    """:func:`elementwise` against several baselines in one pass (``cur`` is widened once per block)."""
-    x_all = cur.detach().reshape(-1)
-    ys = [b.detach().reshape(-1) for b in bases]
-    out = [dict(delta_sq=0.0, base_sq=0.0, cur_sq=0.0, dot=0.0, max_abs=0.0) for _ in bases]
+    x_all, y_all = cur.detach().reshape(-1), base.detach().reshape(-1)
+    sums = dict(delta_sq=0.0, base_sq=0.0, cur_sq=0.0, dot=0.0, max_abs=0.0)
     for start in range(0, x_all.numel(), CHUNK):
         x = x_all[start:start + CHUNK].to(torch.float64)
-        xx = float(torch.dot(x, x))
-        for y_all, sums in zip(ys, out):
-            y = y_all[start:start + CHUNK].to(torch.float64)
-            d = x - y
-            sums["delta_sq"] += float(torch.dot(d, d))
-            sums["base_sq"] += float(torch.dot(y, y))
-            sums["cur_sq"] += xx
-            sums["dot"] += float(torch.dot(x, y))
-            block_max = float(d.abs().max())  # torch's max propagates NaN, which we want
-            sums["max_abs"] = math.nan if math.isnan(block_max) else max(sums["max_abs"], block_max)
-    return out
+        y = y_all[start:start + CHUNK].to(torch.float64)
+        d = x - y
+        sums["delta_sq"] += float(torch.dot(d, d))
+        sums["base_sq"] += float(torch.dot(y, y))
+        sums["cur_sq"] += float(torch.dot(x, x))
+        sums["dot"] += float(torch.dot(x, y))
+        block_max = float(d.abs().max())  # torch's max propagates NaN, which we want
+        sums["max_abs"] = math.nan if math.isnan(block_max) else max(sums["max_abs"], block_max)
+    return sums
 
 
 def ratio(num: float, den: float) -> float:
@@ -130,14 +122,12 @@ def cosine(sums: dict[str, float]) -> float:
 
 
 def compare(
-    cur: TensorSummary, cur_t: torch.Tensor, base: TensorSummary, base_t: torch.Tensor,
-    sums: dict[str, float] | None = None,
+    cur: TensorSummary, cur_t: torch.Tensor, base: TensorSummary, base_t: torch.Tensor
 ) -> tuple[dict[str, float], dict[str, float] | None]:
     """Drift metrics of ``cur`` against ``base`` (see :data:`DRIFT_METRICS`).
 
     Returns the metrics and the element-wise sums (None when shapes differ),
-    which the caller adds up into the checkpoint-wide ``__all__`` row. ``sums``
-    may be passed in when already computed (see :func:`elementwise_many`).
+    which the caller adds up into the checkpoint-wide ``__all__`` row.
 
     >>> from auditclip.stats import describe
     >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])
@@ -146,12 +136,11 @@ def compare(
     (0.894427, 2.0, 1.0)
     """
     metrics = dict.fromkeys(DRIFT_METRICS, math.nan)
+    sums = None
     if cur_t is base_t:  # the reference against itself: nothing moved, no pass over the data
         return _self_compare(cur)
-    if tuple(cur_t.shape) != tuple(base_t.shape):
-        sums = None
-    else:
-        sums = sums if sums is not None else elementwise(cur_t, base_t)
+    if tuple(cur_t.shape) == tuple(base_t.shape):
+        sums = elementwise(cur_t, base_t)
         metrics["rel_l2_change"] = rel_change(sums)
         metrics["cosine"] = cosine(sums)
         metrics["max_abs_change"] = sums["max_abs"] if cur_t.numel() else math.nan
