@@ -123,7 +123,7 @@ def _open_readers(
         except CheckpointError as exc:
             if raise_errors:  # a run of one: its error is the answer, not a line in a report
                 raise
-            errors.append({"checkpoint": ckpt.label, "error": exc.kind, "message": exc.message})
+            errors.append(exc.row(ckpt.label))
     return readers
 
 
@@ -210,7 +210,7 @@ def analyze(
         except CheckpointError as exc:
             if i not in failed:
                 failed.add(i)
-                errors.append({"checkpoint": ckpt.label, "error": exc.kind, "message": exc.message})
+                errors.append(exc.row(ckpt.label))
             return None
         summary = describe(tensor, info, spectral=spectral)
         if visit is not None:

@@ -249,7 +249,7 @@ def clip_run(
         try:
             reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run))
         except CheckpointError as exc:
-            errors.append({"checkpoint": ckpt.label, "error": exc.kind, "message": exc.message})
+            errors.append(exc.row(ckpt.label))
             continue
         if not dry_run:
             result.written.append(dst)

@@ -32,3 +32,7 @@ class CheckpointError(AuditclipError):
         #: short machine-readable cause: ``unreadable``, ``unsafe``, ``missing_shard``...
         self.kind = kind
         super().__init__(f"{self.path}: {message}")
+
+    def row(self, checkpoint: str) -> dict[str, str]:
+        """This error as a row of ``errors.csv`` for the checkpoint labelled ``checkpoint``."""
+        return {"checkpoint": checkpoint, "error": self.kind, "message": self.message}

@@ -131,7 +131,7 @@ def _evaluate_rows(
         try:
             state = _read_state(ckpt, options.key or run.key)
         except CheckpointError as exc:
-            errors.append({"checkpoint": ckpt.label, "error": exc.kind, "message": exc.message})
+            errors.append(exc.row(ckpt.label))
             continue
         n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
         base = evaluator.run(state, ckpt.label)

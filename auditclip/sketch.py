@@ -100,7 +100,8 @@ def from_sorted(values: np.ndarray) -> Sketch:
     return Sketch(xs, cum, int(values.size))
 
 
-def _blocks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
+def blocks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Consecutive blocks of a 1-D tensor, widened to float32 unless float32/float64 already."""
     for start in range(0, flat.numel(), BLOCK):
         block = flat[start:start + BLOCK]
         yield block if block.dtype in (torch.float32, torch.float64) else block.to(torch.float32)
@@ -157,7 +158,7 @@ def build(flat: torch.Tensor, lo: float, hi: float, n: int) -> Sketch:  # noqa: 
     scale = BINS / (hi - lo)
     root = torch.zeros(BINS, dtype=torch.int64)
     finite = _finite if n < flat.numel() else (lambda x: x)  # skip the NaN/Inf filter when there is none
-    for x in _blocks(flat):
+    for x in blocks(flat):
         root += torch.bincount(_bin_index(finite(x), lo, scale, BINS), minlength=BINS)
     counts: dict[int, np.ndarray] = {1: root.numpy().astype(np.float64)}
     heavy_root = np.nonzero(counts[1] > HEAVY * n)[0]
@@ -169,7 +170,7 @@ def build(flat: torch.Tensor, lo: float, hi: float, n: int) -> Sketch:  # noqa: 
         in_heavy[torch.from_numpy(heavy_root)] = True
         wanted = torch.from_numpy(todo)
         acc = torch.zeros(todo.size * SUB_BINS, dtype=torch.int64)
-        for x in _blocks(flat):
+        for x in blocks(flat):
             x = finite(x)
             x = x[in_heavy[_bin_index(x, lo, scale, BINS)]]
             if not x.numel():
@@ -197,7 +198,7 @@ def _atoms(flat: torch.Tensor, lo: float, hi: float, paths: np.ndarray, depth: i
     """Distinct values and counts inside still-heavy deepest bins, counted per block and merged."""
     wanted = torch.from_numpy(paths)
     found: dict[int, dict[float, float]] = {}
-    for x in _blocks(flat):
+    for x in blocks(flat):
         x = _finite(x)
         key = _path_keys(x, lo, hi, depth)
         pos = torch.searchsorted(wanted, key).clamp_(max=paths.size - 1)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .readers import TensorInfo
-from .sketch import EXACT_MAX, Sketch, build, from_sorted
+from .sketch import EXACT_MAX, Sketch, blocks, build, from_sorted
 
 PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p0_1", 0.1), ("p1", 1.0), ("p5", 5.0), ("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p99_9", 99.9),
@@ -220,7 +220,7 @@ def _describe_large(t: torch.Tensor, info: TensorInfo, stats: dict[str, float]) 
     s1 = s2 = s3 = s4 = 0.0
     shift: float | None = None
     lo, hi = math.inf, -math.inf
-    for block in _torch_blocks(flat):
+    for block in blocks(flat):
         wide = block.to(torch.float64)
         if not math.isfinite(float(wide.sum())):  # NaN/Inf propagate into the sum: only then filter
             finite = torch.isfinite(wide)
@@ -257,11 +257,3 @@ def _describe_large(t: torch.Tensor, info: TensorInfo, stats: dict[str, float]) 
     for name, q in PERCENTILES:
         stats[name] = sketch.quantile(q)
     return TensorSummary(info=info, values=None, stats=stats, sketch=sketch, n_finite=n)
-
-
-def _torch_blocks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
-    from .sketch import BLOCK
-
-    for start in range(0, flat.numel(), BLOCK):
-        block = flat[start:start + BLOCK]
-        yield block if block.dtype in (torch.float32, torch.float64) else block.to(torch.float32)
