@@ -46,3 +46,16 @@ def test_evaluation_columns_are_documented() -> None:
     for column in ("variant", "n_clipped", "frac_clipped", "loss", "accuracy", "top5_accuracy", "mae", "recommended",
                    "setting"):
         assert f"`{column}`" in README, column
+
+
+def test_python_api_example_runs(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    block = README.split("## Python API", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+    import shutil
+
+    shutil.copytree(ROOT / "sample_checkpoints", tmp_path / "sample_checkpoints")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # the README's own example, as written
+    assert namespace["flags"].rule.eq("range").any() and len(namespace["ev"]) == 24
+    assert (tmp_path / "report" / "summary.md").is_file()
+    assert (tmp_path / "report" / "epoch_12_clipped.safetensors").is_file()
