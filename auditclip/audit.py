@@ -37,11 +37,12 @@ class AuditResult:
         return self.flags.failed or len(self.errors) > 0
 
 
-def _tightness(spec_text: str) -> tuple[int, float]:
+def _tightness(spec_text: str) -> float:
+    """Smaller is tighter: the range's width, or the spec's number (max_abs, percentile, sigma)."""
     spec = ClipSpec.parse(spec_text)
     if spec.kind == "range":
-        return 0, float(spec.b) - float(spec.a)  # type: ignore[arg-type]
-    return 0, float(spec.a)  # type: ignore[arg-type]
+        return float(spec.b) - float(spec.a)  # type: ignore[arg-type]
+    return float(spec.a)  # type: ignore[arg-type]
 
 
 def md_table(df: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:

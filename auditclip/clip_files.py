@@ -135,15 +135,15 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
         save_torch(obj, dst)
 
 
-def _outputs(ckpt: Checkpoint, out: Path, to: str | None) -> tuple[Path, list[Path]]:
-    """Where a checkpoint's clipped weights go, and the source files they come from."""
+def _output(ckpt: Checkpoint, out: Path, to: str | None) -> Path:
+    """Where a checkpoint's clipped weights go (the run's layout, mirrored under ``out``)."""
     # a sharded checkpoint's shards are named in its index and land beside it
     weights = ckpt.weights
     folder = ckpt.path.is_dir()
     base = out / ckpt.label / weights.name if folder else out / ckpt.label
     if to == "safetensors" and not weights.name.endswith((".safetensors", ".index.json")):
         base = base.with_name(Path(base.name).stem + ".safetensors")
-    return base, [weights]
+    return base
 
 
 def clip_checkpoint(
@@ -232,20 +232,20 @@ def clip_run(
     for folder in folders:
         if _is_inside(out, folder):
             raise InputError(f"--out {out} is inside the input {folder}; write the clipped run somewhere else")
-    plans = [(ckpt, *_outputs(ckpt, out, to)) for ckpt in run]
+    plans = [(ckpt, _output(ckpt, out, to)) for ckpt in run]
     inputs = {p.resolve() for c in run for p in (c.weights, c.path)}
-    for _, dst, _ in plans:
+    for _, dst in plans:
         if dst.resolve() in inputs:
             raise InputError(f"--out {out} would overwrite the input {dst}; write the clipped run somewhere else")
     if not force and not dry_run:
-        existing = [dst for _, dst, _ in plans if dst.exists()]
+        existing = [dst for _, dst in plans if dst.exists()]
         if existing:
             raise InputError(f"{existing[0]} already exists; pass --force to overwrite")
     reports: list[pd.DataFrame] = []
     errors: list[dict[str, str]] = []
     result = ClipResult(report=pd.DataFrame(), errors=pd.DataFrame())
     skipped_state: set[str] = set()
-    for ckpt, dst, _ in plans:
+    for ckpt, dst in plans:
         try:
             reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run))
         except CheckpointError as exc:
