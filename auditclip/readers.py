@@ -2,14 +2,29 @@
 
 A :class:`TensorReader` gives one checkpoint's tensors by name, one at a time:
 
-* ``.safetensors`` through ``safe_open`` (the header is parsed, tensors are read
-  only when asked for, metadata is kept);
+* ``.safetensors``: the header is parsed and validated here (offsets inside the
+  file, contiguous, sizes matching dtype and shape); each tensor is read when
+  asked for, with ``pread`` into a fresh buffer;
 * sharded checkpoints through their ``*.index.json`` (``model.safetensors.index.json``
-  or ``pytorch_model.bin.index.json``): many files, one checkpoint;
-* PyTorch pickles (``.pt/.pth/.bin/.ckpt``) through ``torch.load(weights_only=True)``,
-  memory-mapped when the file is in the zip format (every ``torch.save`` since 1.6),
-  so tensors stay file pages until they are used. Code in a pickle is never run:
-  ``weights_only=True`` refuses any global that is not a plain tensor type.
+  or ``pytorch_model.bin.index.json``): many files, one checkpoint; every shard
+  name must stay inside the index's folder (:mod:`auditclip.paths`);
+* PyTorch pickles (``.pt/.pth/.bin/.ckpt``) through ``torch.load(weights_only=True)``.
+  Zip-format files (every ``torch.save`` since 1.6) are unpickled onto the meta
+  device, which records where each storage lies in the file and reads no data;
+  each tensor is then read with ``pread`` like a safetensors one. Code in a
+  pickle is never run: ``weights_only=True`` refuses any global that is not a
+  plain tensor type.
+
+Why ``pread`` and not a memory map: a mapped file that is truncated while it is
+read (``torch.save`` over an existing name during a live run does exactly that)
+kills the process with SIGBUS. A short ``pread`` is an ordinary error instead,
+and the file's size, mtime and inode are compared after every tensor, so a file
+rewritten in place (even at the same size) is reported as ``changed``, never
+read half old, half new.
+
+Containers are walked iteratively with a depth limit and a node budget, so a
+tiny pickle whose dicts share their children 60 levels deep, or a cyclic one,
+is reported as unreadable instead of hanging or overflowing the stack.
 
 Names are normalised so the same model saved by different wrappers compares
 equal: a leading ``module.`` (DDP) is dropped when every name has it, and
@@ -20,7 +35,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import threading
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,7 +47,9 @@ from typing import Any
 
 import torch
 
+from .dtypes import SAFETENSORS, dtype_name, is_float_dtype, torch_dtype
 from .errors import CheckpointError
+from .paths import member
 
 #: Keys under which trainers nest the model's state dict, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -37,29 +57,13 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-# safetensors' dtype codes -> torch dtype names (only those this torch knows are usable).
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
-    "BOOL": "bool", "C64": "complex64",
-}
+#: safetensors refuses headers above 100 MB; so do we, before reading one.
+MAX_HEADER_BYTES = 100_000_000
+#: Deepest nesting of dicts walked inside a pickle, and most entries visited in all.
+MAX_DEPTH = 64
+MAX_NODES = 2_000_000
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def is_float_dtype(name: str) -> bool:
-    """True for the floating dtypes auditclip analyses (fp64/32/16, bf16, fp8).
-
-    >>> is_float_dtype("bfloat16"), is_float_dtype("int64")
-    (True, False)
-    """
-    dtype = getattr(torch, name, None)
-    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+__all__ = ["TensorInfo", "TensorReader", "dtype_name", "is_float_dtype", "open_checkpoint_file"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,103 @@ class TensorInfo:
         return is_float_dtype(self.dtype)
 
 
+class PinnedFile:
+    """One open file read with ``pread``, and the size/mtime/inode it had when opened.
+
+    Every read checks it is inside the size seen at open, and afterwards that the
+    file has not changed: a checkpoint rewritten while auditclip reads it is a
+    :class:`CheckpointError` of kind ``changed``, never a crash or a mixed read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from exc
+        st = os.fstat(self.fd)
+        self.size = st.st_size
+        self._stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    def check(self) -> None:
+        """Raise ``changed`` if the file is not the one opened (size, mtime or inode differ)."""
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev) != self._stamp:
+            raise CheckpointError(
+                self.path, f"changed while being read (it was {self._stamp[0]} bytes, now {st.st_size}, "
+                           "modified since it was opened): a trainer is probably still writing it; "
+                           "audit it once it is complete", kind="changed")
+
+    def read_into(self, buffer: Any, offset: int) -> None:
+        """Fill the writable ``buffer`` from ``offset`` (all of it, or a ``changed`` error)."""
+        view = memoryview(buffer).cast("B")
+        if offset < 0 or offset + len(view) > self.size:
+            raise CheckpointError(self.path, f"data at bytes {offset}..{offset + len(view)} lies beyond the end "
+                                             f"of the file ({self.size} bytes)")
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}") from exc
+            if n == 0:
+                self.check()  # a shorter file than at open: say so as a change
+                raise CheckpointError(self.path, "ended early while being read", kind="changed")
+            done += n
+        self.check()
+
+    def read(self, offset: int, size: int) -> bytes:
+        buffer = bytearray(size)
+        self.read_into(buffer, offset)
+        return bytes(buffer)
+
+    def dup(self) -> Any:
+        """A Python file object on the same open file (for libraries that want one)."""
+        f = os.fdopen(os.dup(self.fd), "rb")
+        f.seek(0)
+        return f
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def read_strided(f: PinnedFile, offset: int, storage_bytes: int | None, dtype: torch.dtype,
+                 shape: tuple[int, ...], stride: tuple[int, ...] | None = None, start: int = 0) -> torch.Tensor:
+    """A tensor read from ``f``: its storage begins at byte ``offset``, the tensor at element ``start``."""
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    if stride is None:
+        stride = _contiguous_strides(shape)
+    if start < 0 or any(s < 0 for s in stride):
+        raise CheckpointError(f.path, "a tensor with a negative offset or stride")
+    span = 1 + sum((d - 1) * s for d, s in zip(shape, stride))
+    item = dtype.itemsize
+    if storage_bytes is not None and (start + span) * item > storage_bytes:
+        raise CheckpointError(f.path, f"a tensor of shape {list(shape)} reaches beyond its storage")
+    buffer = torch.empty(span, dtype=dtype)
+    f.read_into(buffer.view(torch.uint8).numpy(), offset + start * item)
+    if tuple(shape) == (span,) or (len(shape) == 0 and span == 1):
+        return buffer.reshape(shape)
+    return buffer.as_strided(shape, stride)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 class _Source:
     """Raw access to one file's tensors by their stored names."""
 
@@ -94,83 +195,130 @@ class _Source:
     def raw_get(self, raw: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def raw_bytes(self, raw: str) -> bytes:
+        """The stored bytes of a tensor (for dtypes torch cannot hold, copied as they are)."""
+        t = self.raw_get(raw)
+        return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
     def close(self) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class _Entry:
+    dtype: str  # torch dtype name, or the lower-case safetensors code for sub-byte floats
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_safetensors_header(f: PinnedFile) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Parse and validate a safetensors header: every tensor's dtype, shape and byte span.
+
+    The checks are the format's own: a header inside the file, JSON naming a known
+    dtype, non-negative integer shapes, and byte spans that match dtype x shape,
+    follow each other without gap or overlap and end where the file ends.
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f.path, f"not a readable safetensors file: {why}")
+
+    if f.size < 8:
+        raise bad(f"only {f.size} bytes")
+    n = int.from_bytes(f.read(0, 8), "little")
+    if n > MAX_HEADER_BYTES or 8 + n > f.size:
+        raise bad(f"header length {n} does not fit the file ({f.size} bytes)")
+    try:
+        doc = json.loads(f.read(8, n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"header is not valid JSON ({_one_line(exc)[:100]})") from None
+    if not isinstance(doc, dict):
+        raise bad("header is not a JSON object")
+    meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map names to strings")
+    base, data_size = 8 + n, f.size - 8 - n
+    entries: dict[str, _Entry] = {}
+    spans = []
+    for name, e in doc.items():
+        if not isinstance(e, dict):
+            raise bad(f"entry {name[:80]!r} is not an object")
+        code, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(code, str) or code not in SAFETENSORS:
+            raise bad(f"tensor {name[:80]!r} has unknown dtype {str(code)[:20]!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name[:80]!r} has an invalid shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise bad(f"tensor {name[:80]!r} has data offsets outside the file")
+        bits = math.prod(shape) * SAFETENSORS[code][1]
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            raise bad(f"tensor {name[:80]!r}: {offsets[1] - offsets[0]} bytes do not hold {code} of shape {shape}")
+        entries[name] = _Entry(SAFETENSORS[code][0], tuple(shape), base + offsets[0], base + offsets[1])
+        spans.append((offsets[0], offsets[1]))
+    spans.sort()
+    position = 0
+    for begin, end in spans:
+        if begin != position:
+            raise bad("tensor data overlaps or leaves a gap")
+        position = end
+    if position != data_size:
+        raise bad(f"{data_size - position} bytes after the last tensor")
+    return entries, {str(k): v for k, v in meta.items()}
+
+
 class _SafetensorsSource(_Source):
     def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
         self.path = path
-        self._layout: tuple[int, dict[str, Any]] | None = None
-        self._map: Any = None
+        self._file = PinnedFile(path)
         try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-            self._names = list(self._file.keys())
-            self.metadata = dict(self._file.metadata() or {})
-        except Exception as exc:  # safetensors raises its own error types and OSError
-            raise CheckpointError(path, f"not a readable safetensors file: {_one_line(exc)}") from exc
+            self._entries, self.metadata = read_safetensors_header(self._file)
+        except BaseException:
+            self._file.close()
+            raise
 
     def raw_names(self) -> list[str]:
-        return self._names
+        return list(self._entries)
 
     def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
-        part = self._file.get_slice(raw)
-        code = part.get_dtype()
-        return _SAFETENSORS_DTYPES.get(code, code.lower()), tuple(part.get_shape())
+        e = self._entries[raw]
+        return e.dtype, e.shape
 
     def raw_get(self, raw: str) -> torch.Tensor:
-        mapped = self._mapped(raw)
-        if mapped is not None:
-            return mapped
+        e = self._entries[raw]
+        dtype = torch_dtype(e.dtype)
+        if dtype is None:
+            raise CheckpointError(self.path, f"tensor {raw!r} has dtype {e.dtype}, which torch cannot hold",
+                                  kind="unsupported")
         try:
-            return self._file.get_tensor(raw)
-        except Exception as exc:
+            return read_strided(self._file, e.begin, e.end - e.begin, dtype, e.shape)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
             raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {_one_line(exc)}") from exc
 
-    def _mapped(self, raw: str) -> torch.Tensor | None:
-        """The tensor as a view of the memory-mapped file: file pages, not a copy in RAM.
-
-        The header was validated by ``safe_open``; the map is private (copy on
-        write), so nothing done to the tensor can ever reach the file.
-        """
-        try:
-            if self._layout is None:
-                import mmap
-
-                with open(self.path, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(size))
-                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if f.seek(0, 2) else None
-                self._layout = (8 + size, header)
-            base, header = self._layout
-            entry = header[raw]
-            dtype = getattr(torch, _SAFETENSORS_DTYPES.get(entry["dtype"], ""), None)
-            begin, end = entry["data_offsets"]
-            shape = tuple(entry["shape"])
-            if not isinstance(dtype, torch.dtype) or self._map is None or (base + begin) % dtype.itemsize:
-                return None
-            count = math.prod(shape)
-            if count == 0 or (end - begin) != count * dtype.itemsize:
-                return None
-            return torch.frombuffer(self._map, dtype=dtype, count=count, offset=base + begin).reshape(shape)
-        except Exception:  # anything unusual: let safe_open read it the ordinary way
-            return None
+    def raw_bytes(self, raw: str) -> bytes:
+        e = self._entries[raw]
+        return self._file.read(e.begin, e.end - e.begin)
 
     def close(self) -> None:
-        # Dropping the references (not mmap.close()) lets tensors still in use keep their pages.
-        self._file = None  # type: ignore[assignment]
-        self._map = None
-        self._layout = None
+        self._file.close()
 
 
 class _TorchSource(_Source):
     def __init__(self, path: Path, key: str | None = None) -> None:
         self.path = path
-        obj = load_torch_file(path)
-        state = find_state_dict(obj, path, key)
-        self._tensors = {name: t for name, t in _flatten(state).items()}
+        self._file = PinnedFile(path)
+        try:
+            obj, self._lazy = _load_torch(self._file)
+            state = find_state_dict(obj, path, key)
+            self._tensors = tensors_of(state, path)
+        except BaseException:
+            self._file.close()
+            raise
         # Entries beside the state dict (epoch, global_step, hyper-parameters) are
         # kept as metadata when they are plain scalars or strings.
         self.metadata = {
@@ -184,13 +332,60 @@ class _TorchSource(_Source):
 
     def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
         t = self._tensors[raw]
+        if t.layout != torch.strided:
+            raise CheckpointError(self.path, f"tensor {raw!r} is {str(t.layout).removeprefix('torch.')}, "
+                                             "not a dense tensor; auditclip reads dense tensors only",
+                                  kind="unsupported")
         return dtype_name(t.dtype), tuple(t.shape)
 
     def raw_get(self, raw: str) -> torch.Tensor:
-        return self._tensors[raw]
+        t = self._tensors[raw]
+        if not self._lazy:
+            return t
+        self.raw_info(raw)
+        storage = t.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        if offset is None:
+            raise CheckpointError(self.path, f"tensor {raw!r} has no data in the file (saved on the meta device?)",
+                                  kind="unsupported")
+        try:
+            return read_strided(self._file, int(offset), storage.nbytes(), t.dtype, tuple(t.shape),
+                                tuple(t.stride()), t.storage_offset())
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {_one_line(exc)}") from exc
 
     def close(self) -> None:
         self._tensors = {}
+        self._file.close()
+
+
+def _zip_byteorder(f: PinnedFile) -> str | None:
+    """The byte order a zip-format torch file records (``little`` if none), or None if not a zip."""
+    try:
+        with f.dup() as fh, zipfile.ZipFile(fh) as z:
+            names = [n for n in z.namelist() if n.endswith("/byteorder") or n == "byteorder"]
+            return z.read(names[0]).decode("ascii", "replace") if names else "little"
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError, NotImplementedError):
+        return None
+
+
+def _load_torch(f: PinnedFile) -> tuple[Any, bool]:
+    """Unpickle a torch file safely; (object, lazy): lazy means tensors are meta descriptions."""
+    lazy = _zip_byteorder(f) == "little"
+    try:
+        with warnings.catch_warnings(), f.dup() as fh:
+            warnings.simplefilter("ignore")  # torch's warnings would print before our one Error line
+            obj = torch.load(fh, map_location="meta" if lazy else "cpu", weights_only=True, mmap=False)
+        f.check()
+        return obj, lazy
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f.path, _unsafe_message(f.path, exc), kind="unsafe") from exc
+    except Exception as exc:  # torch raises RuntimeError, zipfile, EOF, ... for damaged files
+        raise CheckpointError(f.path, f"not a readable PyTorch file: {_one_line(exc)}") from exc
 
 
 def allow_globals(names: list[str] | tuple[str, ...]) -> list[Any]:
@@ -222,24 +417,37 @@ def allow_globals(names: list[str] | tuple[str, ...]) -> list[Any]:
 
 
 def load_torch_file(path: Path) -> Any:
-    """``torch.load`` a pickle safely: ``weights_only=True``, memory-mapped if possible.
+    """``torch.load`` a whole pickle safely (``weights_only=True``), into memory.
 
-    Raises :class:`CheckpointError` naming the globals the file would need when
+    For rewriting a container (``clip`` keeps its optimizer state and the rest),
+    so every tensor is read; the file is read, never mapped, and a file that
+    changes while it is read is a ``changed`` error. Raises
+    :class:`CheckpointError` naming the globals the file would need when
     unpickling it would run code: auditclip never loads such a file.
     """
-    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
+    f = PinnedFile(Path(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings(), f.dup() as fh:
+            warnings.simplefilter("ignore")
+            obj = torch.load(fh, map_location="cpu", weights_only=True, mmap=False)
+        f.check()
+        return obj
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(path, _unsafe_message(path, exc), kind="unsafe") from exc
+        raise CheckpointError(path, _unsafe_message(Path(path), exc), kind="unsafe") from exc
     except Exception as exc:
         raise CheckpointError(path, f"not a readable PyTorch file: {_one_line(exc)}") from exc
+    finally:
+        f.close()
 
 
 def _unsafe_message(path: Path, exc: Exception) -> str:
     names: list[str] = []
     try:
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except Exception:  # legacy-format files cannot be scanned; the load error names the global
         pass
     if not names:  # the unpickler's own message names the first global it refused
@@ -275,7 +483,7 @@ def find_state_dict(obj: Any, path: Path, key: str | None = None) -> Mapping[str
         return obj[key]
     for wrapper in WRAPPER_KEYS:
         value = obj.get(wrapper)
-        if isinstance(value, Mapping) and _has_tensor(value):
+        if isinstance(value, Mapping) and _has_tensor(value, path):
             return value
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(path, f"no tensors at the top level (entries: {_entries(obj)}); pick one with --key")
@@ -288,18 +496,107 @@ def _entries(obj: Mapping[str, Any]) -> str:
     return ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
 
 
-def _has_tensor(m: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, torch.Tensor) or (isinstance(v, Mapping) and _has_tensor(v)) for v in m.values())
+def tensor_slots(m: Mapping[Any, Any], path: Path | str = "") -> list[tuple[Any, Any, str]]:
+    """(mapping, key, dotted name) of every tensor in nested mappings, in insertion order.
 
+    Walked iteratively: a cycle is skipped, and more than :data:`MAX_DEPTH` levels or
+    :data:`MAX_NODES` entries (a pickle whose dicts share their children many levels
+    deep has billions of paths) is a :class:`CheckpointError`, not a hang.
 
-def _flatten(m: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for k, v in m.items():
+    >>> [name for _, _, name in tensor_slots({"a": {"w": torch.zeros(1)}, "b": torch.ones(1)})]
+    ['a.w', 'b']
+    """
+    out: list[tuple[Any, Any, str]] = []
+    budget = MAX_NODES
+    stack: list[tuple[Iterator[tuple[Any, Any]], Mapping[Any, Any], str]] = [(iter(m.items()), m, "")]
+    on_path = {id(m)}
+    while stack:
+        items, mapping, prefix = stack[-1]
+        step = next(items, None)
+        if step is None:
+            stack.pop()
+            on_path.discard(id(mapping))
+            continue
+        budget -= 1
+        if budget < 0:
+            raise CheckpointError(path, f"refused: nested containers with more than {MAX_NODES:,} entries "
+                                        "(shared or repeated sub-dicts?); not a state dict auditclip can walk")
+        k, v = step
         if isinstance(v, torch.Tensor):
-            out[prefix + str(k)] = v
-        elif isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.append((mapping, k, prefix + str(k)))
+        elif isinstance(v, Mapping) and id(v) not in on_path:
+            if len(stack) >= MAX_DEPTH:
+                raise CheckpointError(path, f"refused: containers nested more than {MAX_DEPTH} levels deep")
+            on_path.add(id(v))
+            stack.append((iter(v.items()), v, f"{prefix}{k}."))
     return out
+
+
+def tensors_of(m: Mapping[Any, Any], path: Path | str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in nested mappings by dotted name (see :func:`tensor_slots`).
+
+    >>> list(tensors_of({"fc": {"weight": torch.zeros(2)}}))
+    ['fc.weight']
+    """
+    return {name: mapping[k] for mapping, k, name in tensor_slots(m, path)}
+
+
+def _has_tensor(m: Mapping[Any, Any], path: Path | str = "") -> bool:
+    return bool(tensor_slots(m, path))
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A validated ``*.index.json``: which shard file holds each tensor.
+
+    Every shard name stays inside the index's folder (else ``unsafe``), names a
+    weight file (``.safetensors``/``.bin``/``.pt``...) and exists (else ``missing_shard``).
+    """
+
+    path: Path
+    weight_map: dict[str, str]  # tensor name -> shard name as written in the index
+    shards: dict[str, Path]  # shard name -> its file
+    metadata: dict[str, str]
+    doc: dict[str, Any]
+
+
+def read_shard_index(index: str | os.PathLike[str]) -> ShardIndex:
+    """Read and validate a shard index (see :class:`ShardIndex`).
+
+    >>> read_shard_index("no/such/model.safetensors.index.json")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    auditclip.errors.CheckpointError: no/such/model.safetensors.index.json: not a valid shard index: ...
+    """
+    index = Path(index)
+    try:
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            raise ValueError(f"{index.stat().st_size} bytes is too large for an index")
+        doc = json.loads(index.read_bytes().decode("utf-8"))
+        if not isinstance(doc, dict):
+            raise TypeError("the index is not a JSON object")
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is missing or not an object")
+        if not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map values must be shard file names")
+        meta = doc.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise TypeError("metadata is not an object")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(index, f"not a valid shard index: {_one_line(exc)[:200]}") from None
+    shards: dict[str, Path] = {}
+    for name in dict.fromkeys(weight_map.values()):
+        path = member(index.parent, name, source=index)
+        if not name.lower().endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
+            raise CheckpointError(index, f"index names {name!r}, which is not a weight file "
+                                         "(.safetensors, .bin, .pt, .pth, .ckpt)")
+        shards[name] = path
+    missing = [n for n, p in shards.items() if not p.is_file()]
+    if missing:
+        raise CheckpointError(index, f"index names missing shard(s): {', '.join(missing)}", kind="missing_shard")
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return ShardIndex(index, {str(k): v for k, v in weight_map.items()}, shards, metadata, doc)
 
 
 class _ShardedSource(_Source):
@@ -308,38 +605,37 @@ class _ShardedSource(_Source):
     def __init__(self, index: Path, key: str | None = None) -> None:
         self.path = index
         self._key = key
-        try:
-            doc = json.loads(index.read_text(encoding="utf-8"))
-            weight_map = doc["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except Exception as exc:
-            raise CheckpointError(index, f"not a valid shard index: {_one_line(exc)}") from exc
-        self._where = {str(name): index.parent / str(shard) for name, shard in weight_map.items()}
-        missing = sorted({str(p.name) for p in self._where.values() if not p.is_file()})
-        if missing:
-            raise CheckpointError(index, f"index names missing shard(s): {', '.join(missing)}", kind="missing_shard")
-        meta = doc.get("metadata") or {}
-        self.metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+        self.index = read_shard_index(index)
+        self.metadata = dict(self.index.metadata)
+        self._where = {name: self.index.shards[shard] for name, shard in self.index.weight_map.items()}
         self._open: dict[Path, _Source] = {}
+        self._lock = threading.Lock()
 
     def shard_files(self) -> list[Path]:
         return sorted(set(self._where.values()))
 
     def _shard(self, raw: str) -> _Source:
         path = self._where[raw]
-        if path not in self._open:
-            self._open[path] = _open_source(path, self._key)
-        return self._open[path]
+        with self._lock:  # walker threads ask for shards concurrently
+            if path not in self._open:
+                self._open[path] = _open_source(path, self._key)
+            return self._open[path]
 
     def raw_names(self) -> list[str]:
         return list(self._where)
 
     def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
-        return self._shard(raw).raw_info(raw)
+        shard = self._shard(raw)
+        if raw not in shard.raw_names():
+            raise CheckpointError(self.path, f"the index puts {raw!r} in {shard.path.name}, which does not hold it")
+        return shard.raw_info(raw)
 
     def raw_get(self, raw: str) -> torch.Tensor:
+        self.raw_info(raw)
         return self._shard(raw).raw_get(raw)
+
+    def raw_bytes(self, raw: str) -> bytes:
+        return self._shard(raw).raw_bytes(raw)
 
     def close(self) -> None:
         for source in self._open.values():
@@ -452,14 +748,18 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (or the first shard of an index), or {}."""
     try:
         if path.name.endswith(".index.json"):
-            doc = json.loads(path.read_text(encoding="utf-8"))
-            meta = {str(k): str(v) for k, v in (doc.get("metadata") or {}).items()}
-            shards = sorted(set((doc.get("weight_map") or {}).values()))
-            if shards and str(shards[0]).endswith(".safetensors"):
-                meta = {**read_safetensors_metadata(path.parent / str(shards[0])), **meta}
+            index = read_shard_index(path)
+            meta = dict(index.metadata)
+            shards = sorted(index.shards)
+            if shards and shards[0].endswith(".safetensors"):
+                meta = {**read_safetensors_metadata(index.shards[shards[0]]), **meta}
             return meta
         if path.name.endswith(".safetensors"):
-            return _SafetensorsSource(path).metadata
+            f = PinnedFile(path)
+            try:
+                return read_safetensors_header(f)[1]
+            finally:
+                f.close()
     except Exception:  # a broken file is reported when it is read, not while listing the run
         return {}
     return {}
