@@ -25,11 +25,11 @@ command-line options win over both. Layout::
 
     [[tool.auditclip.clip.override]]
     pattern = "*norm*"
-    skip = true
+    skip = true                              # a TOML boolean; false = the default spec
 
 In a file given with ``--config`` the same tables may sit at the top level
 (``[flag]``, ``[clip]``) or under ``[tool.auditclip]``. An unknown key or a bad
-value is an error naming it.
+value (of the wrong type too: a boolean is never a number) is an error naming it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,30 @@ def parse_range(text: str, what: str = "--range") -> tuple[float, float]:
     return lo, hi
 
 
+def _not_bool(what: str, value: Any) -> None:
+    if isinstance(value, bool):  # bool is an int in Python: max_abs = true would mean 1.0
+        raise InputError(f"{what} {value!r}: expected a number, not a boolean")
+
+
+def parse_bool(what: str, value: Any) -> bool:
+    """A strict boolean: a real ``bool`` (TOML), or true/false, yes/no, 1/0 as text (any case).
+
+    >>> parse_bool("skip", "False"), parse_bool("skip", True)
+    (False, True)
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "yes", "1"):
+            return True
+        if text in ("false", "no", "0"):
+            return False
+    raise InputError(f"{what} {value!r}: expected true or false")
+
+
 def positive(what: str, value: Any) -> float:
+    _not_bool(what, value)
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -79,6 +102,7 @@ def positive(what: str, value: Any) -> float:
 
 
 def percentile_value(what: str, value: Any) -> float:
+    _not_bool(what, value)
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -192,6 +216,8 @@ class FlagSettings:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     fail_on: str = "error"
+    #: the config file these settings were read from ("" when none was in effect)
+    source: str = ""
 
     def rules_for(self, name: str) -> FlagRules:
         """The rules for one tensor: defaults, then every matching override in order.
@@ -217,6 +243,8 @@ class ClipSettings:
     protect_top: int = 0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    #: the config file these settings were read from ("" when none was in effect)
+    source: str = ""
 
     def spec_for(self, name: str) -> ClipSpec | None:
         """The spec of one tensor (None: leave it alone). Later overrides win.
@@ -236,10 +264,18 @@ _FLAG_KEYS = {"range", "max_abs", "zscore", "jump", "norm_growth", "spike", "off
 _CLIP_SPEC_KEYS = {"range", "max_abs", "percentile", "sigma"}
 
 
-def _clip_spec(where: str, table: Mapping[str, Any]) -> ClipSpec | None:
+def _clip_spec(where: str, table: Mapping[str, Any], text: bool = False) -> ClipSpec | None:
+    """The spec a table sets, or None when it sets none (``skip = false`` sets none).
+
+    ``skip`` must be a real boolean, or with ``text`` (command-line values) true/false.
+    """
     given = [k for k in _CLIP_SPEC_KEYS if k in table]
-    if table.get("skip") is True:
-        given.append("skip")
+    if "skip" in table:
+        value = table["skip"]
+        if not text and not isinstance(value, bool):
+            raise InputError(f"{where}: skip {value!r}: expected true or false (a TOML boolean, unquoted)")
+        if parse_bool(f"{where}: skip", value):
+            given.append("skip")
     if len(given) > 1:
         raise InputError(f"{where}: give one clip spec per tensor, not {' and '.join(sorted(given))}")
     if not given:
@@ -266,17 +302,54 @@ def load_table(
 
     Without ``config``, the nearest ``pyproject.toml`` is used when ``search`` is true.
     """
+    table, where, _ = _load(config, start, search)
+    return table, where
+
+
+def _load(
+    config: str | os.PathLike[str] | None, start: Path | None, search: bool
+) -> tuple[dict[str, Any], str, str]:
+    """The auditclip table, where it came from (for messages) and the file in effect ("" if none)."""
     if config is not None:
         path = Path(config)
+        if path.is_dir():
+            raise InputError(f"--config {path}: is a directory; give a TOML file")
         if not path.is_file():
             raise InputError(f"--config {path}: no such file")
         doc = _read_toml(path)
-        table = doc.get("tool", {}).get("auditclip") if "tool" in doc else doc
-        return dict(table or {}), str(path)
+        if "tool" in doc:
+            table = _subtable(_subtable(doc, "tool", str(path)), "auditclip", f"{path} [tool]")
+        else:
+            table = doc
+        return table, str(path), str(path)
     path = find_pyproject(start) if search else None
     if path is None:
-        return {}, ""
-    return dict(_read_toml(path).get("tool", {}).get("auditclip") or {}), f"{path} [tool.auditclip]"
+        return {}, "", ""
+    doc = _read_toml(path)
+    table = _subtable(_subtable(doc, "tool", str(path)), "auditclip", f"{path} [tool]")
+    return table, f"{path} [tool.auditclip]", str(path) if "auditclip" in doc.get("tool", {}) else ""
+
+
+def _subtable(doc: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: {key} must be a table, not {_toml_type(value)} {value!r}")
+    return dict(value)
+
+
+def _toml_type(value: Any) -> str:
+    """The TOML name of a parsed value's type, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -300,8 +373,13 @@ def _section(table: Mapping[str, Any], name: str, where: str) -> tuple[dict[str,
 
 def _override_tables(section: Mapping[str, Any], where: str) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     out = []
-    for i, entry in enumerate(section.get("override", [])):
-        if not isinstance(entry, dict) or "pattern" not in entry:
+    entries = section.get("override", [])
+    if not isinstance(entries, list):
+        raise InputError(f"{where}: override must be an array of tables ([[...override]] entries)")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: override {i + 1} must be a table with a pattern, not {_toml_type(entry)}")
+        if "pattern" not in entry:
             raise InputError(f"{where}: override {i + 1} needs a pattern")
         patterns = _patterns(f"{where}: override {i + 1} pattern", entry["pattern"])
         out.append((patterns, {k: v for k, v in entry.items() if k != "pattern"}))
@@ -322,7 +400,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], dict[str, Any]]:
     for pair in pairs:
         key, _, value = pair.partition("=")
         key, value = key.strip(), value.strip()
-        changes[key] = value.split("+") if key == "off" else (True if key == "skip" and value == "true" else value)
+        changes[key] = value.split("+") if key == "off" else value
     return (pattern,), changes
 
 
@@ -341,7 +419,7 @@ def flag_settings(
     >>> flag_settings(options={"max_abs": 0.01}, start=Path("/")).rules.range
     (-0.01, 0.01)
     """
-    table, source = load_table(config, start, search)
+    table, source, path = _load(config, start, search)
     where = source or "config"
     section, include, exclude = _section(table, "flag", where)
     where_flag = f"{where} flag"
@@ -363,7 +441,7 @@ def flag_settings(
     override_list += [(p, _flag_changes(f"--override {p[0]}", c, _FLAG_KEYS)) for p, c in map(parse_override, overrides)]
     return FlagSettings(
         rules=FlagRules(**changes), overrides=override_list, fail_on=fail_on,
-        include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)),
+        include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)), source=path,
     )
 
 
@@ -382,7 +460,7 @@ def clip_settings(
     >>> str(clip_settings(options={"percentile": 99.9}, start=Path("/")).spec)
     'percentile=99.9'
     """
-    table, source = load_table(config, start, search)
+    table, source, path = _load(config, start, search)
     where = f"{source or 'config'} clip"
     section, include, exclude = _section(table, "clip", where)
     allowed = _CLIP_SPEC_KEYS | {"override", "protect", "protect_top"}
@@ -394,26 +472,28 @@ def clip_settings(
         raise InputError("give one of --range, --max-abs, --percentile, --sigma (per-pattern specs go in --override)")
     cli_spec = _clip_spec("options", {k: opts[k] for k in _CLIP_SPEC_KEYS if k in opts})
     spec = cli_spec or _clip_spec(where, section)
+    # an override that sets no spec (skip = false, or nothing) gives its tensors the default spec
+    unskipped = spec or ClipSpec("none")
     override_list: list[tuple[tuple[str, ...], ClipSpec]] = []
     for patterns, entry in _override_tables(section, where):
         unknown = set(entry) - _CLIP_SPEC_KEYS - {"skip"}
         if unknown:
             raise InputError(f"unknown key {sorted(unknown)[0]!r} in {where} override")
-        override_list.append((patterns, _clip_spec(f"{where} override", entry) or ClipSpec("none")))
+        override_list.append((patterns, _clip_spec(f"{where} override", entry) or unskipped))
     for patterns, entry in map(parse_override, overrides):
         unknown = set(entry) - _CLIP_SPEC_KEYS - {"skip"}
         if unknown:
             raise InputError(f"--override {patterns[0]}: unknown key {sorted(unknown)[0]!r} for clip")
-        override_list.append((patterns, _clip_spec(f"--override {patterns[0]}", entry) or ClipSpec("none")))
-    if spec is None and not override_list:
+        override_list.append((patterns, _clip_spec(f"--override {patterns[0]}", entry, text=True) or unskipped))
+    if spec is None and all(s.kind == "none" for _, s in override_list):
         raise InputError("no clipping asked for: give --range, --max-abs, --percentile or --sigma (or a config)")
     protect_top = opts.get("protect_top", section.get("protect_top", 0))
-    if not isinstance(protect_top, int) or protect_top < 0:
+    if isinstance(protect_top, bool) or not isinstance(protect_top, int) or protect_top < 0:
         raise InputError(f"{where}: protect_top {protect_top!r}: must be a whole number >= 0")
     return ClipSettings(
         spec=spec, overrides=override_list, protect_top=protect_top,
         protect=tuple(opts.get("protect", ())) + _patterns(f"{where}: protect", section.get("protect", [])),
-        include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)),
+        include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)), source=path,
     )
 
 

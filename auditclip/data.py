@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .modelref import _one_line, load_factory
+from .modelref import _one_line, load_factory, raised
 
 Batch = tuple[Any, torch.Tensor]
 
@@ -32,18 +32,50 @@ class HeldOut:
 
     def batches(self) -> Iterator[Batch]:
         seen = 0
-        for item in self.make():
+        items = self._user("starting to read it", lambda: iter(self.make()))
+        while True:
+            item = self._user("reading a batch", lambda: next(items, _END))
+            if item is _END:
+                return
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise InputError(f"--data {self.source}: batches must be (inputs, targets) pairs, got {type(item).__name__}")
-            inputs, targets = item[0], torch.as_tensor(item[1])
+            inputs, targets = item[0], _targets(self.source, item[1])
+            if len(targets) == 0:
+                continue
             if self.limit is not None:
                 room = self.limit - seen
                 if room <= 0:
                     return
                 if len(targets) > room:
-                    inputs, targets = _head(inputs, room), targets[:room]
+                    inputs = self._user("cutting a batch to --limit", lambda: _head(inputs, room))
+                    targets = targets[:room]
             seen += len(targets)
             yield inputs, targets
+
+    def _user(self, doing: str, step: Callable[[], Any]) -> Any:
+        """Run a step that calls the user's code (a Dataset, a loader); what it raises becomes an InputError."""
+        try:
+            return step()
+        except (KeyboardInterrupt, InputError):
+            raise
+        except BaseException as exc:  # SystemExit included
+            raise InputError(f"--data {self.source}: while {doing}, the data {raised(exc)}") from exc
+
+
+_END = object()
+
+
+def _targets(source: str, value: Any) -> torch.Tensor:
+    """A batch's targets as a tensor with a batch dimension."""
+    try:
+        targets = torch.as_tensor(value)
+    except Exception as exc:
+        raise InputError(f"--data {source}: a batch's targets ({type(value).__name__}) are not numbers; "
+                         "return a tensor or array of numbers as the targets") from exc
+    if targets.dim() == 0:
+        raise InputError(f"--data {source}: a batch's targets are a single number; "
+                         "expected one target per sample (shape [batch, ...])")
+    return targets
 
 
 def _head(inputs: Any, n: int) -> Any:
@@ -61,7 +93,17 @@ def _pick(source: str, doc: Any, key: str, what: str) -> torch.Tensor:
         keys = ", ".join(sorted(map(str, doc)))[:200]
         option = "--inputs-key" if what == "inputs" else "--targets-key"
         raise InputError(f"--data {source}: no {what} key {key!r} (keys: {keys}); choose one with {option}")
-    return torch.as_tensor(np.asarray(doc[key])) if not isinstance(doc[key], torch.Tensor) else doc[key]
+    value = doc[key]
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(np.asarray(value))
+        except Exception as exc:
+            raise InputError(f"--data {source}: {what} {key!r} is a {type(doc[key]).__name__} that is not an array "
+                             "of numbers; store a numeric tensor or array under it") from exc
+    if value.dim() == 0:
+        raise InputError(f"--data {source}: {what} {key!r} is a single number (a 0-d tensor); "
+                         "expected one row per sample (shape [samples, ...])")
+    return value
 
 
 def load_data(
@@ -139,16 +181,22 @@ def _factory_data(ref: str, batch_size: int, limit: int | None) -> HeldOut:
     factory = load_factory(ref, "--data")
     try:
         made = factory()
-    except Exception as exc:
-        raise InputError(f"--data {ref}: the factory raised {type(exc).__name__}: {_one_line(exc)}") from exc
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # the user's code may raise anything, SystemExit included
+        raise InputError(f"--data {ref}: the factory {raised(exc)}") from exc
     from torch.utils.data import DataLoader, Dataset
 
     if isinstance(made, Dataset) and not isinstance(made, torch.utils.data.IterableDataset):
         loader = DataLoader(made, batch_size=batch_size, shuffle=False)
         return HeldOut(ref, lambda: loader, limit)
     if isinstance(made, (DataLoader, Iterable)):
-        if iter(made) is made:  # a one-shot iterator would be empty on the second checkpoint
-            items = list(made)
-            return HeldOut(ref, lambda: items, limit)
-        return HeldOut(ref, lambda: made, limit)
+        try:
+            one_shot = iter(made) is made
+            items = list(made) if one_shot else []  # a one-shot iterator would be empty on the second checkpoint
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            raise InputError(f"--data {ref}: while reading what the factory returned, it {raised(exc)}") from exc
+        return HeldOut(ref, (lambda: items) if one_shot else (lambda: made), limit)
     raise InputError(f"--data {ref}: the factory returned a {type(made).__name__}, not a Dataset, DataLoader or iterable")

@@ -21,7 +21,7 @@ from .config import ClipSettings, ClipSpec
 from .data import HeldOut, load_data
 from .errors import CheckpointError, InputError
 from .metrics import TASKS, CustomMetric, MetricTotals, infer_task, load_custom_metric, model_outputs, primary_metric
-from .modelref import ModelLoader, _one_line
+from .modelref import ModelLoader, _one_line, raised
 
 SWEEP_FAMILIES = ("max_abs", "percentile", "sigma")
 
@@ -91,6 +91,11 @@ class Evaluator:
                 inputs = _to(inputs, self.device)
                 try:
                     out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                except KeyboardInterrupt:
+                    raise
+                except SystemExit as exc:
+                    raise InputError(f"--model {self.loader.ref}: running on --data {self.data.source}, "
+                                     f"the model {raised(exc)}") from exc
                 except Exception as exc:
                     shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
                     raise InputError(f"--data {self.data.source}: the model cannot take inputs of shape {shape}: "
@@ -180,6 +185,7 @@ def recommend(df: pd.DataFrame, task: str, tolerance: float | None, tightest_fir
     ``tolerance``: percentage points of accuracy (default 0.5) for classification,
     percent of loss (default 1.0) for regression. ``tightest_first`` orders the variants.
     """
+    check_tolerance(tolerance)
     metric = primary_metric(task)
     tol = tolerance if tolerance is not None else (0.5 if task == "classification" else 1.0)
     marks = pd.Series(False, index=df.index)
@@ -201,6 +207,17 @@ def recommend(df: pd.DataFrame, task: str, tolerance: float | None, tightest_fir
                 marks[row.index[0]] = True
                 break
     return marks
+
+
+def check_tolerance(tolerance: float | None) -> None:
+    """``--tolerance`` must be a finite number >= 0 (None: the task's default)."""
+    if tolerance is None:
+        return
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
+        raise InputError(f"--tolerance {tolerance!r}: expected a number")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise InputError(f"--tolerance {tolerance!r}: must be a finite number >= 0 "
+                         "(percentage points of accuracy, or percent of loss)")
 
 
 @dataclass
@@ -231,6 +248,7 @@ def sweep(
         raise InputError(f"unknown sweep family {family!r}; use one of {', '.join(SWEEP_FAMILIES)}")
     if not values:
         raise InputError(f"--{family.replace('_', '-')}: give at least one value")
+    check_tolerance(tolerance)
     specs = [ClipSpec.make(family, v) for v in sorted(set(values))]
     options = options or EvalOptions(**option_values)
     df, errors, task = _evaluate_rows(run, model, data, _variants(specs), options)

@@ -16,6 +16,34 @@ from .errors import InputError
 
 TASKS = ("auto", "classification", "regression")
 CustomMetric = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
+#: names a custom metric may not use: the built-in metrics and the columns of evaluation.csv/sweep.csv
+RESERVED = frozenset({"loss", "accuracy", "top5_accuracy", "mae", "checkpoint", "step", "variant", "setting",
+                      "n_clipped", "frac_clipped", "recommended"})
+
+
+class NamedMetric:
+    """A custom metric with the ``--metric`` reference it came from, for messages."""
+
+    def __init__(self, fn: CustomMetric, ref: str) -> None:
+        self.fn, self.ref = fn, ref
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> Mapping[str, float]:
+        return self.fn(outputs, targets)
+
+
+def metric_name(fn: Any) -> str:
+    """How messages name a custom metric: its ``--metric`` reference, else its Python name."""
+    return getattr(fn, "ref", None) or getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _number(value: Any) -> float | None:
+    """A metric value as a float, or None when it is not one number."""
+    if isinstance(value, (str, bytes)):
+        return None
+    try:
+        return float(value)
+    except Exception:
+        return None
 
 
 def model_outputs(out: Any) -> torch.Tensor:
@@ -44,6 +72,7 @@ class MetricTotals:
         self.task, self.custom = task, custom
         self.n = 0
         self.sums: dict[str, float] = {}
+        self._keys: dict[int, set[str]] = {}  # position of a custom metric -> the names it returns
 
     def _add(self, key: str, value: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value
@@ -55,6 +84,9 @@ class MetricTotals:
             if outputs.dim() != 2 or outputs.shape[0] != n:
                 raise InputError(f"outputs of shape {list(outputs.shape)} do not fit {n} class labels "
                                  "(expected [batch, classes])")
+            if targets.dim() != 1:
+                raise InputError(f"class labels of shape {list(targets.shape)}: expected one label per sample "
+                                 "(shape [batch]); for one-hot or multi-output targets use --task regression")
             targets = targets.long()
             if int(targets.max()) >= outputs.shape[1] or int(targets.min()) < 0:
                 raise InputError(f"a class label is outside the model's {outputs.shape[1]} outputs")
@@ -70,10 +102,47 @@ class MetricTotals:
             per_sample = outputs.numel() // max(n, 1)
             self._add("loss", float(((outputs - targets) ** 2).sum()) / per_sample)
             self._add("mae", float((outputs - targets).abs().sum()) / per_sample)
-        for fn in self.custom:
-            for key, value in fn(outputs, targets).items():  # type: ignore[arg-type]
-                self._add(key, float(value) * n)
+        for i in range(len(self.custom)):
+            for key, value in self._custom(i, outputs, targets).items():
+                self._add(key, value * n)
         self.n += n
+
+    def _custom(self, i: int, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Call custom metric ``i``; anything but a mapping of names to numbers is an InputError naming it."""
+        fn = self.custom[i]
+        name = metric_name(fn)
+        try:
+            got = fn(outputs, targets)
+        except KeyboardInterrupt:
+            raise
+        except InputError:
+            raise
+        except BaseException as exc:  # the user's code may raise anything, SystemExit included
+            from .modelref import raised
+
+            raise InputError(f"--metric {name}: {raised(exc)}") from exc
+        if not isinstance(got, Mapping):
+            raise InputError(f"--metric {name}: returned a {type(got).__name__}; "
+                             "expected a dict of metric names to numbers, e.g. {'margin': 0.3}")
+        out: dict[str, float] = {}
+        for key, value in got.items():
+            if not isinstance(key, str) or not key:
+                raise InputError(f"--metric {name}: metric name {key!r} is not a non-empty string")
+            if key in RESERVED or key.startswith("delta_"):
+                raise InputError(f"--metric {name}: metric name {key!r} is taken by auditclip; rename it")
+            number = _number(value)
+            if number is None:
+                raise InputError(f"--metric {name}: {key!r} is a {type(value).__name__}, not a number")
+            out[key] = number
+        keys = self._keys.setdefault(i, set(out))
+        if keys != set(out):  # a name missing from some batches would be averaged over the wrong count
+            raise InputError(f"--metric {name}: returned names {sorted(out)} for one batch but {sorted(keys)} "
+                             "for another; return the same names for every batch")
+        for j, other in self._keys.items():  # two metrics must not add into the same column
+            if j != i and other & keys:
+                raise InputError(f"--metric {name}: {sorted(other & keys)[0]!r} is also returned by "
+                                 f"--metric {metric_name(self.custom[j])}; rename one of them")
+        return out
 
     def result(self) -> dict[str, float]:
         if self.n == 0:
@@ -99,4 +168,4 @@ def load_custom_metric(ref: str) -> CustomMetric:
     """``module:fn`` or ``file.py:fn`` with ``fn(outputs, targets) -> dict[str, float]``."""
     from .modelref import load_factory
 
-    return load_factory(ref, "--metric")
+    return NamedMetric(load_factory(ref, "--metric"), ref)

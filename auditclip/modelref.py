@@ -24,6 +24,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:400] or type(exc).__name__
 
 
+def raised(exc: BaseException) -> str:
+    """What the user's code did, for a message: ``raised ValueError: ...`` or ``called sys.exit(3)``.
+
+    >>> raised(ValueError("bad")), raised(SystemExit(3))
+    ('raised ValueError: bad', 'called sys.exit(3) instead of returning')
+    """
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}) instead of returning"
+    return f"raised {type(exc).__name__}: {_one_line(exc)}"
+
+
 def load_factory(ref: str, what: str = "--model") -> Callable[..., Any]:
     """The factory function a ``module:factory`` or ``file.py:factory`` reference names.
 
@@ -54,7 +65,12 @@ def load_factory(ref: str, what: str = "--model") -> Callable[..., Any]:
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise InputError(f"{what} {ref!r}: cannot import {module_part}: {type(exc).__name__}: {_one_line(exc)}") from exc
-    factory = getattr(module, attr, None)
+    try:
+        factory = getattr(module, attr, None)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a module __getattr__ is the user's code too
+        raise InputError(f"{what} {ref!r}: looking up {attr!r} in {module_part} {raised(exc)}") from exc
     if not callable(factory):
         raise InputError(f"{what} {ref!r}: {module_part} has no callable {attr!r}")
     return factory
@@ -95,8 +111,10 @@ class ModelLoader:
         assert self._factory is not None
         try:
             model = self._factory(checkpoint=checkpoint) if self._per_checkpoint else self._factory()
-        except Exception as exc:
-            raise InputError(f"--model {self.ref}: the factory raised {type(exc).__name__}: {_one_line(exc)}") from exc
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the user's code may raise anything, SystemExit included
+            raise InputError(f"--model {self.ref}: the factory {raised(exc)}") from exc
         if not isinstance(model, torch.nn.Module):
             raise InputError(f"--model {self.ref}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
         return model
