@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,13 @@ import torch
 
 from ._version import __version__
 from .checkpoints import HF_WEIGHT_NAMES, _TRAINER_STATE, Checkpoint, open_run
-from .clipping import CLIP_REPORT_COLUMNS, clip_tensor_outcome
+from .clipping import CLIP_REPORT_COLUMNS, _analysed, clip_tensor_outcome
 from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
 from .output import atomic_path
-from .readers import WRAPPER_KEYS, find_state_dict, load_torch_file, normalize_names, open_checkpoint_file
+from .paths import is_inside, member
+from .readers import (WRAPPER_KEYS, find_state_dict, load_torch_file, normalize_names, open_checkpoint_file,
+                      read_shard_index, tensor_slots)
 from .selection import name_filter
 from .writers import save_torch, sha256_file, write_json, write_safetensors
 
@@ -67,7 +69,7 @@ class _Clipper:
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         spec = self.settings.spec_for(name) if self.keep(name) else None
-        if spec is None or not t.is_floating_point():
+        if spec is None or not _analysed(t):
             return t
         s = self.settings
         outcome = clip_tensor_outcome(t, spec, name=name, protect=s.protect, protect_top=s.protect_top)
@@ -86,14 +88,21 @@ def _clip_safetensors(src: Path, dst: Path, clipper: _Clipper, dry_run: bool) ->
         entries = []
         for clean, raw in reader.name_map.items():
             info = reader.info(clean)
-            entries.append((raw, getattr(torch, info.dtype), info.shape))
-        produce = lambda raw: clipper(clean_of[raw], reader.get(clean_of[raw]))  # noqa: E731
+            entries.append((raw, getattr(torch, info.dtype, None) if info.dtype.isidentifier() else None, info.shape,
+                            info.dtype))
+
+        def produce(raw: str) -> torch.Tensor | bytes:
+            clean = clean_of[raw]
+            if not reader.info(clean).is_float:  # integers, bools, sub-byte floats: the stored bytes
+                return reader.raw_bytes(clean)
+            return clipper(clean, reader.get(clean))
+
         if dry_run:
-            for raw, _, _ in entries:
+            for raw, *_ in entries:
                 produce(raw)
             return
         metadata = {**reader.metadata, **_provenance(src, clipper.settings)}
-        write_safetensors(dst, entries, produce, metadata)
+        write_safetensors(dst, [(raw, name, shape) for raw, _, shape, name in entries], produce, metadata)
 
 
 def _tensor_slots(obj: Any, path: Path, key: str | None) -> list[tuple[Any, Any, str]]:
@@ -102,15 +111,7 @@ def _tensor_slots(obj: Any, path: Path, key: str | None) -> list[tuple[Any, Any,
     wrappers = (key,) if key else WRAPPER_KEYS
     if not any(isinstance(obj, Mapping) and obj.get(w) is sd for w in wrappers):
         return [(obj, k, str(k)) for k, v in obj.items() if isinstance(v, torch.Tensor)]
-
-    def walk(m: Any, prefix: str) -> Iterator[tuple[Any, Any, str]]:
-        for k, v in m.items():
-            if isinstance(v, torch.Tensor):
-                yield m, k, prefix + str(k)
-            elif isinstance(v, Mapping):
-                yield from walk(v, f"{prefix}{k}.")
-
-    return list(walk(sd, ""))
+    return tensor_slots(sd, path)
 
 
 def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: str | None, dry_run: bool) -> None:
@@ -146,6 +147,41 @@ def _output(ckpt: Checkpoint, out: Path, to: str | None) -> Path:
     return base
 
 
+def _extras(ckpt: Checkpoint) -> tuple[list[Path], list[str]]:
+    """Files of a checkpoint folder copied beside the clipped weights, and notes on those that are not.
+
+    Trainer state (optimizer, scheduler, RNG) describes the unclipped weights and is
+    left out; a symlink pointing outside the folder is never copied as content.
+    """
+    if not ckpt.path.is_dir():
+        return [], []
+    shards: set[str] = set()
+    if ckpt.weights.name.endswith(".index.json"):
+        shards = set(read_shard_index(ckpt.weights).shards)
+    copy, notes = [], []
+    for extra in sorted(p for p in ckpt.path.iterdir() if p.is_file()):
+        if _TRAINER_STATE.match(extra.name) or extra.name in HF_WEIGHT_NAMES or extra.name in shards:
+            continue
+        if extra.is_symlink() and not is_inside(extra, ckpt.path):
+            notes.append(f"not copied: {ckpt.label}/{extra.name} is a symlink pointing outside the checkpoint")
+            continue
+        copy.append(extra)
+    return copy, notes
+
+
+def _planned_files(ckpt: Checkpoint, dst: Path, out: Path) -> list[Path]:
+    """Every file clipping ``ckpt`` into ``dst`` writes; each must lie inside ``out``."""
+    files = [dst]
+    if ckpt.weights.name.endswith(".index.json"):
+        index = read_shard_index(ckpt.weights)
+        files += [member(dst.parent, shard, source=ckpt.weights, what="output shard") for shard in sorted(index.shards)]
+    files += [dst.parent / extra.name for extra in _extras(ckpt)[0]]
+    for path in files:
+        if not is_inside(path, out):
+            raise CheckpointError(ckpt.path, f"refused: its output {path} would lie outside --out {out}", kind="unsafe")
+    return files
+
+
 def clip_checkpoint(
     src: str | os.PathLike[str] | Checkpoint,
     dst: str | os.PathLike[str],
@@ -157,11 +193,16 @@ def clip_checkpoint(
 ) -> pd.DataFrame:
     """Clip one checkpoint into ``dst`` (a file; a folder for a sharded checkpoint's index).
 
-    Returns the ``clip_report.csv`` rows for it.
+    Returns the ``clip_report.csv`` rows for it. A sharded checkpoint's shards are
+    written beside ``dst`` under the names its index gives (which must stay in that folder).
 
     ``specs``: :class:`ClipSettings`, a :class:`ClipSpec` or its text.
 
-    >>> clip_checkpoint("run/step_100.safetensors", "clipped/step_100.safetensors", "max_abs=0.01")  # doctest: +SKIP
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "epoch_12.safetensors"
+    >>> report = clip_checkpoint("sample_checkpoints/high_lr/epoch_12.safetensors", out, "max_abs=1")
+    >>> int(report.n_clipped.sum()) > 0, out.is_file()
+    (True, True)
     """
     if not isinstance(specs, ClipSettings):
         specs = ClipSettings(spec=specs if isinstance(specs, ClipSpec) else ClipSpec.parse(specs))
@@ -169,35 +210,53 @@ def clip_checkpoint(
     dst = Path(dst)
     clipper = _Clipper(specs, ckpt.label)
     weights = ckpt.weights
-    if not dry_run:
-        dst.parent.mkdir(parents=True, exist_ok=True)
     if weights.name.endswith(".index.json"):
-        doc = json.loads(weights.read_text(encoding="utf-8"))
-        shards = sorted(set(doc["weight_map"].values()))
-        missing = [s for s in shards if not (weights.parent / s).is_file()]
-        if missing:
-            raise CheckpointError(weights, f"index names missing shard(s): {', '.join(missing)}", kind="missing_shard")
-        for shard in shards:
-            source = weights.parent / shard
-            if shard.endswith(".safetensors"):
-                _clip_safetensors(source, dst.parent / shard, clipper, dry_run)
-            else:
-                _clip_torch(source, dst.parent / shard, clipper, key, None, dry_run)
+        index = read_shard_index(weights)
+        targets = {shard: member(dst.parent, shard, source=weights, what="output shard") for shard in index.shards}
         if not dry_run:
-            meta = dict(doc.get("metadata") or {})
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        for shard in sorted(index.shards):
+            source, target = index.shards[shard], targets[shard]
+            if not dry_run:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            if shard.endswith(".safetensors"):
+                _clip_safetensors(source, target, clipper, dry_run)
+            else:
+                _clip_torch(source, target, clipper, key, None, dry_run)
+        if not dry_run:
+            meta = dict(index.doc.get("metadata") or {})
             meta.update({"auditclip_spec": describe_settings(specs), "auditclip_version": __version__,
                          "auditclip_source_sha256": sha256_file(weights)})
-            write_json({**doc, "metadata": meta}, dst)
-    elif weights.name.endswith(".safetensors"):
+            write_json({**index.doc, "metadata": meta}, dst)
+        return pd.DataFrame(clipper.rows, columns=list(CLIP_REPORT_COLUMNS))
+    if not dry_run:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    if weights.name.endswith(".safetensors"):
         _clip_safetensors(weights, dst, clipper, dry_run)
     else:
         _clip_torch(weights, dst, clipper, key, to, dry_run)
     return pd.DataFrame(clipper.rows, columns=list(CLIP_REPORT_COLUMNS))
 
 
-def _is_inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
+def _input_folders(src: Any, run: Any) -> list[Path]:
+    """The folders the inputs name: directories given, the fixed part of each glob, checkpoint folders.
+
+    >>> [p.as_posix() for p in _input_folders(["runs/*/step_*.pt"], [])]
+    ['runs']
+    """
+    import glob as globmod
+
+    raw = [src] if isinstance(src, (str, os.PathLike)) else [] if hasattr(src, "checkpoints") else list(src)
+    folders: list[Path] = []
+    for item in map(os.fspath, raw):
+        if Path(item).is_dir():
+            folders.append(Path(item))
+        elif globmod.has_magic(item):
+            parts = Path(item).parts
+            fixed = next(i for i, part in enumerate(parts) if globmod.has_magic(part))
+            folders.append(Path(*parts[:fixed]) if fixed else Path("."))
+    folders += [c.path for c in run if c.path.is_dir()]
+    return list(dict.fromkeys(folders))
 
 
 def clip_run(
@@ -215,11 +274,17 @@ def clip_run(
 
     In Hugging Face folders the files a loader needs (config, tokenizer...) are
     copied; optimizer, scheduler and RNG states are not (they describe the
-    unclipped weights). Unreadable checkpoints are listed in ``errors`` and skipped.
+    unclipped weights). Unreadable checkpoints, and those whose files name paths
+    outside their folder, are listed in ``errors`` and skipped. Every file written
+    lies inside ``out``; none exists already unless ``force``; no two checkpoints
+    write the same file.
 
+    >>> import tempfile
     >>> from auditclip.config import ClipSpec
-    >>> result = clip_run("sample_checkpoints/high_lr", "clipped/",
-    ...                   ClipSettings(ClipSpec.parse("max_abs=1")))  # doctest: +SKIP
+    >>> result = clip_run("sample_checkpoints/high_lr", tempfile.mkdtemp(),
+    ...                   ClipSettings(ClipSpec.parse("max_abs=1")))
+    >>> len(result.written), result.report.checkpoint.nunique()
+    (12, 12)
     """
     if to not in (None, "safetensors"):
         raise InputError(f"--to {to!r}: only safetensors is supported")
@@ -227,54 +292,64 @@ def clip_run(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a directory for the clipped checkpoints")
-    sources = [Path(p) for p in ([src] if isinstance(src, (str, os.PathLike)) else [])]
-    folders = [p for p in sources if p.is_dir()] + [c.path for c in run if c.path.is_dir()]
-    for folder in folders:
-        if _is_inside(out, folder):
+    for folder in _input_folders(src, run):
+        if is_inside(out, folder):
             raise InputError(f"--out {out} is inside the input {folder}; write the clipped run somewhere else")
-    plans = [(ckpt, _output(ckpt, out, to)) for ckpt in run]
-    inputs = {p.resolve() for c in run for p in (c.weights, c.path)}
-    for _, dst in plans:
-        if dst.resolve() in inputs:
-            raise InputError(f"--out {out} would overwrite the input {dst}; write the clipped run somewhere else")
-    if not force and not dry_run:
-        existing = [dst for _, dst in plans if dst.exists()]
-        if existing:
-            raise InputError(f"{existing[0]} already exists; pass --force to overwrite")
-    reports: list[pd.DataFrame] = []
     errors: list[dict[str, str]] = []
+    plans: list[tuple[Checkpoint, Path]] = []
+    owner: dict[Path, str] = {}
+    inputs = {p.resolve() for c in run for p in (c.weights, c.path)}
+    existing: list[Path] = []
+    for ckpt in run:
+        dst = _output(ckpt, out, to)
+        try:
+            files = _planned_files(ckpt, dst, out)
+        except CheckpointError as exc:
+            errors.append(exc.row(ckpt.label))
+            continue
+        for path in files:
+            resolved = path.resolve()
+            if resolved in inputs:
+                raise InputError(f"--out {out} would overwrite the input {path}; write the clipped run somewhere else")
+            if resolved in owner:
+                raise InputError(f"{owner[resolved]} and {ckpt.label} would both be written to {path}"
+                                 + (" (--to safetensors gives them the same name)" if to else "")
+                                 + "; clip them into separate --out folders")
+            owner[resolved] = ckpt.label
+            if path.exists() or path.is_symlink():
+                existing.append(path)
+        plans.append((ckpt, dst))
+    if existing and not force and not dry_run:
+        raise InputError(f"{existing[0]} already exists; pass --force to overwrite")
+    reports: list[pd.DataFrame] = []
     result = ClipResult(report=pd.DataFrame(), errors=pd.DataFrame())
     skipped_state: set[str] = set()
     for ckpt, dst in plans:
         try:
             reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run))
+            extras, notes = _extras(ckpt)
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
             continue
+        result.notes += [n for n in notes if n not in result.notes]
         if not dry_run:
             result.written.append(dst)
         if ckpt.path.is_dir():
-            for extra in sorted(p for p in ckpt.path.iterdir() if p.is_file()):
-                if _TRAINER_STATE.match(extra.name):
-                    skipped_state.add(extra.name)
-                elif extra.name not in HF_WEIGHT_NAMES and not _is_shard_of(extra, ckpt.weights) and not dry_run:
-                    target = dst.parent / extra.name
-                    with atomic_path(target) as tmp:
-                        shutil.copy2(extra, tmp)
-                    result.written.append(target)
+            skipped_state.update(p.name for p in ckpt.path.iterdir() if p.is_file() and _TRAINER_STATE.match(p.name))
+            for extra in extras:
+                if dry_run:
+                    continue
+                target = dst.parent / extra.name
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(extra, tmp)
+                    shutil.copystat(extra, tmp, follow_symlinks=True)
+                result.written.append(target)
     if skipped_state:
         result.notes.append(
             "not copied (they describe the unclipped weights): " + ", ".join(sorted(skipped_state)))
     frames = [r for r in reports if len(r)]
     result.report = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CLIP_REPORT_COLUMNS))
+    order = {c.label: i for i, c in enumerate(run)}
+    errors.sort(key=lambda e: order.get(e["checkpoint"], -1))
     result.errors = pd.DataFrame(errors, columns=["checkpoint", "error", "message"])
     return result
-
-
-def _is_shard_of(path: Path, weights: Path) -> bool:
-    if not weights.name.endswith(".index.json"):
-        return False
-    try:
-        return path.name in set(json.loads(weights.read_text(encoding="utf-8"))["weight_map"].values())
-    except (OSError, ValueError, KeyError):
-        return False

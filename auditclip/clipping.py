@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import ClipSettings, ClipSpec
+from .dtypes import dtype_name, is_float_dtype
 from .errors import InputError
 from .stats import finite_sorted, percentile
 
@@ -24,6 +25,11 @@ CLIP_REPORT_COLUMNS = (
     "checkpoint", "tensor", "spec", "lo", "hi", "n_clipped", "frac_clipped", "n_protected",
     "abs_max_before", "abs_max_after",
 )
+
+
+def _analysed(t: torch.Tensor) -> bool:
+    """True for the floating dtypes auditclip clips (not sub-byte floats, not integers)."""
+    return is_float_dtype(dtype_name(t.dtype)) and t.layout == torch.strided
 
 
 @dataclass
@@ -143,7 +149,7 @@ def clip_tensor_outcome(
     t: torch.Tensor, spec: ClipSpec, *, name: str = "", protect: tuple[str, ...] = (), protect_top: int = 0
 ) -> ClipOutcome:
     """Clip one tensor and count what changed (see :func:`clip_tensor`)."""
-    if not t.is_floating_point():
+    if not _analysed(t):
         return ClipOutcome(t, math.nan, math.nan, 0, 0)
     lo, hi = bounds(t, spec)
     if math.isnan(lo):  # nothing finite to take percentiles of
@@ -160,8 +166,11 @@ def clip_tensor_outcome(
     positions = _protected_positions(t, name, protect, protect_top)
     if positions.numel():
         flat_out, flat_in = clipped.reshape(-1), t.reshape(-1)
+        if wide:  # torch cannot index fp8 tensors: move their bytes instead
+            flat_out, flat_in = flat_out.view(torch.uint8), flat_in.view(torch.uint8)
         n_protected = int(torch.count_nonzero(outside.reshape(-1)[positions]))
         flat_out[positions] = flat_in[positions]
+        flat_out = flat_out.view(t.dtype) if wide else flat_out
         clipped = flat_out.reshape(t.shape)
     return ClipOutcome(clipped, lo_d, hi_d, int(torch.count_nonzero(outside)) - n_protected, n_protected)
 
@@ -201,7 +210,7 @@ def clip_state_dict(
     report: list[dict[str, Any]] = []
     for name, t in state.items():
         spec = settings.spec_for(name) if keep(name) else None
-        if spec is None or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        if spec is None or not isinstance(t, torch.Tensor) or not _analysed(t):
             out[name] = t
             continue
         outcome = clip_tensor_outcome(t, spec, name=name, protect=settings.protect, protect_top=settings.protect_top)

@@ -61,7 +61,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 MAX_HEADER_BYTES = 100_000_000
 #: Deepest nesting of dicts walked inside a pickle, and most entries visited in all.
 MAX_DEPTH = 64
-MAX_NODES = 2_000_000
+MAX_NODES = 1_000_000
+MAX_SHARED = 10_000
 
 __all__ = ["TensorInfo", "TensorReader", "dtype_name", "is_float_dtype", "open_checkpoint_file"]
 
@@ -496,20 +497,21 @@ def _entries(obj: Mapping[str, Any]) -> str:
     return ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
 
 
-def tensor_slots(m: Mapping[Any, Any], path: Path | str = "") -> list[tuple[Any, Any, str]]:
+def iter_tensor_slots(m: Mapping[Any, Any], path: Path | str = "") -> Iterator[tuple[Any, Any, str]]:
     """(mapping, key, dotted name) of every tensor in nested mappings, in insertion order.
 
     Walked iteratively: a cycle is skipped, and more than :data:`MAX_DEPTH` levels or
     :data:`MAX_NODES` entries (a pickle whose dicts share their children many levels
     deep has billions of paths) is a :class:`CheckpointError`, not a hang.
 
-    >>> [name for _, _, name in tensor_slots({"a": {"w": torch.zeros(1)}, "b": torch.ones(1)})]
+    >>> [name for _, _, name in iter_tensor_slots({"a": {"w": torch.zeros(1)}, "b": torch.ones(1)})]
     ['a.w', 'b']
     """
-    out: list[tuple[Any, Any, str]] = []
     budget = MAX_NODES
     stack: list[tuple[Iterator[tuple[Any, Any]], Mapping[Any, Any], str]] = [(iter(m.items()), m, "")]
     on_path = {id(m)}
+    entered: set[int] = set()
+    shared = MAX_SHARED
     while stack:
         items, mapping, prefix = stack[-1]
         step = next(items, None)
@@ -523,13 +525,23 @@ def tensor_slots(m: Mapping[Any, Any], path: Path | str = "") -> list[tuple[Any,
                                         "(shared or repeated sub-dicts?); not a state dict auditclip can walk")
         k, v = step
         if isinstance(v, torch.Tensor):
-            out.append((mapping, k, prefix + str(k)))
+            yield mapping, k, prefix + str(k)
         elif isinstance(v, Mapping) and id(v) not in on_path:
             if len(stack) >= MAX_DEPTH:
                 raise CheckpointError(path, f"refused: containers nested more than {MAX_DEPTH} levels deep")
+            if id(v) in entered:  # the same dict reached again by another path: fine a few times, a bomb often
+                shared -= 1
+                if shared < 0:
+                    raise CheckpointError(path, f"refused: the same sub-containers are reached by more than "
+                                                f"{MAX_SHARED:,} paths (a container bomb?); not a state dict")
+            entered.add(id(v))
             on_path.add(id(v))
             stack.append((iter(v.items()), v, f"{prefix}{k}."))
-    return out
+
+
+def tensor_slots(m: Mapping[Any, Any], path: Path | str = "") -> list[tuple[Any, Any, str]]:
+    """Every slot :func:`iter_tensor_slots` finds, as a list."""
+    return list(iter_tensor_slots(m, path))
 
 
 def tensors_of(m: Mapping[Any, Any], path: Path | str = "") -> dict[str, torch.Tensor]:
@@ -542,7 +554,7 @@ def tensors_of(m: Mapping[Any, Any], path: Path | str = "") -> dict[str, torch.T
 
 
 def _has_tensor(m: Mapping[Any, Any], path: Path | str = "") -> bool:
-    return bool(tensor_slots(m, path))
+    return next(iter_tensor_slots(m, path), None) is not None
 
 
 @dataclass(frozen=True)
@@ -717,6 +729,10 @@ class TensorReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self._source.raw_get(self._raw[name])
+
+    def raw_bytes(self, name: str) -> bytes:
+        """The tensor's stored bytes, whatever its dtype (sub-byte floats included)."""
+        return self._source.raw_bytes(self._raw[name])
 
     def close(self) -> None:
         self._source.close()

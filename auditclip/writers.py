@@ -10,6 +10,7 @@ are written sorted, so the same input gives the same bytes.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import struct
@@ -18,16 +19,13 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import CODE_OF, SAFETENSORS, dtype_name
+from .errors import InputError
+
 from .output import atomic_path
 
-_CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
-    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL", "complex64": "C64",
-}
 
-Entry = tuple[str, torch.dtype, tuple[int, ...]]
+Entry = tuple[str, "torch.dtype | str", tuple[int, ...]]
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -42,26 +40,38 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def write_safetensors(
     dest: str | os.PathLike[str],
     entries: Sequence[Entry],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | bytes],
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a safetensors file tensor by tensor, atomically.
 
-    ``entries`` lists (name, dtype, shape); ``produce(name)`` returns each tensor
-    when its turn comes, and must match the announced dtype and shape.
+    ``entries`` lists (name, dtype, shape), the dtype a torch dtype or a name from
+    :data:`auditclip.dtypes.SAFETENSORS` (``"f4"`` for packed sub-byte floats);
+    ``produce(name)`` returns each tensor when its turn comes, matching the
+    announced dtype and shape, or its stored bytes.
 
-    >>> t = {"w": torch.ones(2, 2)}
-    >>> write_safetensors("/tmp/x.safetensors", [("w", torch.float32, (2, 2))], t.__getitem__)  # doctest: +SKIP
+    >>> import tempfile
+    >>> dest = Path(tempfile.mkdtemp()) / "x.safetensors"
+    >>> _ = write_safetensors(dest, [("w", torch.float32, (2, 2))], {"w": torch.ones(2, 2)}.__getitem__)
+    >>> from safetensors.torch import load_file
+    >>> load_file(str(dest))["w"].sum().item()
+    4.0
     """
-    ordered = sorted(entries, key=lambda e: (-e[1].itemsize, e[0]))
+    def code_bits(dtype: torch.dtype | str) -> tuple[str, int]:
+        name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+        if name not in CODE_OF:
+            raise InputError(f"safetensors cannot hold dtype {name}")
+        return CODE_OF[name], SAFETENSORS[CODE_OF[name]][1]
+
+    ordered = sorted(entries, key=lambda e: (-code_bits(e[1])[1], e[0]))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
     offset = 0
     for name, dtype, shape in ordered:
-        size = dtype.itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": _CODES[str(dtype).removeprefix("torch.")], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        code, bits = code_bits(dtype)
+        size = (bits * math.prod(shape) + 7) // 8
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
@@ -71,7 +81,13 @@ def write_safetensors(
         f.write(blob)
         for name, dtype, shape in ordered:
             t = produce(name)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            size = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]  # type: ignore[index]
+            if isinstance(t, (bytes, bytearray, memoryview)):
+                if len(t) != size:
+                    raise ValueError(f"{name}: produced {len(t)} bytes, announced {size}")
+                f.write(t)
+                continue
+            if dtype_name(t.dtype) != (dtype if isinstance(dtype, str) else dtype_name(dtype)) or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, announced {dtype} {tuple(shape)}")
             if t.numel():  # the tensor's own bytes, written without another copy
                 f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
@@ -83,8 +99,10 @@ def write_safetensors(
 def save_torch(obj: object, dest: str | os.PathLike[str]) -> Path:
     """``torch.save`` to a temporary file beside ``dest``, then rename it into place."""
     dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
+    # Through a Python file object, so a full disk raises OSError (a path gives torch's
+    # RuntimeError), which atomic_path turns into a one-line error.
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return dest
 
 
