@@ -32,17 +32,32 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     Path("bad.toml").write_text("[flag]\nzscroe = 3\n")
     Path("broken.py").write_text("import not_a_real_module_xyz\n")
     Path("m.py").write_text("import torch\ndef make():\n    return torch.nn.Linear(4, 3)\n"
-                            "def wide():\n    return torch.nn.Linear(7, 3)\ndef nothing():\n    return 42\n")
+                            "def wide():\n    return torch.nn.Linear(7, 3)\ndef nothing():\n    return 42\n"
+                            "def exits():\n    raise SystemExit(0)\ndef listy(outputs, targets):\n    return [1.0]\n")
+    Path("tool.toml").write_text("tool = 5\n")
+    Path("top.toml").write_text("[clip]\nmax_abs = 1\nprotect_top = true\n")
+    save_file({"x": torch.tensor(1.0), "y": torch.tensor([0])}, "d0.safetensors")
     save_file({"x": torch.randn(10, 4, generator=g), "y": torch.randint(0, 3, (10,), generator=g)}, "d.safetensors")
     save_file({"inputs": torch.randn(10, 4, generator=g), "y": torch.zeros(10)}, "other.safetensors")
     save_file({"x": torch.randn(10, 7, generator=g), "y": torch.randint(0, 3, (10,), generator=g)}, "d7.safetensors")
     Path("broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
     torch.save({"w": torch.zeros(2)}, "x.pt")
+    bomb: dict = {"w": torch.zeros(2)}
+    for _ in range(60):
+        bomb = {"a": bomb, "b": bomb}
+    torch.save({"state_dict": bomb}, "bomb.pt")
+    torch.save({"w": torch.zeros(3, 3).to_sparse()}, "sparse.pt")
+    Path("evil").mkdir()
+    save_file({"w": torch.zeros(2)}, "evil/model-00001-of-00001.safetensors")
+    Path("evil/model.safetensors.index.json").write_text('{"weight_map": {"w": "../x.safetensors"}}')
+    Path("twins").mkdir()
+    torch.save({"w": torch.zeros(2)}, "twins/step_1.pt")
+    torch.save({"state_dict": {"w": torch.ones(2)}}, "twins/step_1.ckpt")
     return tmp_path
 
 
 def test_table_is_complete() -> None:
-    assert len(ROWS) == 20, sorted(ROWS)
+    assert len(ROWS) == 32, sorted(ROWS)
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
