@@ -14,6 +14,7 @@ import click
 
 from ._version import __version__
 from .errors import AuditclipError
+from .terminal import echo, safe
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 TABLE_COLUMNS = ("tensor", "dtype", "shape", "numel", "mean", "std", "min", "max", "abs_max", "frac_zero",
@@ -26,7 +27,7 @@ class CliError(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"Error: {self.format_message()}", err=True)
+        echo(f"Error: {safe(self.format_message())}", err=True)  # one line, nothing raw from a file
 
 
 class _Command(click.Command):
@@ -55,9 +56,12 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _table(df: Any, columns: tuple[str, ...] | list[str]) -> str:
-    return df.loc[:, [c for c in columns if c in df]].to_string(
-        index=False, float_format=lambda v: f"{v:.4g}", na_rep=""
-    )
+    view = df.loc[:, [c for c in columns if c in df]]
+    # Names come from files: every control character escaped, newlines too, one row per line.
+    view = view.apply(lambda col: col if col.dtype.kind in "biufcmM"
+                      else col.map(lambda v: safe(v) if isinstance(v, str) else v))
+    view.columns = [safe(c) for c in view.columns]
+    return view.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
 
 
 class _Progress:
@@ -124,12 +128,12 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
 
     df = inspect_checkpoint(checkpoint, key=key, include=include, exclude=exclude, spectral=spectral)
     if fmt == "csv":
-        click.echo(df.to_csv(index=False), nl=False)
+        echo(df.to_csv(index=False), nl=False)
     elif fmt == "json":
-        click.echo(df.to_json(orient="records", indent=1))
+        echo(df.to_json(orient="records", indent=1))
     else:
         columns = list(TABLE_COLUMNS) + (["spectral_norm", "stable_rank"] if spectral else [])
-        click.echo(_table(df, columns))
+        echo(_table(df, columns))
 
 
 @cli.command()
@@ -178,17 +182,17 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
         errors_csv.unlink()  # a stale list from an earlier run would mislead
 
     labels = [c.label for c in result.run if c.label not in set(result.errors.checkpoint)]
-    click.echo(f"Audited {len(labels)} checkpoint(s), {len(result.tensors)} tensor(s): {labels[0]} .. {labels[-1]}")
+    echo(f"Audited {len(labels)} checkpoint(s), {len(result.tensors)} tensor(s): {labels[0]} .. {labels[-1]}")
     d = result.drift
     last = d[(d.baseline == "reference") & (d.checkpoint == labels[-1]) & (d.tensor != "__all__")]
     if top and len(last):
         ranked = last.sort_values("rel_l2_change", ascending=False, na_position="last").head(top)
-        click.echo(f"\nTop {len(ranked)} by rel_l2_change, {labels[-1]} vs {ranked.baseline_checkpoint.iloc[0]}:")
-        click.echo(_table(ranked, ["tensor", "status", "rel_l2_change", "cosine", "max_abs_change", "std_ratio",
+        echo(f"\nTop {len(ranked)} by rel_l2_change, {labels[-1]} vs {ranked.baseline_checkpoint.iloc[0]}:")
+        echo(_table(ranked, ["tensor", "status", "rel_l2_change", "cosine", "max_abs_change", "std_ratio",
                                    "ks", "wasserstein"]))
-    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    echo("\nWrote " + ", ".join(str(p) for p in written))
     for e in result.errors.itertuples():
-        click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+        echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
     if len(result.errors):
         sys.exit(1)
 
@@ -208,7 +212,7 @@ def _write_errors(result_errors: Any, out_dir: Any, written: list[Any]) -> None:
     if len(result_errors):
         written.append(write_csv(result_errors, errors_csv))
         for e in result_errors.itertuples():
-            click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+            echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
     elif errors_csv.exists():
         errors_csv.unlink()  # a stale list from an earlier run would mislead
 
@@ -282,13 +286,13 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     _write_errors(result.errors, out_dir, written)
     n_ckpt = len(result.analysis.run) - len(result.errors)
     counts = result.flags.severity.value_counts()
-    click.echo(f"Checked {n_ckpt} checkpoint(s), {len(result.analysis.tensors)} tensor(s): "
+    echo(f"Checked {n_ckpt} checkpoint(s), {len(result.analysis.tensors)} tensor(s): "
                + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info")))
     if len(result.flags):
-        click.echo("")
-        click.echo(_table(summary_table(result.flags), ["rule", "severity", "tensor", "checkpoints", "count",
+        echo("")
+        echo(_table(summary_table(result.flags), ["rule", "severity", "tensor", "checkpoints", "count",
                                                         "worst_value", "first_checkpoint"]))
-    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    echo("\nWrote " + ", ".join(str(p) for p in written))
     if result.failed or len(result.errors):
         sys.exit(1)
 
@@ -339,25 +343,25 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
     written = list(result.written)
     if dry_run:
         for e in result.errors.itertuples():
-            click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+            echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
     else:
         out_dir = prepare_out_dir(out)
         written.append(write_csv(report, out_dir / "clip_report.csv"))
         _write_errors(result.errors, out_dir, written)
     n_ckpt = report.checkpoint.nunique() if len(report) else 0
     verb = "Would clip" if dry_run else "Clipped"
-    click.echo(f"{verb} {int(report.n_clipped.sum()) if len(report) else 0} value(s) in "
+    echo(f"{verb} {int(report.n_clipped.sum()) if len(report) else 0} value(s) in "
                f"{int((report.n_clipped > 0).sum()) if len(report) else 0} tensor version(s) "
                f"across {n_ckpt} checkpoint(s); {int(report.n_protected.sum()) if len(report) else 0} protected")
     changed = report[report.n_clipped > 0] if len(report) else report
     if len(changed):
-        click.echo(_table(changed.sort_values("frac_clipped", ascending=False).head(10),
+        echo(_table(changed.sort_values("frac_clipped", ascending=False).head(10),
                           ["checkpoint", "tensor", "spec", "n_clipped", "frac_clipped", "n_protected",
                            "abs_max_before", "abs_max_after"]))
     for note in result.notes:
-        click.echo(f"note: {note}")
+        echo(f"note: {note}")
     if not dry_run:
-        click.echo(f"Wrote {len(written)} file(s) under {out}")
+        echo(f"Wrote {len(written)} file(s) under {out}")
     if len(result.errors):
         sys.exit(1)
 
@@ -434,9 +438,9 @@ def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) 
     if errors is not None:
         _write_errors(errors, out_dir, written)
     metric_cols = [c for c in df.columns[5:] if not c.startswith("delta_")]
-    click.echo(_table(df, ["checkpoint", "variant", "n_clipped", *metric_cols,
+    echo(_table(df, ["checkpoint", "variant", "n_clipped", *metric_cols,
                            *(f"delta_{c}" for c in metric_cols[:2])]))
-    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    echo("\nWrote " + ", ".join(str(p) for p in written))
     if errors is not None and len(errors):
         sys.exit(1)
 
@@ -480,16 +484,16 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     if have_matplotlib():
         written.append(sweep_plot(result.table, result.metric, out_dir / "sweep.png"))
     t = result.table
-    click.echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
+    echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
                           f"delta_{result.metric}", "recommended"]))
     for checkpoint, group in t.groupby("checkpoint", sort=False):
         chosen = group[group.recommended]
-        click.echo(f"recommended for {checkpoint}: "
+        echo(f"recommended for {checkpoint}: "
                    + (chosen.variant.iloc[0] if len(chosen) else "none (every setting costs more than the tolerance)"))
     _write_errors(result.errors, out_dir, written)
-    click.echo("\nWrote " + ", ".join(str(p) for p in written))
+    echo("\nWrote " + ", ".join(str(p) for p in written))
     if not have_matplotlib():
-        click.echo(f"note: {PLOT_HINT}")
+        echo(f"note: {PLOT_HINT}")
     if len(result.errors):
         sys.exit(1)
 
@@ -529,27 +533,46 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
         progress.close()
     flags = result.flags.flags
     counts = flags.severity.value_counts()
-    click.echo(f"Audited {len(result.flags.analysis.run) - len(result.errors)} checkpoint(s): "
+    echo(f"Audited {len(result.flags.analysis.run) - len(result.errors)} checkpoint(s): "
                + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info"))
                + f" ({'FAILED' if result.flags.failed else 'passed'} at --fail-on {result.flags.fail_on})")
     if result.evaluation is not None:
         ev = result.evaluation
         last = ev[ev.checkpoint == ev.checkpoint.iloc[-1]]
         metric_cols = [c for c in ev.columns[5:] if not c.startswith("delta_") and c != "recommended"]
-        click.echo(_table(last, ["checkpoint", "variant", "n_clipped", *metric_cols, "recommended"]))
+        echo(_table(last, ["checkpoint", "variant", "n_clipped", *metric_cols, "recommended"]))
     if result.recommendation:
-        click.echo(f"recommended clip: {result.recommendation}")
+        echo(f"recommended clip: {result.recommendation}")
     for e in result.errors.itertuples():
-        click.echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+        echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
     for note in result.notes:
-        click.echo(f"note: {note}")
-    click.echo(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}")
+        echo(f"note: {note}")
+    echo(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}")
     if result.failed:
         sys.exit(1)
 
 
 def main() -> None:
-    cli()
+    """The console script. Ctrl-C exits 130, SIGTERM 143, SIGHUP 129: one line, no traceback,
+    no partial file (every file is written under a temporary name, removed on the way out)."""
+    from .interrupts import exit_code, handle_signals, message
+
+    with handle_signals():
+        try:
+            try:
+                code = cli.main(standalone_mode=False)
+            except click.exceptions.Abort as exc:  # click turns Ctrl-C into Abort from the KeyboardInterrupt
+                if isinstance(exc.__cause__, KeyboardInterrupt):
+                    raise exc.__cause__ from None
+                echo("Aborted!", err=True)
+                sys.exit(1)
+            except click.ClickException as exc:
+                exc.show()
+                sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            echo(message(exc), err=True)
+            sys.exit(exit_code(exc))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
