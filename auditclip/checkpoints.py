@@ -6,19 +6,33 @@ checkpoint gets a ``label`` (its path relative to the run) and a ``step``
 parsed from its name (``step_900``, ``ckpt-0001000``, ``checkpoint-500``,
 ``epoch=3-step=48.ckpt``), else from a ``step``/``global_step`` entry in its
 safetensors metadata or ``trainer_state.json``.
+
+Nothing is dropped silently. Every weight-like file found either becomes a
+:class:`Checkpoint` (one whose opening fails with a :class:`CheckpointError`
+when discovery already knows it cannot be read: a broken or unsafe shard index,
+a directory named ``model.safetensors``, a broken symlink), or is listed:
+trainer state (``optimizer.pt``...) in :attr:`Run.ignored`, anything else in
+:attr:`Run.notes` with the reason. Shard names read from an index are resolved
+with :func:`auditclip.paths.member`, so a name leaving the index's folder is
+never claimed nor followed. Steps outside the 64-bit range are unknown (with a
+note), and ``**`` globs expand each real directory once, so symlink loops end.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from .errors import InputError, NoCheckpointsError
+from .errors import CheckpointError, InputError, NoCheckpointsError
+from .paths import member
 from .readers import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata
 
 #: File names a Hugging Face (or DeepSpeed) checkpoint folder keeps its model weights in,
@@ -52,6 +66,12 @@ _STEP_PATTERNS = (
 SORT_MODES = ("step", "name", "mtime")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
+#: Steps are stored as 64-bit integers (pandas ``Int64``); anything outside is unknown.
+STEP_MIN, STEP_MAX = -(2**63), 2**63 - 1
+
+_SHARD_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+_WEIGHT_SUFFIXES = "(.safetensors, .bin, .pt, .pth, .ckpt)"
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -59,16 +79,33 @@ class Checkpoint:
 
     ``path`` is what the user sees (a file, a shard index or a folder);
     ``weights`` is the file actually opened (the folder's ``model.safetensors``...).
+    ``problem`` is ``(kind, message)`` when listing the run already showed the
+    checkpoint cannot be read (a broken or unsafe index...): :meth:`open` raises
+    it as a :class:`CheckpointError`, so it is reported like any unreadable file.
     """
 
     path: Path
     weights: Path
     label: str
     step: int | None = None
+    problem: tuple[str, str] | None = field(default=None, compare=False)
+
+    def check(self) -> None:
+        """Raise the :class:`CheckpointError` found while listing the run, if any."""
+        if self.problem is not None:
+            kind, message = self.problem
+            raise CheckpointError(printable(str(self.weights)), printable(message), kind=kind)
 
     def open(self, key: str | None = None) -> TensorReader:
         """Open the checkpoint for lazy reading (see :func:`open_checkpoint_file`)."""
-        return open_checkpoint_file(self.weights, key)
+        self.check()
+        try:
+            return open_checkpoint_file(self.weights, key)
+        except CheckpointError as exc:
+            if printable(exc.message) == exc.message and printable(exc.path) == exc.path:
+                raise
+            # a name that is not valid UTF-8 must not make errors.csv unwritable
+            raise CheckpointError(printable(exc.path), printable(exc.message), kind=exc.kind) from exc
 
     @property
     def format(self) -> str:
@@ -81,6 +118,10 @@ class Checkpoint:
 class Run:
     """The checkpoints of one training run, in order.
 
+    ``ignored`` lists the trainer-state files (``optimizer.pt``...) found beside
+    the weights; ``notes`` has one line per other thing that was left out, and
+    why (an extra weight file in a checkpoint folder, a step out of range...).
+
     >>> run = open_run("sample_checkpoints/high_lr")  # doctest: +SKIP
     >>> [c.step for c in run][:3]  # doctest: +SKIP
     [23, 46, 69]
@@ -90,6 +131,7 @@ class Run:
     root: Path
     key: str | None = None
     ignored: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -105,6 +147,25 @@ class Run:
         return [c.label for c in self.checkpoints]
 
 
+def printable(text: str) -> str:
+    """``text`` with bytes that are not UTF-8 and unprintable characters as backslash escapes.
+
+    File names that are not valid UTF-8 reach Python as lone surrogates, which
+    no UTF-8 file (``errors.csv``...) can hold.
+
+    >>> printable(os.fsdecode(b"step_1\\xff.pt")), printable("a\\nb"), printable("checkpoint-500")
+    ('step_1\\\\xff.pt', 'a\\\\nb', 'checkpoint-500')
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte (from JSON "\ud800")
+        raw = text.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
     """Sort key putting ``step_9`` before ``step_10``.
 
@@ -112,101 +173,421 @@ def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
     ['step_1', 'step_9', 'step_10']
     """
     return tuple(
-        (0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+        (0, int(part), "") if part.isdecimal() and len(part) < 1000 else (1, 0, part.lower())
         for part in re.split(r"(\d+)", text)
         if part
     )
+
+
+def _name_step(label: str) -> tuple[int | None, str | None]:
+    """The step in a name, and the digits of one found but outside the 64-bit range."""
+    best: tuple[int, str] | None = None
+    for pattern in _STEP_PATTERNS:
+        for m in pattern.finditer(label):
+            if best is None or m.start() > best[0]:
+                best = (m.start(), m.group(1))
+    if best is None:
+        return None, None
+    digits = best[1]
+    step = int(digits) if len(digits.lstrip("0")) <= 20 else None  # int() of huge strings is slow or refused
+    if step is None or not STEP_MIN <= step <= STEP_MAX:
+        return None, digits
+    return step, None
 
 
 def parse_step(label: str) -> int | None:
     """The training step a checkpoint's name carries, or None.
 
     The match nearest the end of the label wins, so ``run3/checkpoint-500`` is 500.
+    A step beyond the 64-bit integer range is unknown (None).
 
     >>> [parse_step(n) for n in ["step_900.pt", "ckpt-0001000", "checkpoint-500/model.safetensors",
-    ...                          "epoch=3-step=48.ckpt", "final.pt"]]
-    [900, 1000, 500, 48, None]
+    ...                          "epoch=3-step=48.ckpt", "final.pt", "step_123456789012345678901.pt"]]
+    [900, 1000, 500, 48, None, None]
     """
-    best: tuple[int, int] | None = None
-    for pattern in _STEP_PATTERNS:
-        for m in pattern.finditer(label):
-            if best is None or m.start() > best[0]:
-                best = (m.start(), int(m.group(1)))
-    return None if best is None else best[1]
+    return _name_step(label)[0]
 
 
-def _metadata_step(weights: Path) -> int | None:
-    folder = weights.parent
-    state = folder / "trainer_state.json"
-    candidates: dict[str, object] = {}
-    if weights.name in HF_WEIGHT_NAMES and state.is_file():
-        try:
-            candidates = json.loads(state.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            candidates = {}
-    if not candidates:
-        candidates = dict(read_safetensors_metadata(weights))
+def _as_step(value: object) -> tuple[int | None, bool]:
+    """A metadata value as a step, and whether it was an integer outside the 64-bit range."""
+    number: int | None = None
+    if isinstance(value, bool):
+        return None, False
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        number = int(value) if math.isfinite(value) and value.is_integer() else None
+    elif isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[+-]?[0-9]+", text):
+            if len(text.lstrip("+-").lstrip("0")) > 20:
+                return None, True
+            number = int(text)
+        elif len(text) <= 100:
+            try:
+                f = float(text)
+            except ValueError:
+                return None, False
+            number = int(f) if math.isfinite(f) and f.is_integer() else None
+    if number is None:
+        return None, False
+    if not STEP_MIN <= number <= STEP_MAX:
+        return None, True
+    return number, False
+
+
+def _step_from(doc: dict[Any, Any], where: str, notes: list[str]) -> tuple[int | None, bool]:
+    """The step in ``doc``, and whether one was there but unusable (then a note says why)."""
     for key in ("step", "global_step"):
-        try:
-            value = float(str(candidates[key]))
-        except (KeyError, ValueError):
+        if key not in doc:
             continue
-        if value.is_integer():
-            return int(value)
-    return None
+        step, too_big = _as_step(doc[key])
+        if too_big:
+            shown = str(doc[key]) if isinstance(doc[key], (str, int)) and len(str(doc[key])) <= 40 else "a huge number"
+            notes.append(f"ignored {key} = {shown} in {where}: beyond the 64-bit integer range")
+            return None, True
+        if step is not None:
+            return step, False
+    return None, False
+
+
+def _metadata_step(weights: Path, notes: list[str] | None = None) -> int | None:
+    """The step in ``trainer_state.json`` beside HF weights, else in the safetensors metadata.
+
+    Why a step that was there could not be used is appended to ``notes``.
+    """
+    notes = [] if notes is None else notes
+    state = weights.parent / "trainer_state.json"
+    if weights.name in HF_WEIGHT_NAMES and state.is_file():
+        doc: object = None
+        try:
+            doc = json.loads(state.read_text(encoding="utf-8"))
+        except Exception as exc:  # OSError, bad JSON, nesting too deep (RecursionError), huge integers
+            notes.append(f"trainer_state.json not read for the step: {_json_problem(exc)}")
+        if isinstance(doc, dict):
+            step, unusable = _step_from(doc, "trainer_state.json", notes)
+            if step is not None or unusable:
+                return step
+        elif doc is not None:
+            notes.append(f"trainer_state.json not read for the step: it holds a JSON {type(doc).__name__}, "
+                         "not an object")
+    try:
+        meta = dict(read_safetensors_metadata(weights))
+    except Exception:  # a broken file is reported when it is read, not while listing the run
+        meta = {}
+    return _step_from(meta, f"the metadata of {weights.name}", notes)[0]
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "not valid JSON: nested too deeply"
+    if isinstance(exc, OSError):
+        return f"cannot be read: {exc.strerror or exc}"
+    return f"not valid JSON: {' '.join(str(exc).split())[:200] or type(exc).__name__}"
 
 
 def _is_weight_file(path: Path) -> bool:
     name = path.name.lower()
     if _TRAINER_STATE.match(path.name):
         return False
-    return name.endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES) or name.endswith(".index.json")
+    return name.endswith(_SHARD_SUFFIXES) or name.endswith(".index.json")
 
 
-def _weight_files(directory: Path) -> tuple[list[Path], list[Path]]:
-    """Checkpoint files directly in ``directory`` (shards folded into their index), and ignored ones."""
-    files = sorted((p for p in directory.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
-    claimed: set[Path] = set()
-    for index in (p for p in files if p.name.endswith(".index.json")):
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
-            claimed.update(directory / str(shard) for shard in weight_map.values())
-        except (OSError, ValueError, AttributeError):
-            pass  # a broken index is reported when the checkpoint is read
-    weights = [p for p in files if p not in claimed and _is_weight_file(p)]
-    ignored = [p for p in files if _TRAINER_STATE.match(p.name)]
-    return weights, ignored
+# --- listing one directory -------------------------------------------------------------------
 
 
-def _folder_weights(directory: Path) -> Path | None:
-    """The model weights of a Hugging Face style checkpoint folder, or None if it is not one."""
-    weights, _ = _weight_files(directory)
-    names = {p.name for p in weights}
-    if not names or not names <= set(HF_WEIGHT_NAMES):
+class _Found(NamedTuple):
+    """A checkpoint found: what the user sees, the file opened, a problem already known."""
+
+    path: Path
+    weights: Path
+    problem: tuple[str, str] | None = None
+
+
+@dataclass
+class _Listing:
+    """The weight-like entries directly in one directory."""
+
+    weights: list[Path] = field(default_factory=list)  # files (and broken links...) not claimed by an index
+    weight_dirs: list[Path] = field(default_factory=list)  # directories named like weight files
+    dirs: list[Path] = field(default_factory=list)  # every subdirectory
+    problems: dict[Path, tuple[str, str]] = field(default_factory=dict)
+    ignored: list[Path] = field(default_factory=list)  # trainer state
+    notes: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _entry_problem(path: Path) -> tuple[str, str] | None:
+    """Why a weight-like entry that is not a regular file cannot be read, or None."""
+    if path.is_file():
         return None
-    return next(directory / n for n in HF_WEIGHT_NAMES if n in names)
+    if path.is_dir():
+        return "unreadable", ("a directory named like a weight file, not a checkpoint file; "
+                              "if it holds a checkpoint, pass the folder that holds its weights")
+    if path.is_symlink() and not path.exists():
+        return "unreadable", "a broken symlink: the file it points to does not exist"
+    return "unreadable", "not a regular file"
 
 
-def _expand_directory(directory: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    subfolders = sorted((p for p in directory.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name))
-    found: list[tuple[Path, Path]] = []
+def _index_stem(name: str) -> str:
+    stem = name[: -len(".index.json")]
+    for suffix in _SHARD_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _read_index(index: Path) -> tuple[set[Path], tuple[str, str] | None]:
+    """The shard files an index names inside its folder, and what is wrong with it, if anything."""
+    folder = index.parent
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except Exception as exc:  # OSError, bad UTF-8 or JSON, nesting too deep (RecursionError)
+        return set(), ("unreadable", f"not a valid shard index: {_json_problem(exc)}")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        what = "no weight_map object" if not isinstance(doc, dict) or "weight_map" not in doc \
+            else f"weight_map is a JSON {type(weight_map).__name__}, not an object"
+        return set(), ("unreadable", f"not a valid shard index: {what}")
+    shards: set[Path] = set()
+    unsafe: tuple[str, str] | None = None
+    invalid: list[str] = []
+    missing: list[str] = []
+    for name in dict.fromkeys(v if isinstance(v, str) else None for v in weight_map.values()):
+        if name is None:
+            bad = next(v for v in weight_map.values() if not isinstance(v, str))
+            invalid.append(f"a JSON {type(bad).__name__} where a shard file name belongs")
+            continue
+        try:
+            shard = member(folder, name, source=index, what="shard")
+        except CheckpointError as exc:
+            unsafe = unsafe or (exc.kind, exc.message)
+            continue
+        except (OSError, ValueError, RuntimeError) as exc:  # undecodable name, symlink loop...
+            invalid.append(f"the shard name {name!r} cannot be resolved ({type(exc).__name__})")
+            continue
+        if not name.lower().endswith(_SHARD_SUFFIXES):
+            invalid.append(f"{name!r}, which is not a weight file {_WEIGHT_SUFFIXES}")
+        elif shard.is_file():
+            shards.add(shard)
+        elif shard.exists() or shard.is_symlink():
+            invalid.append(f"{name!r}, which is not a regular file")
+        else:
+            missing.append(name)
+    if unsafe is not None:
+        return shards, unsafe
+    if invalid:
+        return shards, ("unreadable", "not a valid shard index: it names " + "; ".join(invalid[:3]))
+    if missing:
+        return shards, ("missing_shard", f"index names missing shard(s): {', '.join(sorted(missing))}")
+    return shards, None
+
+
+def _list(directory: Path) -> _Listing:
+    """Weight-like entries of ``directory``; shards are folded into the index that names them.
+
+    Raises OSError when the directory cannot be listed.
+    """
+    out = _Listing()
+    entries = sorted(directory.iterdir(), key=lambda p: natural_key(p.name))
+    out.dirs = [p for p in entries if p.is_dir()]
+    dirs = set(out.dirs)
+    candidates = []
+    for p in entries:
+        if _TRAINER_STATE.match(p.name):
+            out.ignored.append(p)
+        elif _is_weight_file(p):
+            (out.weight_dirs if p in dirs else candidates).append(p)
+    claimed: set[Path] = set()
+    for index in (p for p in candidates if p.name.lower().endswith(".index.json") and p.is_file()):
+        shards, problem = _read_index(index)
+        claimed |= shards
+        if problem is not None:
+            out.problems[index] = problem
+        # shards named like this index's (model-00001-of-00002.safetensors) belong to it even when
+        # its weight_map cannot be read or forgets one: they are never models of their own
+        pattern = re.compile(re.escape(_index_stem(index.name)) + r"-\d+-of-\d+\.\w+$", re.IGNORECASE)
+        for shard in sorted(shards & set(candidates), key=lambda p: natural_key(p.name)):
+            if not pattern.match(shard.name):  # step_10.safetensors read as a shard of step_5's index
+                out.notes.append((shard, f"not audited on its own: {index.name} names it as one of its shards"))
+        for p in candidates:
+            if p not in claimed and p != index and pattern.match(p.name) and p.name.lower().endswith(_SHARD_SUFFIXES):
+                claimed.add(p)
+                if problem is None:
+                    out.notes.append((p, f"ignored: named like a shard of {index.name}, whose weight_map does not "
+                                         "list it; audit it on its own by passing the file"))
+    for p in candidates:
+        if p in claimed:
+            continue
+        out.weights.append(p)
+        problem = _entry_problem(p)
+        if problem is not None:
+            out.problems[p] = problem
+    for p in out.weight_dirs:
+        out.problems[p] = _entry_problem(p)  # type: ignore[assignment]
+    return out
+
+
+def _model_weights(listing: _Listing) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The model weights of a Hugging Face style folder (None if it has none), and notes on the rest."""
+    entries = listing.weights + listing.weight_dirs
+    named = [p for p in entries if p.name in HF_WEIGHT_NAMES]
+    if not named:
+        return None, []
+    # a regular file first (a directory called model.safetensors is no weights), then by preference
+    primary = min(named, key=lambda p: (p in listing.weight_dirs or not p.is_file(), HF_WEIGHT_NAMES.index(p.name)))
+    notes = []
+    for p in entries:
+        if p != primary:
+            what = "a directory named like a weight file" if p in listing.weight_dirs else "an extra weight file"
+            notes.append((p, f"ignored: {what} beside the model weights {primary.name}; "
+                             "audit it on its own by passing the file"))
+    return primary, notes
+
+
+def _expand_directory(directory: Path) -> tuple[list[_Found], list[Path], list[tuple[Path, str]]]:
+    """The checkpoints in a directory the user named, the trainer state beside them, and notes.
+
+    The directory is one checkpoint folder when all its weight files are model
+    weights (``model.safetensors``...) and no subfolder is a checkpoint folder;
+    otherwise each ``checkpoint-*/``-like subfolder and each weight file is one.
+    """
+    try:
+        own = _list(directory)
+    except OSError as exc:
+        raise InputError(f"cannot list {directory}: {exc.strerror or exc}") from exc
+    found: list[_Found] = []
     ignored: list[Path] = []
-    for sub in subfolders:
-        weights = _folder_weights(sub)
+    notes: list[tuple[Path, str]] = []
+    here = _resolve(directory)
+    for sub in own.dirs:
+        if sub in own.weight_dirs:
+            continue  # a directory named model.safetensors: decided below, with the files beside it
+        there = _resolve(sub)
+        if there is not None and here is not None and (there == here or there in here.parents):
+            notes.append((sub, f"ignored: a link back to {'this folder' if there == here else 'a folder above it'}"))
+            continue
+        try:
+            listing = _list(sub)
+        except OSError as exc:
+            notes.append((sub, f"ignored: cannot be listed: {exc.strerror or exc}"))
+            continue
+        weights, extra = _model_weights(listing)
         if weights is not None:
-            found.append((sub, weights))
-            ignored += _weight_files(sub)[1]
-    own = _folder_weights(directory)
-    if not found and own is not None:  # the directory is itself one checkpoint folder
-        return [(directory, own)], _weight_files(directory)[1]
-    files, skipped = _weight_files(directory)
-    found += [(p, p) for p in files]
-    return found, ignored + skipped
+            found.append(_Found(sub, weights, listing.problems.get(weights)))
+            ignored += listing.ignored
+            notes += listing.notes + extra
+        elif listing.weights or listing.weight_dirs:
+            names = ", ".join(p.name for p in (listing.weights + listing.weight_dirs)[:3])
+            more = ", ..." if len(listing.weights) + len(listing.weight_dirs) > 3 else ""
+            notes.append((sub, f"ignored: not a checkpoint folder: its weight files ({names}{more}) have none of "
+                               "the model weight names (model.safetensors, pytorch_model.bin, ...); "
+                               "pass the files or a glob to audit them"))
+        elif parse_step(sub.name) is not None or (sub / "trainer_state.json").exists():
+            notes.append((sub, "ignored: looks like a checkpoint folder but holds no model weights "
+                               "(model.safetensors, pytorch_model.bin, ...)"))
+    own_weights, own_extra = _model_weights(own)
+    all_model = all(p.name in HF_WEIGHT_NAMES for p in own.weights + own.weight_dirs)
+    if not found and own_weights is not None and all_model:  # the directory is itself one checkpoint folder
+        return [_Found(directory, own_weights, own.problems.get(own_weights))], own.ignored, \
+            notes + own.notes + own_extra
+    found += [_Found(p, p, own.problems.get(p)) for p in own.weights + own.weight_dirs]
+    return found, ignored + own.ignored, notes + own.notes
 
 
-def _expand(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[tuple[Path, Path]], list[Path], Path | None]:
-    found: list[tuple[Path, Path]] = []
+def _resolve(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+
+
+def _glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, ending on directory symlink loops.
+
+    ``**`` still follows symlinks (a run may link its checkpoints from elsewhere),
+    but expands each real directory once, so ``loop -> .`` is walked once.
+    """
+    parts = pattern.split("/")
+    if "**" not in parts:
+        return glob.glob(pattern)  # no recursion: as deep as the pattern, loops or not
+    first = 0
+    while first < len(parts) and not _GLOB_CHARS.search(parts[first]):
+        first += 1
+    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
+    comps: list[str] = []
+    for part in parts[first:]:
+        if not (part == "**" and comps and comps[-1] == "**"):
+            comps.append(part)
+
+    def join(path: str, name: str) -> str:
+        return name if not path else os.path.join(path, name)
+
+    def listdir(path: str) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(path or ".") as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError:
+            return []
+
+    def visible(name: str, comp: str) -> bool:
+        return not name.startswith(".") or comp.startswith(".")
+
+    results: dict[str, None] = {}
+    seen: set[tuple[int, int, int]] = set()
+    stack: list[tuple[str, int]] = [(base, 0)]
+    while stack:
+        path, i = stack.pop()
+        if i == len(comps):
+            if path and os.path.lexists(path):
+                results[path] = None
+            continue
+        comp, last = comps[i], i == len(comps) - 1
+        if comp == "**":
+            try:
+                st = os.stat(path or ".")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino, i) in seen:
+                continue  # this real directory was searched already: a symlink loop or a second link
+            seen.add((st.st_dev, st.st_ino, i))
+            stack.append((path, i + 1))  # ** matching no directory
+            for entry in reversed(listdir(path)):
+                if not visible(entry.name, comp):
+                    continue
+                if last:
+                    results[join(path, entry.name)] = None
+                if _is_dir(entry):
+                    stack.append((join(path, entry.name), i))
+        elif _GLOB_CHARS.search(comp):
+            for entry in reversed(listdir(path)):
+                if visible(entry.name, comp) and fnmatch.fnmatchcase(entry.name, comp):
+                    if last:
+                        results[join(path, entry.name)] = None
+                    elif _is_dir(entry):
+                        stack.append((join(path, entry.name), i + 1))
+        else:
+            child = join(path, comp)
+            if last:
+                if os.path.lexists(child):
+                    results[child] = None
+            elif os.path.isdir(child):
+                stack.append((child, i + 1))
+    return list(results)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _expand(
+    inputs: Sequence[str | os.PathLike[str]],
+) -> tuple[list[_Found], list[Path], Path | None, list[tuple[Path, str]]]:
+    found: list[_Found] = []
     ignored: list[Path] = []
+    notes: list[tuple[Path, str]] = []
     root: Path | None = None
     for raw in inputs:
         text = os.fspath(raw)
@@ -214,28 +595,49 @@ def _expand(inputs: Sequence[str | os.PathLike[str]]) -> tuple[list[tuple[Path, 
         if path.exists():
             matches = [path]
         elif _GLOB_CHARS.search(text):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True), key=natural_key)]
+            matches = [Path(m) for m in sorted(_glob(text), key=natural_key)]
             if not matches:
                 raise NoCheckpointsError(f"no file matches {text!r}; check the pattern (quote it so the shell leaves it alone)")
         else:
             raise InputError(f"no such file or directory: {text}")
         for match in matches:
             if match.is_dir():
-                entries, skipped = _expand_directory(match)
+                entries, skipped, why = _expand_directory(match)
+                notes += why
+                if not entries and _is_weight_file(match):
+                    entries = [_Found(match, match, _entry_problem(match))]  # a directory named step_5.safetensors
                 if not entries:
+                    detail = "".join(f"; {_render(p, m, None)}" for p, m in why[:3])
                     raise NoCheckpointsError(
                         f"no checkpoints in {match} (looked for .safetensors, .pt, .pth, .bin, .ckpt, "
-                        "*.index.json and checkpoint-*/ folders); pass the folder that holds them or a glob"
+                        f"*.index.json and checkpoint-*/ folders); pass the folder that holds them or a glob{detail}"
                     )
-                if len(inputs) == 1 and len(matches) == 1 and entries[0][0] != match:
+                if len(inputs) == 1 and len(matches) == 1 and entries[0].path != match:
                     root = match  # labels are relative to the run directory the user named
                 found += entries
                 ignored += skipped
             elif _TRAINER_STATE.match(match.name):
                 ignored.append(match)  # optimizer.pt & co. from a glob such as checkpoint-*/*.pt
             else:
-                found.append((match, match))
-    return found, ignored, root
+                problem = _entry_problem(match)
+                if problem is None and match.name.lower().endswith(".index.json"):
+                    problem = _read_index(match)[1]  # an index named directly is checked like one found
+                found.append(_Found(match, match, problem))
+    return found, ignored, root, notes
+
+
+def _render(path: Path, message: str, root: Path | None) -> str:
+    """One note: the path (relative to the run when inside it), then why."""
+    shown = str(path)
+    if root is not None:
+        try:
+            rel = os.path.relpath(path.absolute(), root.absolute())
+            shown = shown if rel.startswith("..") else Path(rel).as_posix()
+        except ValueError:
+            pass
+    if path.is_dir() and not shown.endswith("/"):
+        shown += "/"
+    return printable(f"{shown}: {message}")
 
 
 def open_run(
@@ -251,6 +653,8 @@ def open_run(
     step come last, by name), ``name`` (natural order) or ``mtime``.
     ``key``: the container entry holding the state dict (``ema``...).
 
+    What was left out, and why, is in :attr:`Run.notes`.
+
     >>> run = open_run("sample_checkpoints/high_lr")  # doctest: +SKIP
     >>> run.labels[:2]  # doctest: +SKIP
     ['epoch_01.safetensors', 'epoch_02.safetensors']
@@ -262,26 +666,47 @@ def open_run(
     inputs = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not inputs:
         raise NoCheckpointsError("no checkpoint given; pass a directory, a glob or checkpoint files")
-    found, ignored, root = _expand(inputs)
+    found, ignored, root, found_notes = _expand(inputs)
     if not found:
-        raise NoCheckpointsError(f"no checkpoints among {', '.join(map(str, inputs))}")
-    unique = list(dict.fromkeys(found))
+        raise NoCheckpointsError(f"no checkpoints among {', '.join(printable(os.fspath(p)) for p in inputs)}")
+    first: dict[tuple[Path, Path], _Found] = {}
+    for f in found:
+        first.setdefault((f.path, f.weights), f)
+    unique = list(first.values())
     if root is None:
-        root = Path(os.path.commonpath([str(p.absolute().parent) for p, _ in unique]))
+        root = Path(os.path.commonpath([str(f.path.absolute().parent) for f in unique]))
+    notes = [_render(p, m, root) for p, m in found_notes]
     checkpoints = []
-    for path, weights in unique:
-        label = Path(os.path.relpath(path.absolute(), root.absolute())).as_posix()
-        step = parse_step(label)
-        if step is None:
-            step = _metadata_step(weights)
-        checkpoints.append(Checkpoint(path=path, weights=weights, label=label, step=step))
+    for f in unique:
+        raw_label = Path(os.path.relpath(f.path.absolute(), root.absolute())).as_posix()
+        label = printable(raw_label)
+        step, too_big = _name_step(raw_label)
+        why: list[str] = []
+        if too_big is not None:
+            shown = too_big if len(too_big) <= 40 else too_big[:40] + "..."
+            why.append(f"ignored the step {shown} in its name: beyond the 64-bit integer range")
+        if step is None and f.problem is None:
+            step = _metadata_step(f.weights, why)
+        if why:
+            notes.append(printable(f"{label}: {'; '.join(why)}" + ("; step unknown" if step is None else "")))
+        checkpoints.append(Checkpoint(path=f.path, weights=f.weights, label=label, step=step, problem=f.problem))
     checkpoints.sort(key=_sort_key(sort))
-    return Run(checkpoints=checkpoints, root=root, key=key, ignored=ignored)
+    return Run(checkpoints=checkpoints, root=root, key=key, ignored=ignored, notes=list(dict.fromkeys(notes)))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        try:
+            return path.lstat().st_mtime
+        except OSError:
+            return 0.0
 
 
 def _sort_key(sort: str):  # type: ignore[no-untyped-def]
     if sort == "name":
         return lambda c: natural_key(c.label)
     if sort == "mtime":
-        return lambda c: (c.weights.stat().st_mtime, natural_key(c.label))
+        return lambda c: (_mtime(c.weights), natural_key(c.label))
     return lambda c: (c.step is None, c.step or 0, natural_key(c.label))
