@@ -128,7 +128,9 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
 
     df = inspect_checkpoint(checkpoint, key=key, include=include, exclude=exclude, spectral=spectral)
     if fmt == "csv":
-        echo(df.to_csv(index=False), nl=False)
+        from .output import formula_safe_frame
+
+        echo(formula_safe_frame(df).to_csv(index=False), nl=False)
     elif fmt == "json":
         echo(df.to_json(orient="records", indent=1))
     else:
