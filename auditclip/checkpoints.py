@@ -51,7 +51,7 @@ HF_WEIGHT_NAMES = (
 
 # Trainer state saved beside the weights: never model weights, never analysed.
 _TRAINER_STATE = re.compile(
-    r"^(optimizer|scheduler|scaler|training_args|lr_scheduler)(\.\w+)?\.(pt|bin|pth)$"
+    r"^(optimizer|scheduler|scaler|sampler|training_args|lr_scheduler)(_\d+)?(\.\w+)?\.(pt|bin|pth)$"
     r"|^rng_state(_\d+)?\.pth$|^.*optim_states\.pt$",
     re.IGNORECASE,
 )

@@ -172,7 +172,7 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     out_dir = prepare_out_dir(out)
     progress = _Progress(hidden=quiet or not sys.stderr.isatty())
     try:
-        result = analyze(list(run), include=include, exclude=exclude, spectral=spectral, reference=reference,
+        result = analyze(_open_run(run, sort, key), include=include, exclude=exclude, spectral=spectral, reference=reference,
                          sort=sort, key=key, progress=progress, workers=workers)
     finally:
         progress.close()
@@ -205,6 +205,22 @@ def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--config", "config", type=click.Path(path_type=str),
                      help="TOML file with the settings (default: [tool.auditclip] of the nearest pyproject.toml).")(f)
     return f
+
+
+def _open_run(paths: tuple[str, ...], sort: str = "step", key: str | None = None) -> Any:
+    """Find the run once, and say on stderr what was left out of it and why."""
+    from .checkpoints import open_run
+
+    run = open_run(list(paths), sort=sort, key=key)
+    for note in run.notes:
+        echo(f"note: {note}", err=True)
+    return run
+
+
+def _settings_note(settings: Any) -> None:
+    """Name the config file in effect on stderr, so a gate's settings are never a surprise."""
+    if getattr(settings, "source", ""):
+        echo(f"note: settings from {settings.source}", err=True)
 
 
 def _write_errors(result_errors: Any, out_dir: Any, written: list[Any]) -> None:
@@ -277,10 +293,11 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     from .output import prepare_out_dir, write_csv
 
     settings = _flag_settings(kw)
+    _settings_note(settings)
     out_dir = prepare_out_dir(out)
     progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
-        result = run_flag(list(run), settings, reference=kw["reference"], sort=kw["sort"], key=kw["key"],
+        result = run_flag(_open_run(run, kw["sort"], kw["key"]), settings, reference=kw["reference"], sort=kw["sort"], key=kw["key"],
                           progress=progress)
     finally:
         progress.close()
@@ -339,6 +356,7 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
     options = {"range": range_, "max_abs": max_abs, "percentile": percentile, "sigma": sigma, "protect": protect,
                "protect_top": protect_top, "include": include, "exclude": exclude}
     settings = clip_settings(config, options, overrides)
+    _settings_note(settings)
     result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,
                       force=force, dry_run=dry_run)
     report = result.report
@@ -361,7 +379,7 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
                           ["checkpoint", "tensor", "spec", "n_clipped", "frac_clipped", "n_protected",
                            "abs_max_before", "abs_max_after"]))
     for note in result.notes:
-        echo(f"note: {note}")
+        echo(f"note: {note}", err=True)
     if not dry_run:
         echo(f"Wrote {len(written)} file(s) under {out}")
     if len(result.errors):
@@ -432,7 +450,7 @@ def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) 
 
     model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
     options = _eval_settings(kw)
-    df = run_evaluate(list(run), model, data, clips, options)
+    df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
     out_dir = prepare_out_dir(out)
     path = write_csv(df, out_dir / "evaluation.csv")
     written = [path]
@@ -480,7 +498,9 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     (family, text), = families.items()
     values = parse_values(text, f"--{family.replace('_', '-')}")
     model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
-    result = run_sweep(list(run), model, data, family, values, tolerance=tolerance, options=_eval_settings(kw))
+    options = _eval_settings(kw)
+    result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values, tolerance=tolerance,
+                       options=options)
     out_dir = prepare_out_dir(out)
     written = [write_csv(result.table, out_dir / "sweep.csv")]
     if have_matplotlib():
@@ -524,11 +544,12 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
     from .audit import audit as run_audit
 
     settings = _flag_settings(kw)
+    _settings_note(settings)
     model, data = kw.pop("model"), kw.pop("data")
     options = _eval_settings(kw)
     progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
-        result = run_audit(list(run), out, model=model, data=data, clips=clips, settings=settings,
+        result = run_audit(_open_run(run, kw["sort"], kw["key"]), out, model=model, data=data, clips=clips, settings=settings,
                            eval_options=options, tolerance=tolerance, reference=kw["reference"], sort=kw["sort"],
                            key=kw["key"], progress=progress)
     finally:

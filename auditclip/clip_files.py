@@ -136,12 +136,14 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
         save_torch(obj, dst)
 
 
-def _output(ckpt: Checkpoint, out: Path, to: str | None) -> Path:
+def _output(ckpt: Checkpoint, out: Path, to: str | None, root: Path | None = None) -> Path:
     """Where a checkpoint's clipped weights go (the run's layout, mirrored under ``out``)."""
-    # a sharded checkpoint's shards are named in its index and land beside it
+    # a sharded checkpoint's shards are named in its index and land beside it;
+    # the real relative path, not the label (which shows undecodable names escaped)
+    rel = Path(os.path.relpath(ckpt.path.absolute(), root.absolute())) if root is not None else Path(ckpt.label)
     weights = ckpt.weights
     folder = ckpt.path.is_dir()
-    base = out / ckpt.label / weights.name if folder else out / ckpt.label
+    base = out / rel / weights.name if folder else out / rel
     if to == "safetensors" and not weights.name.endswith((".safetensors", ".index.json")):
         base = base.with_name(Path(base.name).stem + ".safetensors")
     return base
@@ -171,6 +173,7 @@ def _extras(ckpt: Checkpoint) -> tuple[list[Path], list[str]]:
 
 def _planned_files(ckpt: Checkpoint, dst: Path, out: Path) -> list[Path]:
     """Every file clipping ``ckpt`` into ``dst`` writes; each must lie inside ``out``."""
+    ckpt.check()  # what listing the run already found wrong (a broken or unsafe index...)
     files = [dst]
     if ckpt.weights.name.endswith(".index.json"):
         index = read_shard_index(ckpt.weights)
@@ -207,6 +210,7 @@ def clip_checkpoint(
     if not isinstance(specs, ClipSettings):
         specs = ClipSettings(spec=specs if isinstance(specs, ClipSpec) else ClipSpec.parse(specs))
     ckpt = src if isinstance(src, Checkpoint) else open_run(src, key=key)[0]
+    ckpt.check()
     dst = Path(dst)
     clipper = _Clipper(specs, ckpt.label)
     weights = ckpt.weights
@@ -301,7 +305,7 @@ def clip_run(
     inputs = {p.resolve() for c in run for p in (c.weights, c.path)}
     existing: list[Path] = []
     for ckpt in run:
-        dst = _output(ckpt, out, to)
+        dst = _output(ckpt, out, to, run.root)
         try:
             files = _planned_files(ckpt, dst, out)
         except CheckpointError as exc:
@@ -322,7 +326,7 @@ def clip_run(
     if existing and not force and not dry_run:
         raise InputError(f"{existing[0]} already exists; pass --force to overwrite")
     reports: list[pd.DataFrame] = []
-    result = ClipResult(report=pd.DataFrame(), errors=pd.DataFrame())
+    result = ClipResult(report=pd.DataFrame(), errors=pd.DataFrame(), notes=list(run.notes))
     skipped_state: set[str] = set()
     for ckpt, dst in plans:
         try:

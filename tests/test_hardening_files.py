@@ -302,3 +302,23 @@ def test_e8m0_with_protect_top_clips_exactly(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = load_file(str(tmp_path / "out" / "s.safetensors"))["scales"].to(torch.float32)
     assert out.tolist() == [0.5, 1.0, 8.0, 0.25]  # 8 protected as the top |w|, 2 clipped to 1
+
+
+def test_left_out_files_are_named_on_stderr_and_settings_source_too(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    for step in (1, 2):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(state_dict(step), str(folder / "model.safetensors"))
+    save_file(state_dict(9), str(run / "checkpoint-2" / "ema_model.safetensors"))
+    (tmp_path / "pyproject.toml").write_text("[tool.auditclip.flag]\nmax_abs = 100\n")
+    monkeypatch.chdir(tmp_path)
+    for args in (["drift", "run", "--out", "r1"], ["flag", "run", "--out", "r2"],
+                 ["clip", "run", "--max-abs", "9", "--out", "r3"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert "ema_model.safetensors: ignored" in result.stderr + result.stdout, args
+        if args[0] == "flag":
+            assert "note: settings from" in result.stderr and "pyproject.toml" in result.stderr
+            assert "note: settings from" not in result.stdout
