@@ -238,7 +238,8 @@ def read_safetensors_header(f: PinnedFile) -> tuple[dict[str, _Entry], dict[str,
         raise bad(f"header is not valid JSON ({_one_line(exc)[:100]})") from None
     if not isinstance(doc, dict):
         raise bad("header is not a JSON object")
-    meta = doc.pop("__metadata__", None) or {}
+    meta = doc.pop("__metadata__", None)
+    meta = {} if meta is None else meta
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise bad("__metadata__ must map names to strings")
     base, data_size = 8 + n, f.size - 8 - n
