@@ -456,12 +456,54 @@ def _unsafe_message(path: Path, exc: Exception) -> str:
         import re
 
         names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    if not names:  # a raw or legacy pickle: read its opcodes (never run them) for the globals it names
+        names = [n for n in pickle_globals(path) if not n.startswith(("torch.", "collections.OrderedDict"))]
     what = ", ".join(dict.fromkeys(names)) if names else "an unsupported object"
     return (
         f"refused: loading it would need Python globals that are not plain tensors ({what}); "
         "auditclip never runs code from a checkpoint. Re-save it as safetensors with code you trust, "
         "or admit a class you trust with --allow-global module.Class"
     )
+
+
+#: Bytes of a pickle stream :func:`pickle_globals` reads at most.
+SCAN_BYTES = 64 << 20
+
+
+def pickle_globals(path: Path, limit: int = SCAN_BYTES) -> list[str]:
+    """``module.name`` of every global the pickles in a file ask for, read from opcodes only.
+
+    Nothing is unpickled, so nothing runs. A legacy ``torch.save`` file holds several
+    pickles in a row; each is scanned. ``STACK_GLOBAL`` takes its two names from the
+    strings pushed just before it.
+
+    >>> import io, os, pickle, tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "x.pt"
+    >>> _ = path.write_bytes(pickle.dumps({"f": os.system}))
+    >>> pickle_globals(path)
+    ['posix.system']
+    """
+    import io
+    import pickletools
+
+    found: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            stream = io.BytesIO(f.read(limit))
+        for _ in range(8):  # legacy torch files: magic, protocol, sys info, then the object
+            strings: list[str] = []
+            if stream.tell() >= len(stream.getbuffer()):
+                break
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8") and isinstance(arg, str):
+                    strings = (strings + [arg])[-2:]
+                elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                    found.append(".".join(strings))
+    except Exception:  # a damaged stream: report what was found before it
+        pass
+    return list(dict.fromkeys(found))
 
 
 def find_state_dict(obj: Any, path: Path, key: str | None = None) -> Mapping[str, Any]:
