@@ -35,6 +35,8 @@ import torch
 
 from .analysis import AnalysisResult, RunLike, analyze
 from .config import RULES, FlagSettings, flag_settings, severity_at_least
+from .dtypes import is_float_dtype
+from .errors import InputError
 from . import sketch
 from .stats import TensorSummary
 
@@ -223,12 +225,18 @@ def flag(
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     norms: dict[tuple[str, str], float] = {}
 
+    checked = [0]  # tensor versions with elements the rules looked at
+
     def visit(label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
         found[(label, name)] = element_findings(name, tensor, summary, settings)  # type: ignore[arg-type]
         norms[(label, name)] = summary.stats["l2_norm"]
+        if tensor.numel():
+            checked[0] += 1  # ints and the GIL make this safe across walker threads
 
     result = analyze(run, include=settings.include, exclude=settings.exclude, reference=reference, sort=sort,
                      key=key, progress=progress, visit=visit)
+    if not checked[0]:
+        raise InputError(f"nothing was checked, so the gate cannot pass: {_why_nothing(result, settings)}")
     order = {c.label: i for i, c in enumerate(result.run)}
     steps = {c.label: c.step for c in result.run}
     rows = [{"checkpoint": label, **f} for (label, _), fs in found.items() if label in order for f in fs]
@@ -241,6 +249,26 @@ def flag(
     flags["step"] = flags["step"].astype("Int64")
     flags["count"] = flags["count"].astype("Int64")
     return FlagResult(flags=flags, errors=result.errors, analysis=result, fail_on=settings.fail_on)
+
+
+def _why_nothing(result: AnalysisResult, settings: FlagSettings) -> str:
+    """Why a flag run looked at no element: the reason a user can act on."""
+    where = f" (settings from {settings.source})" if getattr(settings, "source", "") else ""
+    if len(result.errors) == len(result.run):
+        return "no checkpoint could be read (" + "; ".join(
+            f"{e.checkpoint}: {e.message}" for e in result.errors.head(3).itertuples()) + ")"
+    if not result.tensors:
+        if settings.include or settings.exclude:
+            return (f"every tensor is excluded by --include {list(settings.include)} / --exclude "
+                    f"{list(settings.exclude)}{where}; widen the selection")
+        return "the checkpoints hold no tensors"
+    stats = result.stats[result.stats.tensor != "__all__"]
+    floats = stats[stats.dtype.map(lambda d: is_float_dtype(str(d)))]
+    if floats.empty:
+        return f"none of the {stats.tensor.nunique()} tensor(s) is floating point (dtypes: " + ", ".join(
+            sorted(set(map(str, stats.dtype)))) + ")"
+    return (f"every floating tensor is empty (a 0 in its shape, e.g. {floats['shape'].iloc[0]}): placeholders such as "
+            "DeepSpeed ZeRO-3 writes; audit the consolidated weights (zero_to_fp32.py) instead")
 
 
 def summary_table(flags: pd.DataFrame) -> pd.DataFrame:
