@@ -16,7 +16,7 @@ SAFETENSORS: dict[str, tuple[str, int]] = {
     "F8_E4M3": ("float8_e4m3fn", 8), "F8_E5M2": ("float8_e5m2", 8), "F8_E8M0": ("float8_e8m0fnu", 8),
     "I64": ("int64", 64), "I32": ("int32", 32), "I16": ("int16", 16), "I8": ("int8", 8),
     "U64": ("uint64", 64), "U32": ("uint32", 32), "U16": ("uint16", 16), "U8": ("uint8", 8),
-    "BOOL": ("bool", 8), "C64": ("complex64", 64), "C128": ("complex128", 128),
+    "BOOL": ("bool", 8), "C64": ("complex64", 64),
     # sub-byte floats: packed, no torch element type; listed, never read
     "F4": ("f4", 4), "F6_E2M3": ("f6_e2m3", 6), "F6_E3M2": ("f6_e3m2", 6),
 }
