@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from auditclip import CheckpointError, analyze, clip_state_dict, flag, open_checkpoint_file
+from auditclip import CheckpointError, InputError, analyze, clip_state_dict, flag, open_checkpoint_file
 from auditclip.config import ClipSettings, ClipSpec
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -63,7 +63,12 @@ def test_stats_drift_flag_never_crash_and_agree(tmp_path_factory: pytest.TempPat
                 assert abs(row["std"] - finite.std()) <= 1e-9 * scale
                 assert (row["min"], row["max"]) == (finite.min(), finite.max())
     assert set(result.drift.status) <= {"ok", "added", "removed", "shape_changed"}
-    flag(folder, max_abs=1.0)  # every rule on arbitrary tensors: no crash
+    checkable = any(t.is_floating_point() and t.numel() for sd in (first, second) for t in sd.values())
+    if checkable:
+        flag(folder, max_abs=1.0)  # every rule on arbitrary tensors: no crash
+    else:  # nothing a rule could look at: the gate refuses to pass rather than pass unchecked
+        with pytest.raises(InputError, match="nothing was checked"):
+            flag(folder, max_abs=1.0)
 
 
 @settings(max_examples=40, deadline=None)
