@@ -17,12 +17,14 @@ weight is reported as NaN, not hidden.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from operator import itemgetter
 
 import numpy as np
 import torch
 
 from . import sketch
-from .stats import CHUNK, TensorSummary
+from .stats import CHUNK, TINY_MAX, TensorSummary, _add
 
 DRIFT_METRICS: tuple[str, ...] = (
     "rel_l2_change", "cosine", "max_abs_change", "mean_shift", "std_ratio", "ks", "wasserstein",
@@ -32,19 +34,25 @@ DRIFT_METRICS: tuple[str, ...] = (
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sample Kolmogorov-Smirnov statistic of two *sorted* samples.
 
+    The supremum of ``|F_a - F_b|`` is reached at a data point, where it is the
+    exact fraction ``|count_a * n_b - count_b * n_a| / (n_a * n_b)``: counted in
+    integers and divided once, it is the nearest double to the true value, as
+    ``scipy.stats.ks_2samp(...).statistic`` reports it (subtracting the two
+    rounded CDFs could land one unit in the last place off: 1 - 2/3 is not 1/3).
+
     >>> ks_statistic(np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0]))
     0.3333333333333333
     """
     if a.size == 0 or b.size == 0:
         return math.nan
-    best = 0.0
-    for sample in (a, b):  # the sup of |F_a - F_b| is reached at a data point
+    na, nb = a.size, b.size
+    best = 0
+    for sample in (a, b):
         for start in range(0, sample.size, CHUNK):
             z = sample[start:start + CHUNK]
-            fa = np.searchsorted(a, z, side="right") / a.size
-            fb = np.searchsorted(b, z, side="right") / b.size
-            best = max(best, float(np.max(np.abs(fa - fb))))
-    return best
+            gap = np.abs(np.searchsorted(a, z, side="right") * nb - np.searchsorted(b, z, side="right") * na)
+            best = max(best, int(gap.max()))
+    return best / (na * nb)
 
 
 def wasserstein(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,6 +66,8 @@ def wasserstein(a: np.ndarray, b: np.ndarray) -> float:
     """
     if a.size == 0 or b.size == 0:
         return math.nan
+    if a.size == b.size and a.size <= CHUNK:
+        return (0.0 + float(np.abs(a.astype(np.float64) - b.astype(np.float64)).sum())) / a.size
     if a.size == b.size:
         total = 0.0
         for start in range(0, a.size, CHUNK):
@@ -158,15 +168,140 @@ def compare(
 
 def _self_compare(s: TensorSummary) -> tuple[dict[str, float], dict[str, float]]:
     """What :func:`compare` gives for a tensor against itself, read off its statistics."""
+    nan, st = math.nan, s.stats
     clean = s.n_finite == s.info.numel
-    sq = s.stats["l2_norm"] ** 2 if clean else math.nan  # element-wise sums propagate NaN/Inf
-    sums = dict(delta_sq=0.0 if clean else math.nan, base_sq=sq, cur_sq=sq, dot=sq,
-                max_abs=0.0 if clean else math.nan)
-    metrics = dict.fromkeys(DRIFT_METRICS, math.nan)
-    if s.info.numel:
-        metrics.update(rel_l2_change=rel_change(sums), cosine=cosine(sums), max_abs_change=sums["max_abs"])
-    metrics["mean_shift"] = 0.0 if s.n_finite else math.nan
-    metrics["std_ratio"] = ratio(s.stats["std"], s.stats["std"])
-    metrics["ks"] = 0.0 if s.n_finite else math.nan
-    metrics["wasserstein"] = 0.0 if s.n_finite else math.nan
+    sq = st["l2_norm"] ** 2 if clean else nan  # element-wise sums propagate NaN/Inf
+    sums = {"delta_sq": 0.0 if clean else nan, "base_sq": sq, "cur_sq": sq, "dot": sq, "max_abs": 0.0 if clean else nan}
+    some, finite = bool(s.info.numel), bool(s.n_finite)
+    metrics = {
+        "rel_l2_change": rel_change(sums) if some else nan, "cosine": cosine(sums) if some else nan,
+        "max_abs_change": sums["max_abs"] if some else nan, "mean_shift": 0.0 if finite else nan,
+        "std_ratio": ratio(st["std"], st["std"]), "ks": 0.0 if finite else nan, "wasserstein": 0.0 if finite else nan,
+    }
     return metrics, sums
+
+
+def _self_values(s: TensorSummary) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """:func:`_self_compare` as ``compare_values`` tuples, the same arithmetic without the dicts."""
+    nan, st = math.nan, s.stats
+    if s.n_finite != s.info.numel or not s.n_finite:
+        metrics, sums = _self_compare(s)
+        return _METRIC_VALUES(metrics), _SUM_VALUES(sums)
+    sq = st["l2_norm"] ** 2
+    root = math.sqrt(sq)
+    rel = nan if math.isnan(root) else 0.0  # ratio(sqrt(0.0), sqrt(sq)): 0/0 and 0/x are 0
+    den = math.sqrt(sq) * math.sqrt(sq)
+    std = st["std"]
+    return ((rel, sq / den if den > 0 else nan, 0.0, 0.0, ratio(std, std), 0.0, 0.0),
+            (0.0, sq, sq, sq, 0.0))
+
+
+#: Largest tensor whose KS statistic :func:`compare_many` finds by comparing every pair of values.
+_KS_BROADCAST_MAX = 64
+
+
+def compare_many(
+    pairs: Sequence[tuple[TensorSummary, torch.Tensor, TensorSummary, torch.Tensor]],
+) -> list[tuple[dict[str, float], dict[str, float] | None]]:
+    """:func:`compare` of many ``(cur, cur_t, base, base_t)`` pairs: the same values, bit for bit.
+
+    Pairs of tiny tensors (up to :data:`auditclip.stats.TINY_MAX` elements, finite,
+    same shape, neither stored as float64) are compared in batches of one shape
+    and dtype: every element-wise step runs once per batch, and each float64 dot
+    product is still one ``torch.dot`` per pair, on a row padded to start on a
+    64-byte boundary like a freshly allocated tensor (MKL's dot rounds differently
+    by alignment). Everything else goes through :func:`compare`.
+
+    >>> from auditclip.stats import describe
+    >>> a, b, c = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]), torch.tensor([0.0, 2.0])
+    >>> pairs = [(describe(b), b, describe(a), a), (describe(c), c, describe(a), a)]
+    >>> compare_many(pairs) == [compare(*p) for p in pairs]
+    True
+    """
+    return [(dict(zip(DRIFT_METRICS, m)), None if sums is None else dict(zip(_SUMS, sums)))
+            for m, sums in compare_values(pairs)]
+
+
+def compare_values(
+    pairs: Sequence[tuple[TensorSummary, torch.Tensor, TensorSummary, torch.Tensor]],
+) -> list[tuple[tuple[float, ...], tuple[float, ...] | None]]:
+    """:func:`compare_many` as tuples: metrics in :data:`DRIFT_METRICS` order, sums as
+    ``(delta_sq, base_sq, cur_sq, dot, max_abs)`` (None when shapes differ)."""
+    out: list[tuple[tuple[float, ...], tuple[float, ...] | None] | None] = [None] * len(pairs)
+    groups: dict[tuple[tuple[int, ...], torch.dtype, torch.dtype], list[int]] = {}
+    for k, (cur, cur_t, base, base_t) in enumerate(pairs):
+        if cur_t is base_t:
+            out[k] = _self_values(cur)
+            continue
+        n = cur.n_finite
+        if (0 < n <= TINY_MAX and n == base.n_finite and cur.values is not None and base.values is not None
+                and not cur.stats["n_nan"] and not cur.stats["n_inf"] and not base.stats["n_nan"]
+                and not base.stats["n_inf"] and cur_t.shape == base_t.shape
+                and cur_t.dtype != torch.float64 and base_t.dtype != torch.float64
+                and not cur_t.requires_grad and not base_t.requires_grad):
+            groups.setdefault((tuple(cur_t.shape), cur_t.dtype, base_t.dtype), []).append(k)
+        else:
+            metrics, sums = compare(*pairs[k])
+            out[k] = (_METRIC_VALUES(metrics), None if sums is None else _SUM_VALUES(sums))
+    for ks in groups.values():
+        if len(ks) == 1:
+            metrics, sums = compare(*pairs[ks[0]])
+            out[ks[0]] = (_METRIC_VALUES(metrics), None if sums is None else _SUM_VALUES(sums))
+            continue
+        for k, result in zip(ks, _compare_rows([pairs[k] for k in ks])):
+            out[k] = result
+    return out  # type: ignore[return-value]
+
+
+def _compare_rows(
+    pairs: Sequence[tuple[TensorSummary, torch.Tensor, TensorSummary, torch.Tensor]],
+) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """:func:`compare` of same-shape, all-finite tiny pairs, one batch."""
+    k, n = len(pairs), pairs[0][1].numel()
+    stride = -(-n // 8) * 8  # float64 rows starting on 64-byte boundaries
+    wide = torch.empty((3, k, stride), dtype=torch.float64)
+    x, y, d = wide[0, :, :n], wide[1, :, :n], wide[2, :, :n]
+    x.copy_(torch.stack([p[1] for p in pairs]).reshape(k, n))
+    y.copy_(torch.stack([p[3] for p in pairs]).reshape(k, n))
+    d.copy_(x - y)
+    max_abs = d.abs().amax(dim=1).numpy()
+    a = np.stack([p[0].values for p in pairs])  # type: ignore[misc]
+    b = np.stack([p[2].values for p in pairs])  # type: ignore[misc]
+    # wasserstein(): equal sizes, one block
+    w = ((0.0 + _add(np.abs(a.astype(np.float64) - b.astype(np.float64)), axis=1)) / n).tolist()
+    if n <= _KS_BROADCAST_MAX:  # ks_statistic(): counts of each sample at every data point, all rows at once
+        z = np.concatenate((a, b), axis=1).astype(np.float64)
+        gap = (np.count_nonzero(a[:, None, :] <= z[:, :, None], axis=2)
+               - np.count_nonzero(b[:, None, :] <= z[:, :, None], axis=2))
+        ks_values = np.abs(gap).max(axis=1) / n  # n|ca - cb| / (n n), the same fraction, rounded once
+    else:
+        ks_values = np.array([ks_statistic(p[0].values, p[2].values) for p in pairs])  # type: ignore[arg-type]
+    dot = torch.dot
+    x_rows, y_rows, d_rows = x.unbind(0), y.unbind(0), d.unbind(0)
+    # elementwise(): one block per row, so each sum is 0.0 + one dot product
+    delta_sq = 0.0 + np.array([float(dot(r, r)) for r in d_rows])
+    base_sq = 0.0 + np.array([float(dot(r, r)) for r in y_rows])
+    cur_sq = 0.0 + np.array([float(dot(r, r)) for r in x_rows])
+    dots = 0.0 + np.array([float(dot(p, q)) for p, q in zip(x_rows, y_rows)])
+    max_abs = np.where(np.isnan(max_abs), math.nan, np.maximum(0.0, max_abs))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = _ratios(np.sqrt(delta_sq), np.sqrt(base_sq))  # rel_change()
+        den = np.sqrt(cur_sq) * np.sqrt(base_sq)
+        cos = np.where(den > 0, dots / den, math.nan)  # cosine()
+        mean_shift = (np.array([p[0].stats["mean"] for p in pairs]) - np.array([p[2].stats["mean"] for p in pairs]))
+        std_ratio = _ratios(np.array([p[0].stats["std"] for p in pairs]), np.array([p[2].stats["std"] for p in pairs]))
+    metrics = zip(rel.tolist(), cos.tolist(), max_abs.tolist(), mean_shift.tolist(), std_ratio.tolist(),
+                  ks_values.tolist(), w)
+    sums = zip(delta_sq.tolist(), base_sq.tolist(), cur_sq.tolist(), dots.tolist(), max_abs.tolist())
+    return list(zip(metrics, sums))
+
+
+_SUMS = ("delta_sq", "base_sq", "cur_sq", "dot", "max_abs")
+_METRIC_VALUES = itemgetter(*DRIFT_METRICS)
+_SUM_VALUES = itemgetter(*_SUMS)
+
+
+def _ratios(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """:func:`ratio`, element-wise (call under ``np.errstate(divide="ignore", invalid="ignore")``)."""
+    out = np.where(den == 0, np.where(num == 0, 0.0, math.inf), num / den)
+    return np.where(np.isnan(num) | np.isnan(den), math.nan, out)
