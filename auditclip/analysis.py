@@ -6,6 +6,12 @@ alive at once (the reference, the previous checkpoint's, the current one),
 each with its sorted finite values. Checkpoints stay open as lazy readers
 (safetensors headers, memory-mapped pickles), which cost file pages, not RAM.
 
+Tiny tensors (up to :data:`auditclip.stats.TINY_MAX` elements in every checkpoint,
+the bulk of a mixture-of-experts model) are walked a chunk of names at a time,
+checkpoint by checkpoint, and described and compared in stacks: three versions of
+at most :data:`CHUNK_NAMES` of them are alive (a few MB), and every value is the
+one the name-by-name walk gives, bit for bit.
+
 A checkpoint that cannot be read is recorded in ``errors`` and skipped; the
 rest of the run is still processed.
 """
