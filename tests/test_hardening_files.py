@@ -322,3 +322,58 @@ def test_left_out_files_are_named_on_stderr_and_settings_source_too(tmp_path: Pa
         if args[0] == "flag":
             assert "note: settings from" in result.stderr and "pyproject.toml" in result.stderr
             assert "note: settings from" not in result.stdout
+
+
+def test_a_raw_pickle_refusal_names_the_global_it_asked_for(tmp_path: Path) -> None:
+    import pickle
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, ("touch never",))
+
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"w": Payload()}))
+    result = invoke("inspect", tmp_path / "raw.pt")
+    assert result.exit_code == 2 and "(posix.system)" in result.output.replace("nt.system", "posix.system")
+    assert not (tmp_path / "never").exists() and not Path("never").exists()
+
+
+def test_zero_size_tensors_with_huge_dimensions_are_empty_not_errors(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    one = torch.tensor([1.0]).numpy().tobytes()
+    _raw_safetensors(run / "step_1.safetensors", {"w": ("F32", [0, 2**62], b""), "v": ("F32", [1], one)})
+    _raw_safetensors(run / "step_2.safetensors", {"w": ("F32", [0, 2**62], b""), "v": ("F32", [1], one)})
+    result = invoke("inspect", run / "step_1.safetensors", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    assert f'w,float32,"[0, {2**62}]",0' in result.output
+    for args in (["drift", run, "--out", tmp_path / "r"], ["clip", run, "--max-abs", "0.5", "--out", tmp_path / "c"]):
+        outcome = invoke(*args)
+        assert outcome.exit_code == 0, (args[0], outcome.output)
+    with open_checkpoint_file(tmp_path / "c" / "step_2.safetensors") as r:
+        assert r.info("w").shape == (0, 2**62) and r.get("v").tolist() == [0.5]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("excluded", "every tensor is excluded by --include"),
+    ("placeholders", "every floating tensor is empty"),
+    ("integers", "is floating point"),
+])
+def test_a_gate_that_checked_nothing_never_passes(tmp_path: Path, case: str, message: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run = Path("run")
+    run.mkdir()
+    for step in (1, 2):
+        sd = {"excluded": state_dict(step), "integers": {"steps": torch.tensor([step, 2])},
+              "placeholders": {"w": torch.empty(0), "b": torch.empty(0, 4)}}[case]
+        # ZeRO-3 placeholders are saved as shape-[0] tensors in the real files
+        torch.save({"module": sd}, run / f"step_{step}.pt")
+    if case == "excluded":  # the config file excludes everything
+        Path("pyproject.toml").write_text('[tool.auditclip]\nexclude = ["*"]\n')
+    for command in ("flag", "audit"):
+        result = invoke(command, run, "--max-abs", "0.01", "--out", f"o_{command}")
+        assert result.exit_code == 2, (command, result.output)
+        error = [ln for ln in result.stderr.splitlines() if ln.startswith("Error:")]
+        assert len(error) == 1 and "nothing was checked, so the gate cannot pass" in error[0] and message in error[0]
+        if case == "excluded":
+            assert "pyproject.toml" in error[0] and "note: settings from" in result.stderr
