@@ -43,7 +43,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -113,20 +113,22 @@ class PinnedFile:
 
     def read_into(self, buffer: Any, offset: int) -> None:
         """Fill the writable ``buffer`` from ``offset`` (all of it, or a ``changed`` error)."""
-        view = memoryview(buffer).cast("B")
-        if offset < 0 or offset + len(view) > self.size:
-            raise CheckpointError(self.path, f"data at bytes {offset}..{offset + len(view)} lies beyond the end "
+        size = buffer.nbytes if hasattr(buffer, "nbytes") else len(buffer)
+        if offset < 0 or offset + size > self.size:
+            raise CheckpointError(self.path, f"data at bytes {offset}..{offset + size} lies beyond the end "
                                              f"of the file ({self.size} bytes)")
-        done = 0
-        while done < len(view):
-            try:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
-            except OSError as exc:
-                raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}") from exc
-            if n == 0:
-                self.check()  # a shorter file than at open: say so as a change
-                raise CheckpointError(self.path, "ended early while being read", kind="changed")
-            done += n
+        try:
+            done = os.preadv(self.fd, [buffer], offset)
+            if done < size:  # rare: a huge read split by the kernel, or a file cut short
+                view = memoryview(buffer).cast("B")
+                while done < size:
+                    n = os.preadv(self.fd, [view[done:]], offset + done)
+                    if n == 0:
+                        self.check()  # a shorter file than at open: say so as a change
+                        raise CheckpointError(self.path, "ended early while being read", kind="changed")
+                    done += n
+        except OSError as exc:
+            raise CheckpointError(self.path, f"read failed: {exc.strerror or exc}") from exc
         self.check()
 
     def read(self, offset: int, size: int) -> bytes:
@@ -152,33 +154,43 @@ class PinnedFile:
             pass
 
 
+#: Tensors below this many bytes are read into a bytearray (cheapest to make, for models
+#: with 100,000 tiny tensors); larger ones into ``torch.empty`` (not zero-filled first).
+SMALL_BYTES = 1 << 16
+
+
 def read_strided(f: PinnedFile, offset: int, storage_bytes: int | None, dtype: torch.dtype,
                  shape: tuple[int, ...], stride: tuple[int, ...] | None = None, start: int = 0) -> torch.Tensor:
-    """A tensor read from ``f``: its storage begins at byte ``offset``, the tensor at element ``start``."""
+    """A tensor read from ``f``: its storage begins at byte ``offset``, the tensor at element ``start``.
+
+    ``stride`` None means contiguous (every safetensors tensor, most pickled ones).
+    """
     numel = math.prod(shape)
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    if stride is None:
-        stride = _contiguous_strides(shape)
-    if start < 0 or any(s < 0 for s in stride):
-        raise CheckpointError(f.path, "a tensor with a negative offset or stride")
-    span = 1 + sum((d - 1) * s for d, s in zip(shape, stride))
     item = dtype.itemsize
+    if start < 0:
+        raise CheckpointError(f.path, "a tensor with a negative offset")
+    if stride is None:
+        nbytes = numel * item
+        if storage_bytes is not None and start * item + nbytes > storage_bytes:
+            raise CheckpointError(f.path, f"a tensor of shape {list(shape)} reaches beyond its storage")
+        if nbytes < SMALL_BYTES:
+            raw = bytearray(nbytes)
+            f.read_into(raw, offset + start * item)
+            flat = torch.frombuffer(raw, dtype=dtype)
+        else:
+            flat = torch.empty(numel, dtype=dtype)
+            f.read_into(flat.view(torch.uint8).numpy(), offset + start * item)
+        return flat if len(shape) == 1 else flat.view(shape)
+    if any(s < 0 for s in stride):
+        raise CheckpointError(f.path, "a tensor with a negative stride")
+    span = 1 + sum((d - 1) * s for d, s in zip(shape, stride))
     if storage_bytes is not None and (start + span) * item > storage_bytes:
         raise CheckpointError(f.path, f"a tensor of shape {list(shape)} reaches beyond its storage")
     buffer = torch.empty(span, dtype=dtype)
     f.read_into(buffer.view(torch.uint8).numpy(), offset + start * item)
-    if tuple(shape) == (span,) or (len(shape) == 0 and span == 1):
-        return buffer.reshape(shape)
     return buffer.as_strided(shape, stride)
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(strides))
 
 
 class _Source:
@@ -205,16 +217,11 @@ class _Source:
         pass
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     dtype: str  # torch dtype name, or the lower-case safetensors code for sub-byte floats
     shape: tuple[int, ...]
     begin: int  # absolute byte offsets in the file
     end: int
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def read_safetensors_header(f: PinnedFile) -> tuple[dict[str, _Entry], dict[str, str]]:
@@ -245,23 +252,24 @@ def read_safetensors_header(f: PinnedFile) -> tuple[dict[str, _Entry], dict[str,
     base, data_size = 8 + n, f.size - 8 - n
     entries: dict[str, _Entry] = {}
     spans = []
-    for name, e in doc.items():
-        if not isinstance(e, dict):
+    for name, e in doc.items():  # written for speed: MoE checkpoints hold 100,000 entries
+        if type(e) is not dict:
             raise bad(f"entry {name[:80]!r} is not an object")
         code, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if not isinstance(code, str) or code not in SAFETENSORS:
+        if type(code) is not str or code not in SAFETENSORS:
             raise bad(f"tensor {name[:80]!r} has unknown dtype {str(code)[:20]!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise bad(f"tensor {name[:80]!r} has an invalid shape")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_size):
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
+                or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1] <= data_size):
             raise bad(f"tensor {name[:80]!r} has data offsets outside the file")
-        bits = math.prod(shape) * SAFETENSORS[code][1]
+        torch_name, bits = SAFETENSORS[code]
+        bits *= math.prod(shape)
         if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
             raise bad(f"tensor {name[:80]!r}: {offsets[1] - offsets[0]} bytes do not hold {code} of shape {shape}")
-        entries[name] = _Entry(SAFETENSORS[code][0], tuple(shape), base + offsets[0], base + offsets[1])
-        spans.append((offsets[0], offsets[1]))
-    spans.sort()
+        entries[name] = _Entry(torch_name, tuple(shape), base + offsets[0], base + offsets[1])
+        spans.append(offsets)
+    spans.sort()  # lists of two ints: sorted by begin, then end
     position = 0
     for begin, end in spans:
         if begin != position:
@@ -351,8 +359,9 @@ class _TorchSource(_Source):
             raise CheckpointError(self.path, f"tensor {raw!r} has no data in the file (saved on the meta device?)",
                                   kind="unsupported")
         try:
+            stride = None if t.is_contiguous() else tuple(t.stride())
             return read_strided(self._file, int(offset), storage.nbytes(), t.dtype, tuple(t.shape),
-                                tuple(t.stride()), t.storage_offset())
+                                stride, t.storage_offset())
         except CheckpointError:
             raise
         except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
