@@ -812,6 +812,31 @@ def open_checkpoint_file(path: str | Path, key: str | None = None) -> TensorRead
     return TensorReader(_open_source(path, key))
 
 
+def _metadata_only(f: PinnedFile) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file without decoding its (maybe 100,000-entry) header.
+
+    Writers put ``__metadata__`` first; then only that object is decoded. Otherwise the
+    whole header is. Listing a run needs nothing more; the file is validated when read.
+    """
+    n = int.from_bytes(f.read(0, 8), "little") if f.size >= 8 else 0
+    if not 0 < n <= min(MAX_HEADER_BYTES, f.size - 8):
+        return {}
+    raw = f.read(8, n)
+    if b'"__metadata__"' not in raw:
+        return {}
+    prefix = b'{"__metadata__":'
+    meta = None
+    try:
+        if raw.startswith(prefix):
+            meta, _ = json.JSONDecoder().raw_decode(raw.decode("utf-8"), len(prefix))
+        else:
+            doc = json.loads(raw.decode("utf-8"))
+            meta = doc.get("__metadata__") if isinstance(doc, dict) else None
+    except (ValueError, RecursionError):
+        return {}
+    return {str(k): v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (or the first shard of an index), or {}."""
     try:
@@ -825,7 +850,7 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         if path.name.endswith(".safetensors"):
             f = PinnedFile(path)
             try:
-                return read_safetensors_header(f)[1]
+                return _metadata_only(f)
             finally:
                 f.close()
     except Exception:  # a broken file is reported when it is read, not while listing the run
