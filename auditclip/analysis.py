@@ -251,7 +251,10 @@ def analyze(
                 raise info
             if not is_float(info.dtype):
                 return _Version(info)
-            return _Version(info, reader.get(name))
+            tensor = reader.get(name)
+            if tensor.dtype == torch.float64:
+                _check_float64_range(tensor, ckpt, name)
+            return _Version(info, tensor)
         except CheckpointError as exc:
             record(i, ckpt, exc)
             return None
@@ -499,6 +502,27 @@ def analyze(
 
 
 _SPLIT_DIGITS = re.compile(r"(\d+)").split
+
+
+#: Largest finite |value| of a float64 tensor whose moments (sums of 4th powers) cannot overflow.
+FLOAT64_LIMIT = 1e70
+
+
+def _check_float64_range(t: torch.Tensor, ckpt: Checkpoint, name: str) -> None:
+    """Refuse float64 values whose 4th powers would overflow the moments and the sketch's bins.
+
+    No real weight comes near 1e70; such a value is corruption or an exploded run, and the
+    checkpoint is reported (errors.csv) rather than given statistics that are inf or NaN.
+    """
+    flat = t.reshape(-1)
+    finite = flat[torch.isfinite(flat)] if not bool(torch.isfinite(flat).all()) else flat
+    if finite.numel():
+        lo, hi = torch.aminmax(finite)
+        top = max(-float(lo), float(hi))
+        if top > FLOAT64_LIMIT:
+            raise CheckpointError(ckpt.path, f"tensor {name!r} holds float64 values up to {top:.3g} in magnitude: "
+                                             f"beyond {FLOAT64_LIMIT:g}, where its statistics overflow float64; "
+                                             "the checkpoint is corrupt or the run diverged", kind="out_of_range")
 
 
 def _natural_sorted(names: Iterable[str]) -> list[str]:

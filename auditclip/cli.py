@@ -184,6 +184,10 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
         errors_csv.unlink()  # a stale list from an earlier run would mislead
 
     labels = [c.label for c in result.run if c.label not in set(result.errors.checkpoint)]
+    if not labels:  # every checkpoint failed while it was read: nothing was audited
+        for e in result.errors.itertuples():
+            echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+        raise CliError(f"no checkpoint of the run could be read (each is listed in {errors_csv})")
     echo(f"Audited {len(labels)} checkpoint(s), {len(result.tensors)} tensor(s): {labels[0]} .. {labels[-1]}")
     d = result.drift
     last = d[(d.baseline == "reference") & (d.checkpoint == labels[-1]) & (d.tensor != "__all__")]

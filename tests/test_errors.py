@@ -55,6 +55,10 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     Path("ckpt/model.safetensors.index.json").write_text("{")
     Path("escape").mkdir()
     Path("escape/model.safetensors.index.json").write_text('{"weight_map": {"w": "../x.pt"}}')
+    save_file({"w": torch.tensor([1e300, 2.0], dtype=torch.float64)}, "huge64.safetensors")
+    Path("huge64").mkdir()
+    for step in (1, 2):
+        save_file({"w": torch.tensor([1e300, step], dtype=torch.float64)}, f"huge64/step_{step}.safetensors")
     Path("twins").mkdir()
     torch.save({"w": torch.zeros(2)}, "twins/step_1.pt")
     torch.save({"state_dict": {"w": torch.ones(2)}}, "twins/step_1.ckpt")
@@ -62,7 +66,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_table_is_complete() -> None:
-    assert len(ROWS) == 35, sorted(ROWS)
+    assert len(ROWS) == 37, sorted(ROWS)
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))

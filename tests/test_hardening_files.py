@@ -377,3 +377,22 @@ def test_a_gate_that_checked_nothing_never_passes(tmp_path: Path, case: str, mes
         assert len(error) == 1 and "nothing was checked, so the gate cannot pass" in error[0] and message in error[0]
         if case == "excluded":
             assert "pyproject.toml" in error[0] and "note: settings from" in result.stderr
+
+
+def test_float64_values_whose_moments_overflow_are_reported_not_tracebacks(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    wide = torch.cat([torch.linspace(-1e300, 1e300, 70_001, dtype=torch.float64), torch.tensor([1e-300])])
+    for step in (1, 2):
+        save_file({"ok": torch.randn(4, dtype=torch.float64), "huge": wide * step / 2}, str(run / f"step_{step}.safetensors"))
+    shown = invoke("inspect", run / "step_1.safetensors")
+    assert shown.exit_code == 2 and "tensor 'huge' holds float64 values up to 5e+299" in shown.output, shown.output
+    assert shown.output.count("\n") == 1
+    drift = invoke("drift", run, "--out", tmp_path / "r")
+    assert drift.exit_code == 2, drift.output
+    assert "Error: no checkpoint of the run could be read" in drift.stderr
+    errors = pd.read_csv(tmp_path / "r" / "errors.csv")
+    assert errors.error.tolist() == ["out_of_range", "out_of_range"]
+    gate = invoke("flag", run, "--out", tmp_path / "f")  # fails: both checkpoints are listed as unreadable
+    assert gate.exit_code == 1 and "Traceback" not in gate.output
+    assert pd.read_csv(tmp_path / "f" / "errors.csv").error.tolist() == ["out_of_range", "out_of_range"]
