@@ -4,7 +4,7 @@ Memory follows the largest tensor, not the run: for each tensor name the
 checkpoints are visited in order, and only three versions of that tensor are
 alive at once (the reference, the previous checkpoint's, the current one),
 each with its sorted finite values. Checkpoints stay open as lazy readers
-(safetensors headers, memory-mapped pickles), which cost file pages, not RAM.
+(a parsed header and an open file), which read each tensor only when asked.
 
 Tiny tensors (up to :data:`auditclip.stats.TINY_MAX` elements in every checkpoint,
 the bulk of a mixture-of-experts model) are walked a chunk of names at a time,

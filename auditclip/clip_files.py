@@ -130,7 +130,7 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
         write_safetensors(dst, entries, produce, {"format": "pt", **_provenance(src, clipper.settings)})
         return
     for mapping, k, raw in slots:
-        # a new tensor replaces the entry: the memory-mapped original is never written to
+        # a new tensor replaces the entry; the input file is never written to
         mapping[k] = clipper(clean_of[raw], mapping[k])
     if not dry_run:
         save_torch(obj, dst)

@@ -574,18 +574,19 @@ def iter_tensor_slots(m: Mapping[Any, Any], path: Path | str = "") -> Iterator[t
         budget -= 1
         if budget < 0:
             raise CheckpointError(path, f"refused: nested containers with more than {MAX_NODES:,} entries "
-                                        "(shared or repeated sub-dicts?); not a state dict auditclip can walk")
+                                        "(shared or repeated sub-dicts?); not a state dict auditclip can walk", kind="unsafe")
         k, v = step
         if isinstance(v, torch.Tensor):
             yield mapping, k, prefix + str(k)
         elif isinstance(v, Mapping) and id(v) not in on_path:
             if len(stack) >= MAX_DEPTH:
-                raise CheckpointError(path, f"refused: containers nested more than {MAX_DEPTH} levels deep")
+                raise CheckpointError(path, f"refused: containers nested more than {MAX_DEPTH} levels deep",
+                                      kind="unsafe")
             if id(v) in entered:  # the same dict reached again by another path: fine a few times, a bomb often
                 shared -= 1
                 if shared < 0:
                     raise CheckpointError(path, f"refused: the same sub-containers are reached by more than "
-                                                f"{MAX_SHARED:,} paths (a container bomb?); not a state dict")
+                                                f"{MAX_SHARED:,} paths (a container bomb?); not a state dict", kind="unsafe")
             entered.add(id(v))
             on_path.add(id(v))
             stack.append((iter(v.items()), v, f"{prefix}{k}."))
