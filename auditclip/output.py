@@ -104,6 +104,13 @@ def _cannot_write(final: Path, tmp: Path, exc: OSError) -> str:
     return f"cannot write {final}: {reason}"
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place only on success.
@@ -122,6 +129,8 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         raise InputError(f"cannot write in {final.parent}: {exc.strerror or exc}; choose another --out") from exc
     tmp = Path(name)
     try:
+        # mkstemp makes the file 0600; outputs get the permissions any new file would (0644 under umask 022)
+        os.fchmod(fd, 0o666 & ~_umask())
         os.close(fd)
         yield tmp
         os.replace(tmp, final)

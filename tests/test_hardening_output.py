@@ -368,3 +368,28 @@ def test_disk_full_writing_a_checkpoint_is_one_error_line(tmp_path: Path, monkey
     assert line.startswith(f"Error: cannot write {tmp_path / 'out' / src.name}: No space left on device"), line
     assert "free some space" in line
     assert _temp_files(tmp_path / "out") == [] and not (tmp_path / "out" / src.name).exists()
+
+
+def test_outputs_honour_the_umask(tmp_path: Path) -> None:
+    """mkstemp creates 0600 files; a report or clipped checkpoint gets what any new file gets."""
+    from safetensors.torch import save_file
+
+    from auditclip.cli import cli
+
+    src = tmp_path / "run"
+    src.mkdir()
+    for step in (1, 2):
+        save_file({"w": torch.ones(3) * step}, str(src / f"step_{step}.safetensors"))
+    old = os.umask(0o022)
+    try:
+        for args in (["drift", str(src), "--out", str(tmp_path / "r")],
+                     ["clip", str(src), "--max-abs", "1", "--out", str(tmp_path / "c")]):
+            assert CliRunner().invoke(cli, args).exit_code == 0
+        os.umask(0o027)
+        assert CliRunner().invoke(cli, ["flag", str(src), "--out", str(tmp_path / "f")]).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts}
+    assert modes["r/stats.csv"] == modes["c/step_2.safetensors"] == modes["c/clip_report.csv"] == 0o644
+    assert modes["f/flags.csv"] == 0o640
