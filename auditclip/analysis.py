@@ -43,7 +43,7 @@ from .selection import name_filter
 from .stats import STAT_COLUMNS, STATS_COLUMNS, TINY_MAX, TensorSummary, describe, describe_many, shape_text
 
 DRIFT_COLUMNS: tuple[str, ...] = (
-    "checkpoint", "step", "tensor", "baseline", "baseline_checkpoint", "status", *DRIFT_METRICS,
+    "checkpoint", "step", "tensor", "kind", "baseline", "baseline_checkpoint", "status", *DRIFT_METRICS,
 )
 ERROR_COLUMNS: tuple[str, ...] = ("checkpoint", "error", "message")
 ALL = "__all__"
@@ -491,6 +491,8 @@ def analyze(
     stats_tables.clear()
     drift_frame = _DriftTable.frame(ckpts, drift_tables)
     drift_tables.clear()
+    _add_kind(stats_frame)
+    _add_kind(drift_frame)
     return AnalysisResult(
         stats=stats_frame,
         drift=drift_frame,
@@ -502,6 +504,19 @@ def analyze(
 
 
 _SPLIT_DIGITS = re.compile(r"(\d+)").split
+
+
+def _without_kind(columns: Sequence[str]) -> tuple[str, ...]:
+    """The columns the tables are built with; ``kind`` is added from the names afterwards."""
+    return tuple(c for c in columns if c != "kind")
+
+
+def _add_kind(frame: pd.DataFrame) -> None:
+    """Insert the ``kind`` column after ``tensor``: parameter, buffer or unknown (empty for ``__all__``)."""
+    from .kinds import tensor_kind
+
+    kinds = {name: ("" if name == ALL else tensor_kind(str(name))[0]) for name in frame["tensor"].unique()}
+    frame.insert(frame.columns.get_loc("tensor") + 1, "kind", frame["tensor"].map(kinds).astype(object))
 
 
 #: Largest finite |value| of a float64 tensor whose moments (sums of 4th powers) cannot overflow.
@@ -668,7 +683,7 @@ class _StatsTable:
 
     @classmethod
     def frame(cls, ckpts: Sequence[Checkpoint], tables: Sequence[_StatsTable]) -> pd.DataFrame:
-        return _frame(ckpts, tables, STATS_COLUMNS, cls.TEXT, cls.NUMBERS)
+        return _frame(ckpts, tables, _without_kind(STATS_COLUMNS), cls.TEXT, cls.NUMBERS)
 
 
 class _DriftTable(_StatsTable):
@@ -688,7 +703,7 @@ class _DriftTable(_StatsTable):
 
     @classmethod
     def frame(cls, ckpts: Sequence[Checkpoint], tables: Sequence[_StatsTable]) -> pd.DataFrame:
-        return _frame(ckpts, tables, DRIFT_COLUMNS, cls.TEXT, cls.NUMBERS)
+        return _frame(ckpts, tables, _without_kind(DRIFT_COLUMNS), cls.TEXT, cls.NUMBERS)
 
 
 @dataclass
@@ -770,8 +785,8 @@ def tensor_stats(run: RunLike, **options: object) -> pd.DataFrame:
     Takes the options of :func:`analyze` except ``drift``.
 
     >>> df = tensor_stats("sample_checkpoints/high_lr")
-    >>> df.columns[:6].tolist()
-    ['checkpoint', 'step', 'tensor', 'dtype', 'shape', 'numel']
+    >>> df.columns[:7].tolist()
+    ['checkpoint', 'step', 'tensor', 'kind', 'dtype', 'shape', 'numel']
     """
     return analyze(run, drift=False, **options).stats  # type: ignore[arg-type]
 

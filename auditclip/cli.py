@@ -256,6 +256,9 @@ def _rule_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable)."),
         click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+        click.option("--buffers", is_flag=True, default=None,
+                     help="Apply --range/--max-abs to buffers too (BatchNorm running statistics...); "
+                          "parameters only by default."),
     ]):
         f = option(f)
     return _config_options(f)
@@ -265,7 +268,7 @@ def _flag_settings(kw: dict[str, Any]) -> Any:
     from .config import flag_settings
 
     options = {"range": kw.pop("range_"), **{k: kw.pop(k) for k in ("max_abs", "zscore", "jump", "norm_growth",
-                                                                     "spike", "fail_on", "include", "exclude")}}
+                                                                     "spike", "fail_on", "include", "exclude", "buffers")}}
     return flag_settings(kw.pop("config"), options, kw.pop("overrides"))
 
 
@@ -330,6 +333,8 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 @click.option("--protect", multiple=True, metavar="'NAME[i, j]'", help="Keep this element unclipped (repeatable).")
 @click.option("--protect-top", type=click.IntRange(0), metavar="K", help="Keep the K largest |w| of each tensor unclipped.")
 @click.option("--to", type=click.Choice(["safetensors"]), help="Convert .pt/.ckpt/.bin to safetensors.")
+@click.option("--buffers", is_flag=True, default=None,
+              help="Clip buffers too (BatchNorm running statistics...); parameters only by default.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
 @click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
@@ -338,7 +343,8 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Never clip tensors whose name matches (repeatable).")
 @_config_options
 def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | None, percentile: float | None,
-         sigma: float | None, protect: tuple[str, ...], protect_top: int | None, to: str | None, force: bool,
+         sigma: float | None, protect: tuple[str, ...], protect_top: int | None, to: str | None, buffers: bool | None,
+         force: bool,
          dry_run: bool, sort: str, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
          config: str | None, overrides: tuple[str, ...]) -> None:
     """Clip checkpoints after the fact into new files, in the input's format.
@@ -358,7 +364,7 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
     from .output import prepare_out_dir, write_csv
 
     options = {"range": range_, "max_abs": max_abs, "percentile": percentile, "sigma": sigma, "protect": protect,
-               "protect_top": protect_top, "include": include, "exclude": exclude}
+               "protect_top": protect_top, "include": include, "exclude": exclude, "buffers": buffers}
     settings = clip_settings(config, options, overrides)
     _settings_note(settings)
     result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,

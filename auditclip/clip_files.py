@@ -22,7 +22,7 @@ import torch
 
 from ._version import __version__
 from .checkpoints import HF_WEIGHT_NAMES, _TRAINER_STATE, Checkpoint, open_run
-from .clipping import CLIP_REPORT_COLUMNS, _analysed, clip_tensor_outcome
+from .clipping import CLIP_REPORT_COLUMNS, clip_selected
 from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
 from .output import atomic_path
@@ -54,6 +54,8 @@ def describe_settings(settings: ClipSettings) -> str:
     parts += [f"{','.join(p)}: {s}" for p, s in settings.overrides]
     if settings.protect_top:
         parts.append(f"protect_top={settings.protect_top}")
+    if settings.buffers:
+        parts.append("buffers")
     parts += [f"protect={p}" for p in settings.protect]
     parts += [f"include={p}" for p in settings.include] + [f"exclude={p}" for p in settings.exclude]
     return "; ".join(parts)
@@ -68,13 +70,10 @@ class _Clipper:
         self.rows: list[dict[str, Any]] = []
 
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        spec = self.settings.spec_for(name) if self.keep(name) else None
-        if spec is None or not _analysed(t):
-            return t
-        s = self.settings
-        outcome = clip_tensor_outcome(t, spec, name=name, protect=s.protect, protect_top=s.protect_top)
-        self.rows.append({"checkpoint": self.label, "tensor": name, "spec": str(spec), **outcome.report(t)})
-        return outcome.tensor
+        clipped, row = clip_selected(name, t, self.settings, self.keep)
+        if row is not None:
+            self.rows.append({"checkpoint": self.label, **row})
+        return clipped
 
 
 def _provenance(source: Path, settings: ClipSettings) -> dict[str, str]:

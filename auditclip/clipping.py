@@ -22,7 +22,7 @@ from .errors import InputError
 from .stats import finite_sorted, percentile
 
 CLIP_REPORT_COLUMNS = (
-    "checkpoint", "tensor", "spec", "lo", "hi", "n_clipped", "frac_clipped", "n_protected",
+    "checkpoint", "tensor", "kind", "kind_rule", "spec", "lo", "hi", "n_clipped", "frac_clipped", "n_protected",
     "abs_max_before", "abs_max_after",
 )
 
@@ -209,11 +209,39 @@ def clip_state_dict(
     out: dict[str, torch.Tensor] = {}
     report: list[dict[str, Any]] = []
     for name, t in state.items():
-        spec = settings.spec_for(name) if keep(name) else None
-        if spec is None or not isinstance(t, torch.Tensor) or not _analysed(t):
-            out[name] = t
-            continue
-        outcome = clip_tensor_outcome(t, spec, name=name, protect=settings.protect, protect_top=settings.protect_top)
-        out[name] = outcome.tensor
-        report.append({"tensor": name, "spec": str(spec), **outcome.report(t)})
+        out[name], row = clip_selected(name, t, settings, keep)
+        if row is not None:
+            report.append(row)
     return out, report
+
+
+def clip_selected(name: str, t: Any, settings: ClipSettings,
+                  keep: Any = None) -> tuple[Any, dict[str, Any] | None]:
+    """Clip one named tensor as the settings select it: (the result, its report row or None).
+
+    The one place that decides what clipping touches, for ``clip`` and for the clipped
+    variants of ``evaluate``/``sweep``/``audit`` alike: floating tensors selected by
+    ``include``/``exclude`` with a spec, and parameters only unless ``settings.buffers``.
+    A buffer left alone still gets a row saying so and which rule called it a buffer.
+
+    >>> s = ClipSettings(ClipSpec.parse("max_abs=1"))
+    >>> clip_selected("bn.running_var", torch.tensor([5.0]), s)[1]["spec"]
+    'none (buffer; --buffers clips it)'
+    >>> clip_selected("bn.weight", torch.tensor([5.0]), s)[0].tolist()
+    [1.0]
+    """
+    from .kinds import tensor_kind
+    from .selection import name_filter
+
+    keep = keep or name_filter(settings.include, settings.exclude)
+    spec = settings.spec_for(name) if keep(name) else None
+    if spec is None or not isinstance(t, torch.Tensor) or not _analysed(t):
+        return t, None
+    kind, rule = tensor_kind(name)
+    if kind == "buffer" and not settings.buffers:
+        n = t.numel()
+        return t, {"tensor": name, "kind": kind, "kind_rule": rule, "spec": "none (buffer; --buffers clips it)",
+                   "lo": math.nan, "hi": math.nan, "n_clipped": 0, "frac_clipped": 0.0, "n_protected": 0,
+                   "abs_max_before": _abs_max(t) if n else math.nan, "abs_max_after": _abs_max(t) if n else math.nan}
+    outcome = clip_tensor_outcome(t, spec, name=name, protect=settings.protect, protect_top=settings.protect_top)
+    return outcome.tensor, {"tensor": name, "kind": kind, "kind_rule": rule, "spec": str(spec), **outcome.report(t)}

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .kinds import is_buffer
 
 RULES = ("range", "nonfinite", "outlier", "jump", "norm_growth", "spike", "dead", "frozen")
 SEVERITIES = ("error", "warning", "info")
@@ -218,18 +219,27 @@ class FlagSettings:
     fail_on: str = "error"
     #: the config file these settings were read from ("" when none was in effect)
     source: str = ""
+    #: also act on buffers (BatchNorm running statistics...); parameters only by default
+    buffers: bool = False
 
     def rules_for(self, name: str) -> FlagRules:
         """The rules for one tensor: defaults, then every matching override in order.
 
+        The range rule applies to parameters only unless ``buffers``: a WGAN gate on a
+        critic with BatchNorm must not fail on its running variances.
+
         >>> s = FlagSettings(FlagRules(range=(-1, 1)), [(("*.bias",), {"off": frozenset({"range"})})])
         >>> s.rules_for("fc.bias").on("range"), s.rules_for("fc.weight").on("range")
         (False, True)
+        >>> s.rules_for("bn.running_var").on("range")
+        False
         """
         rules = self.rules
         for patterns, changes in self.overrides:
             if any(fnmatchcase(name, p) for p in patterns):
                 rules = replace(rules, **changes)
+        if not self.buffers and rules.range is not None and is_buffer(name):
+            rules = replace(rules, off=rules.off | {"range"})
         return rules
 
 
@@ -245,6 +255,8 @@ class ClipSettings:
     exclude: tuple[str, ...] = ()
     #: the config file these settings were read from ("" when none was in effect)
     source: str = ""
+    #: also act on buffers (BatchNorm running statistics...); parameters only by default
+    buffers: bool = False
 
     def spec_for(self, name: str) -> ClipSpec | None:
         """The spec of one tensor (None: leave it alone). Later overrides win.
@@ -423,8 +435,11 @@ def flag_settings(
     where = source or "config"
     section, include, exclude = _section(table, "flag", where)
     where_flag = f"{where} flag"
-    base = {k: v for k, v in section.items() if k not in ("override", "fail_on")}
+    base = {k: v for k, v in section.items() if k not in ("override", "fail_on", "buffers")}
     changes = _flag_changes(where_flag, base, _FLAG_KEYS)
+    buffers = (options or {}).get("buffers") or section.get("buffers", False)
+    if not isinstance(buffers, bool):
+        raise InputError(f"{where_flag}: buffers {buffers!r}: expected true or false")
     fail_on = section.get("fail_on", "error")
     opts = {k: v for k, v in (options or {}).items() if v not in (None, ())}
     cli = {k: opts[k] for k in _FLAG_KEYS if k in opts}
@@ -440,7 +455,7 @@ def flag_settings(
                      for p, c in _override_tables(section, where_flag)]
     override_list += [(p, _flag_changes(f"--override {p[0]}", c, _FLAG_KEYS)) for p, c in map(parse_override, overrides)]
     return FlagSettings(
-        rules=FlagRules(**changes), overrides=override_list, fail_on=fail_on,
+        rules=FlagRules(**changes), overrides=override_list, fail_on=fail_on, buffers=buffers,
         include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)), source=path,
     )
 
@@ -463,7 +478,7 @@ def clip_settings(
     table, source, path = _load(config, start, search)
     where = f"{source or 'config'} clip"
     section, include, exclude = _section(table, "clip", where)
-    allowed = _CLIP_SPEC_KEYS | {"override", "protect", "protect_top"}
+    allowed = _CLIP_SPEC_KEYS | {"override", "protect", "protect_top", "buffers"}
     for key in section:
         if key not in allowed:
             raise InputError(f"unknown key {key!r} in {where}; known keys: {', '.join(sorted(allowed))}")
@@ -490,8 +505,11 @@ def clip_settings(
     protect_top = opts.get("protect_top", section.get("protect_top", 0))
     if isinstance(protect_top, bool) or not isinstance(protect_top, int) or protect_top < 0:
         raise InputError(f"{where}: protect_top {protect_top!r}: must be a whole number >= 0")
+    buffers = opts.get("buffers") or section.get("buffers", False)
+    if not isinstance(buffers, bool):
+        raise InputError(f"{where}: buffers {buffers!r}: expected true or false")
     return ClipSettings(
-        spec=spec, overrides=override_list, protect_top=protect_top,
+        spec=spec, overrides=override_list, protect_top=protect_top, buffers=buffers,
         protect=tuple(opts.get("protect", ())) + _patterns(f"{where}: protect", section.get("protect", [])),
         include=tuple(opts.get("include", include)), exclude=tuple(opts.get("exclude", exclude)), source=path,
     )

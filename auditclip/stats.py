@@ -34,7 +34,7 @@ STAT_COLUMNS: tuple[str, ...] = (
     "skew", "kurtosis", *(name for name, _ in PERCENTILES), "spectral_norm", "stable_rank",
 )
 
-STATS_COLUMNS: tuple[str, ...] = ("checkpoint", "step", "tensor", "dtype", "shape", "numel", *STAT_COLUMNS)
+STATS_COLUMNS: tuple[str, ...] = ("checkpoint", "step", "tensor", "kind", "dtype", "shape", "numel", *STAT_COLUMNS)
 
 #: Elements per float64 block: bounds the extra memory of a pass to 8 MiB.
 CHUNK = 1 << 20

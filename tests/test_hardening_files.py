@@ -274,7 +274,7 @@ def test_sub_byte_floats_are_listed_and_copied_verbatim_by_clip(tmp_path: Path) 
                            "w": ("F32", [3], w.numpy().tobytes())})
     shown = invoke("inspect", src, "--format", "csv")
     assert shown.exit_code == 0, shown.output
-    assert "packed,f4,\"[4, 2]\",8" in shown.output
+    assert "packed,unknown,f4,\"[4, 2]\",8" in shown.output
     result = invoke("clip", src, "--max-abs", "1", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     with open_checkpoint_file(tmp_path / "out" / "step_1.safetensors") as r:
@@ -345,7 +345,7 @@ def test_zero_size_tensors_with_huge_dimensions_are_empty_not_errors(tmp_path: P
     _raw_safetensors(run / "step_2.safetensors", {"w": ("F32", [0, 2**62], b""), "v": ("F32", [1], one)})
     result = invoke("inspect", run / "step_1.safetensors", "--format", "csv")
     assert result.exit_code == 0, result.output
-    assert f'w,float32,"[0, {2**62}]",0' in result.output
+    assert f'w,unknown,float32,"[0, {2**62}]",0' in result.output
     for args in (["drift", run, "--out", tmp_path / "r"], ["clip", run, "--max-abs", "0.5", "--out", tmp_path / "c"]):
         outcome = invoke(*args)
         assert outcome.exit_code == 0, (args[0], outcome.output)
