@@ -205,7 +205,8 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
 
 def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--override", "overrides", multiple=True, metavar="GLOB:KEY=VALUE",
-                     help="Per-pattern setting, e.g. '*.bias:max_abs=1' or 'norm*:off=range+outlier' (repeatable).")(f)
+                     help="Per-pattern setting, e.g. '*.bias:max_abs=1'; flag also takes 'norm*:off=range+outlier', "
+                          "clip 'norm*:skip=true' (repeatable; names may contain ':').")(f)
     f = click.option("--config", "config", type=click.Path(path_type=str),
                      help="TOML file with the settings (default: [tool.auditclip] of the nearest pyproject.toml).")(f)
     return f

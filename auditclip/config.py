@@ -401,10 +401,20 @@ def _override_tables(section: Mapping[str, Any], where: str) -> list[tuple[tuple
 def parse_override(text: str) -> tuple[tuple[str, ...], dict[str, Any]]:
     """``'GLOB:key=value,key=value'`` from the command line (``off`` takes ``rule+rule``).
 
+    Tensor names may hold ``:`` (DCGAN's ``main.pyramid:128:batchnorm.weight``), and so
+    may values (``range=-1:1``): the pattern ends at the last ``:`` that starts a
+    ``KEY=`` list.
+
     >>> parse_override("*.bias:max_abs=1,zscore=20")
     (('*.bias',), {'max_abs': '1', 'zscore': '20'})
+    >>> parse_override("main.pyramid:128:batchnorm.weight:range=-1:1")
+    (('main.pyramid:128:batchnorm.weight',), {'range': '-1:1'})
     """
-    pattern, sep, rest = text.partition(":")
+    import re
+
+    starts = [m.start() for m in re.finditer(r":(?=\s*[A-Za-z_]\w*\s*=)", text)]
+    cut = starts[-1] if starts else text.find(":")
+    pattern, sep, rest = (text[:cut], ":", text[cut + 1:]) if cut >= 0 else (text, "", "")
     pairs = [p for p in rest.split(",") if p.strip()]
     if not sep or not pattern or not pairs or any("=" not in p for p in pairs):
         raise InputError(f"--override {text!r}: expected GLOB:KEY=VALUE[,KEY=VALUE], e.g. '*.bias:max_abs=1'")

@@ -357,3 +357,24 @@ def test_sweep_tolerance_must_be_a_finite_non_negative_number(workspace: Path, t
 
 def test_config_that_is_a_directory(workspace: Path) -> None:
     input_error(invoke("flag", "run/", "--config", "run", "--out", "r"), "--config run: is a directory")
+
+
+def test_override_names_may_contain_colons(tmp_path: Path) -> None:
+    """DCGAN names such as ``main.pyramid:128:batchnorm.weight``: the pattern ends at the last
+    ``:`` that starts a KEY=VALUE list, and values keep their own colons (``range=-1:1``)."""
+    from safetensors.torch import save_file
+
+    from auditclip.cli import cli
+
+    src = tmp_path / "run" / "step_1.safetensors"
+    src.parent.mkdir()
+    save_file({"main.pyramid:128:batchnorm.weight": torch.full((4,), 3.0), "main.final.weight": torch.full((4,), 3.0)},
+              str(src))
+    result = CliRunner().invoke(cli, ["clip", str(src), "--max-abs", "1", "--out", str(tmp_path / "out"),
+                                      "--override", "main.pyramid:128:batchnorm.weight:range=-2:2"])
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    out = load_file(str(tmp_path / "out" / "step_1.safetensors"))
+    assert out["main.pyramid:128:batchnorm.weight"].tolist() == [2.0] * 4
+    assert out["main.final.weight"].tolist() == [1.0] * 4
