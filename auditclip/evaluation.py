@@ -80,8 +80,8 @@ class Evaluator:
             load_custom_metric(m) if isinstance(m, str) else m for m in options.metrics)
         self.task: str | None = None if options.task == "auto" else options.task
 
-    def run(self, state: dict[str, torch.Tensor], checkpoint: str) -> dict[str, float]:
-        model = self.loader.load(state, checkpoint)
+    def run(self, state: dict[str, torch.Tensor], checkpoint: str, path: str | None = None) -> dict[str, float]:
+        model = self.loader.load(state, checkpoint, path)
         totals: MetricTotals | None = None
         with torch.inference_mode():
             for inputs, targets in self.data.batches():
@@ -139,23 +139,25 @@ def _evaluate_rows(
             errors.append(exc.row(ckpt.label))
             continue
         n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
-        base = evaluator.run(state, ckpt.label)
+        base = evaluator.run(state, ckpt.label, str(ckpt.path))
+        loaded, model_tensors = evaluator.loader.last_loaded
+        counts = {"n_loaded": loaded, "n_model_tensors": model_tensors}
         rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": "original", "n_clipped": 0,
-                     "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}})
+                     "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}, **counts})
         for name, settings in variants:
             clipped, report = clip_state_dict(state, settings)
             n_clipped = sum(r["n_clipped"] for r in report)
-            metrics = evaluator.run(clipped, ckpt.label)
+            metrics = evaluator.run(clipped, ckpt.label, str(ckpt.path))
             rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": name, "n_clipped": n_clipped,
                          "frac_clipped": n_clipped / n_float if n_float else 0.0, **metrics,
-                         **{f"delta_{k}": metrics[k] - base[k] for k in base}})
+                         **{f"delta_{k}": metrics[k] - base[k] for k in base}, **counts})
     if not rows:
         raise InputError("no checkpoint could be evaluated: " + "; ".join(e["message"] for e in errors))
     df = pd.DataFrame(rows)
-    metric_cols = [c for c in df.columns if c not in ("checkpoint", "step", "variant", "n_clipped", "frac_clipped")
-                   and not c.startswith("delta_")]
+    fixed = ("checkpoint", "step", "variant", "n_clipped", "frac_clipped", "n_loaded", "n_model_tensors")
+    metric_cols = [c for c in df.columns if c not in fixed and not c.startswith("delta_")]
     df = df[["checkpoint", "step", "variant", "n_clipped", "frac_clipped", *metric_cols,
-             *(f"delta_{c}" for c in metric_cols)]]
+             *(f"delta_{c}" for c in metric_cols), "n_loaded", "n_model_tensors"]]
     df["step"] = df["step"].astype("Int64")
     return df, pd.DataFrame(errors, columns=["checkpoint", "error", "message"]), evaluator.task or "classification"
 

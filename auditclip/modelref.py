@@ -83,6 +83,8 @@ class ModelLoader:
     >>> model = loader.load(state_dict, "run/epoch_12.safetensors")  # doctest: +SKIP
     """
 
+    last_loaded: tuple[int, int] = (0, 0)
+
     def __init__(self, ref: str, *, strict: bool = True, strip_prefix: str | None = None,
                  add_prefix: str | None = None, device: torch.device | str = "cpu") -> None:
         self.ref, self.strict, self.device = ref, strict, torch.device(device)
@@ -129,16 +131,29 @@ class ModelLoader:
             out[name] = t
         return out
 
-    def load(self, state: Mapping[str, torch.Tensor], checkpoint: str) -> torch.nn.Module:
-        """The model with ``state`` loaded, in eval mode on the chosen device."""
+    def load(self, state: Mapping[str, torch.Tensor], checkpoint: str, path: str | None = None) -> torch.nn.Module:
+        """The model with ``state`` loaded, in eval mode on the chosen device.
+
+        ``checkpoint`` names it in messages; ``path`` (its real path) is what a factory
+        taking a ``checkpoint`` argument receives, so it can read ``config.json`` beside it
+        from any working directory. ``last_loaded`` is (tensors loaded, tensors the model has).
+        With ``--no-strict``, loading under half of the model's tensors is an error: the
+        rest would keep their random initial values, and scoring that model would lie.
+        """
         if self._model is None or self._per_checkpoint:
-            self._model = self._build(checkpoint)
+            self._model = self._build(path or checkpoint)
         model = self._model
         state = self._rename(state)
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if self.strict and (missing or unexpected):
             raise InputError(_key_mismatch(checkpoint, missing, unexpected, expected, set(state)))
+        loaded = len(expected) - len(missing)
+        self.last_loaded = (loaded, len(expected))
+        if expected and 2 * loaded < len(expected):
+            raise InputError(f"{checkpoint}: --no-strict would load only {loaded} of the model's {len(expected)} "
+                             "tensors, leaving the rest at their initial values; the names do not line up "
+                             f"({_key_mismatch(checkpoint, missing, unexpected, expected, set(state)).split('; ', 1)[1]})")
         try:
             model.load_state_dict(state, strict=False)
         except RuntimeError as exc:

@@ -109,3 +109,44 @@ def test_evaluated_clipped_variant_keeps_the_models_accuracy(bn_run, tmp_path: P
     clipped = ev[ev.variant != "original"]
     assert clipped.n_clipped.eq(0).all()
     assert clipped.delta_accuracy.eq(0).all() and clipped.delta_loss.eq(0).all()
+
+
+def test_no_strict_that_loads_nothing_is_an_error_not_a_random_model(bn_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run, _, model_file, data = bn_run
+    (tmp_path / "other.py").write_text(
+        "import torch\n"
+        "class Head(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.head = torch.nn.Linear(8, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(x)\n"
+        "def make():\n"
+        "    return Head()\n")
+    result = invoke("evaluate", run, "--model", f"{tmp_path / 'other.py'}:make", "--data", data, "--no-strict",
+                    "--out", tmp_path / "e")
+    assert result.exit_code == 2, result.output
+    assert "--no-strict would load only 0 of the model's 2 tensors" in result.output
+    ok = invoke("evaluate", run, "--model", f"{model_file}:make", "--data", data, "--out", tmp_path / "e2")
+    assert ok.exit_code == 0, ok.output
+    ev = pd.read_csv(tmp_path / "e2" / "evaluation.csv")
+    # two Linear layers' weight and bias, BatchNorm's weight, bias and three buffers
+    assert ev.n_loaded.eq(9).all() and ev.n_model_tensors.eq(9).all()
+
+
+def test_a_factory_gets_the_checkpoints_real_path_from_any_directory(bn_run, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _, _, data = bn_run
+    (tmp_path / "reads_config.py").write_text(
+        "import json, pathlib, torch\n"
+        "def make(checkpoint):\n"
+        "    config = json.loads((pathlib.Path(checkpoint).parent / 'config.json').read_text())\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, config['hidden']), torch.nn.BatchNorm1d(config['hidden']),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(config['hidden'], 3))\n")
+    (run / "config.json").write_text('{"hidden": 16}')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = invoke("evaluate", run, "--model", f"{tmp_path / 'reads_config.py'}:make", "--data", data,
+                    "--out", tmp_path / "e3")
+    assert result.exit_code == 0, result.output

@@ -44,7 +44,7 @@ def test_main_command_is_audit_on_the_sample_run() -> None:
 
 def test_evaluation_columns_are_documented() -> None:
     for column in ("variant", "n_clipped", "frac_clipped", "loss", "accuracy", "top5_accuracy", "mae", "recommended",
-                   "setting"):
+                   "setting", "n_loaded", "n_model_tensors"):
         assert f"`{column}`" in README, column
 
 
