@@ -115,7 +115,8 @@ def audit(
         if clips:
             result.recommendation = (
                 f"{chosen.variant.iloc[0]} for {chosen.checkpoint.iloc[0]}" if len(chosen)
-                else f"none: every clip setting costs more than the tolerance on {last.checkpoint.iloc[0]}")
+                else f"none: no tested clip both changes weights and stays within tolerance on "
+                     f"{last.checkpoint.iloc[0]}")
     result.errors = pd.concat([e for e in errors if len(e)] or [errors[0]]).drop_duplicates("checkpoint")
     if len(result.errors):
         result.files.append(write_csv(result.errors, out_dir / "errors.csv"))

@@ -522,7 +522,8 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     for checkpoint, group in t.groupby("checkpoint", sort=False):
         chosen = group[group.recommended]
         echo(f"recommended for {checkpoint}: "
-                   + (chosen.variant.iloc[0] if len(chosen) else "none (every setting costs more than the tolerance)"))
+                   + (chosen.variant.iloc[0] if len(chosen)
+                      else "none (no tested setting both changes weights and stays within tolerance)"))
     _write_errors(result.errors, out_dir, written)
     echo("\nWrote " + ", ".join(str(p) for p in written))
     if not have_matplotlib():

@@ -182,7 +182,10 @@ def evaluate(
 
 
 def recommend(df: pd.DataFrame, task: str, tolerance: float | None, tightest_first: list[str]) -> pd.Series:
-    """Mark, per checkpoint, the tightest variant whose primary metric stays within tolerance.
+    """Mark, per checkpoint, the tightest variant that changes weights and keeps the primary metric.
+
+    A variant that clips nothing is never recommended: it stays within any tolerance
+    because it is the original.
 
     ``tolerance``: percentage points of accuracy (default 0.5) for classification,
     percent of loss (default 1.0) for regression. ``tightest_first`` orders the variants.
@@ -200,6 +203,8 @@ def recommend(df: pd.DataFrame, task: str, tolerance: float | None, tightest_fir
             row = group[group.variant == variant]
             if row.empty:
                 continue
+            if "n_clipped" in row and int(row["n_clipped"].iloc[0]) == 0:
+                continue  # changes nothing: within tolerance by construction, not a result
             value = float(row[metric].iloc[0])
             if metric == "accuracy":
                 ok = (base_value - value) * 100 <= tol + 1e-12
