@@ -9,7 +9,7 @@ rule           severity  fires when
 =============  ========  ================================================================
 range          error     a finite value lies outside [LO, HI] (``--range`` / ``--max-abs``)
 nonfinite      error     any NaN or Inf (always on)
-outlier        warning   robust z = |x - median| / (1.4826 MAD) above K (``--zscore``)
+outlier        warning   robust z = |x - median| / (1.4826 MAD) above K (``--zscore``); with a range, outside it only
 jump           warning   step-to-step rel_l2_change above K x the tensor's median step change
 norm_growth    warning   L2 norm above F x its value at the reference checkpoint
 spike          info      |w| above K x the tensor's 99.99th percentile of |w| (``--spike``)
@@ -115,7 +115,9 @@ def _quiet(t: torch.Tensor, summary: TensorSummary, rules: FlagRules) -> bool:
             return False
     if rules.on("dead") and n > 1 and st["std"] == 0:
         return False
-    outlier, spike = rules.on("outlier") and n > 2, rules.on("spike") and n > 1
+    # every value inside the explicit bound: no outlier can fire (see element_findings)
+    outlier = rules.on("outlier") and n > 2 and not rules.on("range")
+    spike = rules.on("spike") and n > 1
     if outlier or spike:
         wide = summary.values.astype(np.float64)  # type: ignore[union-attr]
         median = st["p50"]
@@ -180,6 +182,10 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
         if mad > 0:
             limit = rules.zscore * 1.4826 * mad
             dev = (x.to(torch.float64) - median).abs().nan_to_num(nan=-1.0, posinf=-1.0)
+            if rules.on("range"):  # a value inside the explicit bound is what the user allows: never an outlier
+                lo_r, hi_r = rules.range  # type: ignore[misc]
+                inside = (x >= min(lo_r, _dtype_edge(lo_r, t.dtype))) & (x <= max(hi_r, _dtype_edge(hi_r, t.dtype)))
+                dev = dev.masked_fill(inside, -1.0)
             count = int((dev > limit).sum())
             if count:
                 worst = int(dev.argmax())

@@ -150,3 +150,25 @@ def test_a_factory_gets_the_checkpoints_real_path_from_any_directory(bn_run, tmp
     result = invoke("evaluate", run, "--model", f"{tmp_path / 'reads_config.py'}:make", "--data", data,
                     "--out", tmp_path / "e3")
     assert result.exit_code == 0, result.output
+
+
+def test_values_inside_an_explicit_bound_are_never_outliers(tmp_path: Path) -> None:
+    """A WGAN critic clipped to +-0.01: most weights sit at the bound, the MAD collapses, and
+    a value at 0.008 would have a huge robust z-score. Inside --max-abs it is never flagged."""
+    from auditclip import flag
+
+    run = tmp_path / "run"
+    run.mkdir()
+    w = torch.full((200,), 0.01)
+    w[:100] = -0.01
+    w[5] = 0.0001  # the MAD is 0: only this one sits off the bound
+    w[7] = 0.008
+    for step in (1, 2):
+        save_file({"critic.weight": w.clone()}, str(run / f"step_{step}.safetensors"))
+    free = flag(run)  # no bound given: the robust rule sees what it sees
+    bounded = flag(run, max_abs=0.01)
+    assert "outlier" not in set(bounded.flags.rule) and not bounded.failed
+    assert "outlier" in set(free.flags.rule)  # what the bound now rules out
+    w[9] = 0.5  # outside the bound: a range error (and may be an outlier)
+    save_file({"critic.weight": w.clone()}, str(run / "step_3.safetensors"))
+    assert flag(run, max_abs=0.01).flags.query("rule == 'range'").shape[0] == 1
