@@ -56,11 +56,15 @@ _TRAINER_STATE = re.compile(
     re.IGNORECASE,
 )
 
-_STEP_PATTERNS = (
-    re.compile(r"step[=_-]?(\d+)", re.IGNORECASE),
-    re.compile(r"checkpoint[=_-](\d+)", re.IGNORECASE),
-    re.compile(r"ckpt[=_-]?(\d+)", re.IGNORECASE),
-    re.compile(r"iter(?:ation)?[=_-]?(\d+)", re.IGNORECASE),
+# Step-like tokens only, in two tiers: a word that starts a token (``-step=60``,
+# ``/checkpoint-500``) wins over one glued to a name by ``_`` (``gpt2_step_1000``), so
+# Lightning's ``epoch=2-step=60-train_loss_step=1`` is step 60; and a number followed by a
+# decimal fraction (``train_loss_step=0.99``, ``val_loss=0.53``) is a metric, never a step.
+_WHOLE = r"(\d+)(?![.,]\d)"
+_WORDS = (r"(?:global_)?step[=_-]?", r"checkpoint[=_-]", r"ckpt[=_-]?", r"iter(?:ation)?[=_-]?")
+_STEP_TIERS = tuple(
+    tuple(re.compile(boundary + word + _WHOLE, re.IGNORECASE) for word in _WORDS)
+    for boundary in (r"(?<![A-Za-z0-9_])", r"(?<![A-Za-z0-9])")
 )
 
 SORT_MODES = ("step", "name", "mtime")
@@ -182,10 +186,13 @@ def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
 def _name_step(label: str) -> tuple[int | None, str | None]:
     """The step in a name, and the digits of one found but outside the 64-bit range."""
     best: tuple[int, str] | None = None
-    for pattern in _STEP_PATTERNS:
-        for m in pattern.finditer(label):
-            if best is None or m.start() > best[0]:
-                best = (m.start(), m.group(1))
+    for tier in _STEP_TIERS:
+        for pattern in tier:
+            for m in pattern.finditer(label):
+                if best is None or m.start() > best[0]:
+                    best = (m.start(), m.group(1))
+        if best is not None:
+            break
     if best is None:
         return None, None
     digits = best[1]
@@ -201,9 +208,14 @@ def parse_step(label: str) -> int | None:
     The match nearest the end of the label wins, so ``run3/checkpoint-500`` is 500.
     A step beyond the 64-bit integer range is unknown (None).
 
+    Only step-like tokens count: a metric in a Lightning file name is never a step.
+
     >>> [parse_step(n) for n in ["step_900.pt", "ckpt-0001000", "checkpoint-500/model.safetensors",
     ...                          "epoch=3-step=48.ckpt", "final.pt", "step_123456789012345678901.pt"]]
     [900, 1000, 500, 48, None, None]
+    >>> [parse_step(n) for n in ["epoch=2-step=60-train_loss_step=0.99.ckpt", "val_loss=0.530-epoch=1.ckpt",
+    ...                          "global_step_300.pt", "gpt2_step_1000.pt", "epoch=2-step=60-train_loss_step=1.ckpt"]]
+    [60, None, 300, 1000, 60]
     """
     return _name_step(label)[0]
 

@@ -22,6 +22,11 @@ from conftest import save_safetensors, save_sharded, state_dict
     ("checkpoint-500", 500),
     ("checkpoint-500/model.safetensors", 500),
     ("epoch=3-step=48.ckpt", 48),
+    # Lightning names carry metrics: never read as a step
+    ("epoch=2-step=60-train_loss_step=0.99.ckpt", 60),
+    ("epoch=2-step=60-train_loss_step=1.ckpt", 60),
+    ("val_loss=0.530-epoch=1.ckpt", None),
+    ("gpt2_step_1000.pt", 1000),
     ("global_step1200/mp_rank_00_model_states.pt", 1200),
     ("iter_300.pth", 300),
     ("model-00001-of-00002.safetensors", None),
@@ -128,3 +133,13 @@ def test_sharded_files_in_flat_run_are_one_checkpoint(tmp_path: Path) -> None:
 def test_nothing_to_read_is_a_clear_error(tmp_path: Path, make, error) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error):
         open_run(make(tmp_path))
+
+
+def test_lightning_names_with_metrics_are_ordered_by_step(tmp_path: Path) -> None:
+    """``{epoch}-{step}-{train_loss_step:.2f}``: the loss would order these backwards."""
+    names = ["epoch=0-step=20-train_loss_step=0.91.ckpt", "epoch=1-step=40-train_loss_step=0.52.ckpt",
+             "epoch=2-step=60-train_loss_step=0.18.ckpt"]
+    for i, name in enumerate(reversed(names)):
+        torch.save({"state_dict": state_dict(i), "global_step": 20 * (3 - i)}, tmp_path / name)
+    run = open_run(tmp_path)
+    assert run.labels == names and [c.step for c in run] == [20, 40, 60]
