@@ -9,7 +9,6 @@ written to a temporary file and renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping

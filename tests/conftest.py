@@ -54,3 +54,25 @@ def run_dir(tmp_path: Path) -> Path:
         sd = {k: (v + 0.05 * i * torch.ones_like(v) if v.is_floating_point() else v) for k, v in base.items()}
         save_safetensors(tmp_path / "run" / f"step_{step}.safetensors", sd)
     return tmp_path / "run"
+
+
+def record_live_tensors(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the tensors read through ``TensorReader.get`` still alive; ``["peak"]`` is the most at once."""
+    import weakref
+
+    from auditclip.readers import TensorReader
+
+    live: set[int] = set()
+    counts = {"peak": 0}
+    real_get = TensorReader.get
+
+    def recording_get(self: TensorReader, name: str) -> torch.Tensor:
+        t = real_get(self, name)
+        key = id(t)
+        live.add(key)
+        weakref.finalize(t, live.discard, key)
+        counts["peak"] = max(counts["peak"], len(live))
+        return t
+
+    monkeypatch.setattr(TensorReader, "get", recording_get)
+    return counts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,8 @@ import torch
 
 from auditclip import analyze, describe
 from auditclip import sketch as sk
-from auditclip.readers import TensorReader
 
-from conftest import save_safetensors
+from conftest import record_live_tensors, save_safetensors
 
 N = 3 * sk.EXACT_MAX  # sketched, not sorted
 
@@ -89,23 +87,11 @@ def test_at_most_a_few_tensors_alive(tmp_path: Path, monkeypatch: pytest.MonkeyP
     names = [f"layer.{i}.weight" for i in range(6)]
     for step in range(12):
         save_safetensors(tmp_path / f"step_{step}.safetensors", {n: torch.randn(40, 40, generator=g) for n in names})
-    live: set[int] = set()
-    peak = {"n": 0}
-    real_get = TensorReader.get
-
-    def recording_get(self: TensorReader, name: str) -> torch.Tensor:
-        t = real_get(self, name)
-        key = id(t)
-        live.add(key)
-        weakref.finalize(t, live.discard, key)
-        peak["n"] = max(peak["n"], len(live))
-        return t
-
-    monkeypatch.setattr(TensorReader, "get", recording_get)
+    peak = record_live_tensors(monkeypatch)
     result = analyze(tmp_path, workers=1)
     assert len(result.stats) == 12 * 7
     # the reference, the previous and the current version of one tensor: never a whole checkpoint (6) or run (72)
-    assert peak["n"] <= 3
+    assert peak["peak"] <= 3
 
 
 

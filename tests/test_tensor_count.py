@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,10 @@ from auditclip.analysis import _natural_sorted, analyze
 from auditclip.checkpoints import natural_key
 from auditclip.config import flag_settings
 from auditclip.distances import compare, compare_many, ks_statistic
-from auditclip.readers import TensorInfo, TensorReader
+from auditclip.readers import TensorInfo
 from auditclip.stats import TINY_MAX, describe, describe_many
 
-from conftest import save_safetensors
+from conftest import record_live_tensors, save_safetensors
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -140,23 +139,11 @@ def test_tiny_walk_keeps_a_bounded_number_of_tensors_alive(tmp_path: Path, monke
     names = 3 * analysis.CHUNK_NAMES
     for step in range(4):
         save_safetensors(tmp_path / f"step_{step}.safetensors", {f"e.{i}.w": torch.randn(8) for i in range(names)})
-    live: set[int] = set()
-    peak = {"n": 0}
-    real_get = TensorReader.get
-
-    def recording_get(self: TensorReader, name: str) -> torch.Tensor:
-        t = real_get(self, name)
-        key = id(t)
-        live.add(key)
-        weakref.finalize(t, live.discard, key)
-        peak["n"] = max(peak["n"], len(live))
-        return t
-
-    monkeypatch.setattr(TensorReader, "get", recording_get)
+    peak = record_live_tensors(monkeypatch)
     result = analyze(tmp_path, workers=1)
     assert len(result.stats) == 4 * (names + 1)
     # reference, previous and current versions of one chunk of names: never the run (4 x names)
-    assert peak["n"] <= 3 * analysis.CHUNK_NAMES
+    assert peak["peak"] <= 3 * analysis.CHUNK_NAMES
 
 
 def test_natural_sorted_is_natural_key_order() -> None:
