@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 the job ran but some checkpoints could not be read
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,7 @@ def cli(debug: bool, allow_global: tuple[str, ...]) -> None:
       auditclip drift sample_checkpoints/high_lr --out report/
       auditclip --allow-global mylib.TrainState drift runs/exp1 --out report/
     """
+    _show_notes()
     if allow_global:
         from .errors import AuditclipError as _Err
         from .readers import allow_globals
@@ -210,6 +212,23 @@ def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--config", "config", type=click.Path(path_type=str),
                      help="TOML file with the settings (default: [tool.auditclip] of the nearest pyproject.toml).")(f)
     return f
+
+
+class _NoteHandler(logging.Handler):
+    """Print the library's notes (:mod:`auditclip.notices`) on stderr as ``note: ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        echo(f"note: {record.getMessage()}", err=True)
+
+
+def _show_notes() -> None:
+    from . import notices
+
+    notices.reset()  # each command says its notes again, also in one process (tests, notebooks)
+    if not any(isinstance(h, _NoteHandler) for h in notices.LOGGER.handlers):
+        notices.LOGGER.addHandler(_NoteHandler())
+        notices.LOGGER.setLevel(logging.INFO)
+        notices.LOGGER.propagate = False
 
 
 def _open_run(paths: tuple[str, ...], sort: str = "step", key: str | None = None) -> Any:
