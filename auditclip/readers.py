@@ -49,6 +49,7 @@ import torch
 
 from .dtypes import SAFETENSORS, dtype_name, is_float_dtype, torch_dtype
 from .errors import CheckpointError
+from .notices import note
 from .paths import member
 
 #: Keys under which trainers nest the model's state dict, tried in this order.
@@ -325,7 +326,9 @@ class _TorchSource(_Source):
         try:
             obj, self._lazy = _load_torch(self._file)
             state = find_state_dict(obj, path, key)
-            self._tensors = tensors_of(state, path)
+            self._tensors = untie(tensors_of(state, path), self._lazy)
+            if key is None:
+                note_copies(weight_copies(obj, path))
         except BaseException:
             self._file.close()
             raise
@@ -385,14 +388,41 @@ def _zip_byteorder(f: PinnedFile) -> str | None:
 def _load_torch(f: PinnedFile) -> tuple[Any, bool]:
     """Unpickle a torch file safely; (object, lazy): lazy means tensors are meta descriptions."""
     lazy = _zip_byteorder(f) == "little"
+    return _safe_torch_load(f, "meta" if lazy else "cpu", stubs=lazy), lazy
+
+
+def _safe_torch_load(f: PinnedFile, map_location: str, stubs: bool) -> Any:
+    """``torch.load(weights_only=True)``; when it refuses a zip-format file (``stubs``), the gated
+    unpickler of :mod:`auditclip.safe_pickle`, which reads the tensors and builds no foreign object.
+
+    A pickle that needs a global which is plainly code (``os.system``...) is a
+    :class:`CheckpointError` of kind ``unsafe`` either way; nothing of it runs.
+    """
+    from .safe_pickle import Refused, pickle_module
+
     try:
-        with warnings.catch_warnings(), f.dup() as fh:
-            warnings.simplefilter("ignore")  # torch's warnings would print before our one Error line
-            obj = torch.load(fh, map_location="meta" if lazy else "cpu", weights_only=True, mmap=False)
+        try:
+            with warnings.catch_warnings(), f.dup() as fh:
+                warnings.simplefilter("ignore")  # torch's warnings would print before our one Error line
+                obj = torch.load(fh, map_location=map_location, weights_only=True, mmap=False)
+        except pickle.UnpicklingError as exc:
+            if not stubs:  # legacy-format files: only what weights_only admits
+                raise CheckpointError(f.path, _unsafe_message(f.path, exc), kind="unsafe") from exc
+            module, reports = pickle_module()
+            with warnings.catch_warnings(), f.dup() as fh:
+                warnings.simplefilter("ignore")
+                obj = torch.load(fh, map_location=map_location, weights_only=False, mmap=False,
+                                 pickle_module=module)
+            stubbed = list(dict.fromkeys(name for report in reports for name in report))
+            if stubbed:
+                note(f"read the weights without building the other objects the pickle holds: "
+                     f"{', '.join(stubbed)} kept as inert placeholders (none of their code ran)")
         f.check()
-        return obj, lazy
+        return obj
     except CheckpointError:
         raise
+    except Refused as exc:
+        raise CheckpointError(f.path, _unsafe_message(f.path, exc), kind="unsafe") from exc
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f.path, _unsafe_message(f.path, exc), kind="unsafe") from exc
     except Exception as exc:  # torch raises RuntimeError, zipfile, EOF, ... for damaged files
@@ -428,32 +458,34 @@ def allow_globals(names: list[str] | tuple[str, ...]) -> list[Any]:
 
 
 def load_torch_file(path: Path) -> Any:
-    """``torch.load`` a whole pickle safely (``weights_only=True``), into memory.
+    """``torch.load`` a whole pickle safely, into memory.
 
-    For rewriting a container (``clip`` keeps its optimizer state and the rest),
+    For rewriting a container (``clip`` of a legacy-format file, ``--to safetensors``),
     so every tensor is read; the file is read, never mapped, and a file that
-    changes while it is read is a ``changed`` error. Raises
-    :class:`CheckpointError` naming the globals the file would need when
+    changes while it is read is a ``changed`` error. Foreign objects in a
+    zip-format file are kept as inert placeholders (:mod:`auditclip.safe_pickle`).
+    Raises :class:`CheckpointError` naming the globals the file would need when
     unpickling it would run code: auditclip never loads such a file.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "x.pt"
+    >>> torch.save({"w": torch.ones(2)}, path)
+    >>> load_torch_file(path)["w"].tolist()
+    [1.0, 1.0]
     """
     f = PinnedFile(Path(path))
     try:
-        with warnings.catch_warnings(), f.dup() as fh:
-            warnings.simplefilter("ignore")
-            obj = torch.load(fh, map_location="cpu", weights_only=True, mmap=False)
-        f.check()
-        return obj
-    except CheckpointError:
-        raise
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(path, _unsafe_message(Path(path), exc), kind="unsafe") from exc
-    except Exception as exc:
-        raise CheckpointError(path, f"not a readable PyTorch file: {_one_line(exc)}") from exc
+        return _safe_torch_load(f, "cpu", stubs=_zip_byteorder(f) is not None)
     finally:
         f.close()
 
 
 def _unsafe_message(path: Path, exc: Exception) -> str:
+    refused = list(getattr(exc, "names", []))  # safe_pickle.Refused: the globals that are code
+    if refused:
+        return (f"refused: it calls {', '.join(refused)}, which is code, not data; auditclip never runs code "
+                "from a checkpoint. Re-save it as safetensors with code you trust, or admit a class you trust "
+                "with --allow-global module.Class")
     names: list[str] = []
     try:
         with warnings.catch_warnings():
@@ -542,6 +574,82 @@ def find_state_dict(obj: Any, path: Path, key: str | None = None) -> Mapping[str
         raise CheckpointError(path, f"no tensors at the top level (entries: {_entries(obj)}); pick one with --key")
     # A bare state dict: nested mappings here are optimizer or trainer state, not weights.
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def weight_copies(obj: Any, path: Path, key: str | None = None) -> list[tuple[str | None, Mapping[str, Any]]]:
+    """Every copy of the model's weights in a container: (entry, state dict), the one read first.
+
+    The first is what :func:`find_state_dict` reads (``key``, else the first of
+    :data:`WRAPPER_KEYS`; entry None for a bare state dict). Other top-level entries
+    are copies when they are mappings whose tensors carry at least half of its names
+    (after :func:`normalize_names`): Lightning's weight averaging (``state_dict`` = the
+    average, ``current_model_state`` = the live weights), ``ema_state_dict``, ``model_ema``.
+    Optimizer state (``param_groups``, integer keys) never matches.
+
+    >>> w = {"fc.weight": torch.zeros(2)}
+    >>> [e for e, _ in weight_copies({"state_dict": w, "current_model_state": dict(w), "epoch": 1}, Path("x.ckpt"))]
+    ['state_dict', 'current_model_state']
+    """
+    state = find_state_dict(obj, path, key)
+    first = next((k for k, v in obj.items() if v is state), None) if isinstance(obj, Mapping) else None
+    copies: list[tuple[str | None, Mapping[str, Any]]] = [(None if first is None else str(first), state)]
+    if first is None:
+        return copies
+    names = set(normalize_names([n for _, _, n in tensor_slots(state, path)]))
+    for k, v in obj.items():
+        if k == first or not isinstance(v, Mapping) or not names:
+            continue
+        theirs = set(normalize_names([n for _, _, n in tensor_slots(v, path)]))
+        if len(names & theirs) * 2 >= len(names):
+            copies.append((str(k), v))
+    return copies
+
+
+def note_copies(copies: list[tuple[str | None, Mapping[str, Any]]]) -> None:
+    """Say which copy of the weights was read and which were left out (when there are several)."""
+    if len(copies) > 1:
+        others = ", ".join(str(e) for e, _ in copies[1:])
+        note(f"read the weights in '{copies[0][0]}'; the file holds other copies of them, left out: {others} "
+             "(read one with --key NAME; clip clips every copy)")
+
+
+def storage_identity(t: torch.Tensor, lazy: bool) -> tuple[Any, ...] | None:
+    """What makes two tensors the same data: storage, offset in it, shape, stride and dtype.
+
+    ``lazy``: meta tensors from a zip file, whose storage is known by its offset in the file.
+    None for a tensor with no storage to compare (sparse, empty).
+    """
+    if t.layout != torch.strided or t.numel() == 0:
+        return None
+    storage = t.untyped_storage()
+    base = getattr(storage, "_checkpoint_offset", None) if lazy else storage.data_ptr()
+    if base is None:
+        return None
+    return (base, storage.nbytes(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def untie(tensors: dict[str, torch.Tensor], lazy: bool = False) -> dict[str, torch.Tensor]:
+    """``tensors`` with every tied copy left out (the first name in file order is kept), each said once.
+
+    Two names are tied when their tensors are the same region of one storage
+    (:func:`storage_identity`): a tied embedding and LM head are one tensor, counted,
+    flagged and clipped once.
+
+    >>> w = torch.zeros(2, 3)
+    >>> list(untie({"wte.weight": w, "lm_head.weight": w, "b": torch.zeros(3)}))
+    ['wte.weight', 'b']
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    kept: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        ident = storage_identity(t, lazy)
+        if ident is not None and ident in first:
+            note(f"{name} is tied to {first[ident]} (same storage); counted once")
+            continue
+        if ident is not None:
+            first[ident] = name
+        kept[name] = t
+    return kept
 
 
 def _entries(obj: Mapping[str, Any]) -> str:

@@ -93,9 +93,18 @@ def test_allow_global_admits_a_named_class(tmp_path: Path, monkeypatch: pytest.M
     ckpt = tmp_path / "ckpt" / "step_1.pt"
     ckpt.parent.mkdir()
     torch.save({"state_dict": _weights(0), "meta": trainmeta.TrainMeta(0.3)}, ckpt)
-    refused = CliRunner().invoke(cli, ["inspect", str(ckpt)])
+    # a zip-format file: the foreign object is kept as an inert placeholder and said on stderr
+    stubbed = CliRunner().invoke(cli, ["inspect", str(ckpt)])
+    assert stubbed.exit_code == 0 and "weight" in stubbed.output, stubbed.output
+    assert "trainmeta.TrainMeta kept as inert placeholders" in stubbed.output
+    # a legacy-format file is still refused: only what weights_only admits
+    legacy = tmp_path / "legacy" / "step_1.pt"
+    legacy.parent.mkdir()
+    torch.save({"state_dict": _weights(0), "meta": trainmeta.TrainMeta(0.3)}, legacy,
+               _use_new_zipfile_serialization=False)
+    refused = CliRunner().invoke(cli, ["inspect", str(legacy)])
     assert refused.exit_code == 2 and "trainmeta.TrainMeta" in refused.output
-    allowed = CliRunner().invoke(cli, ["--allow-global", "trainmeta.TrainMeta", "inspect", str(ckpt)])
+    allowed = CliRunner().invoke(cli, ["--allow-global", "trainmeta.TrainMeta", "inspect", str(legacy)])
     assert allowed.exit_code == 0, allowed.output
     assert "weight" in allowed.output
     bad = CliRunner().invoke(cli, ["--allow-global", "nowhere_xyz.Thing", "inspect", str(ckpt)])
