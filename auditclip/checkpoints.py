@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import json
 import math
 import os
+import pickletools
 import re
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,6 +71,13 @@ _STEP_TIERS = tuple(
 )
 
 SORT_MODES = ("step", "name", "mtime")
+
+#: The label of a Hugging Face Trainer's final ``save_model()`` output in the run root.
+FINAL_LABEL = "final"
+# accelerate's save_state() names the weights of its 2nd, 3rd... prepared model model_1.safetensors...
+_ACCELERATE_EXTRA = re.compile(r"^(?:model|pytorch_model)_(\d+)\.(?:safetensors|bin)$")
+# Lightning's last.ckpt, last-v1.ckpt: a copy (or link) of another checkpoint, or one more save
+_LAST = re.compile(r"^last(?:-v\d+)?\.", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 #: Steps are stored as 64-bit integers (pandas ``Int64``); anything outside is unknown.
@@ -93,6 +103,7 @@ class Checkpoint:
     label: str
     step: int | None = None
     problem: tuple[str, str] | None = field(default=None, compare=False)
+    duplicates: tuple[str, ...] = field(default=(), compare=False)
 
     def check(self) -> None:
         """Raise the :class:`CheckpointError` found while listing the run, if any."""
@@ -136,6 +147,7 @@ class Run:
     key: str | None = None
     ignored: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    duplicates: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.checkpoints)
@@ -290,6 +302,147 @@ def _metadata_step(weights: Path, notes: list[str] | None = None) -> int | None:
     return _step_from(meta, f"the metadata of {weights.name}", notes)[0]
 
 
+# --- the step a pickled checkpoint stores, read without unpickling --------------------------
+
+_MARK = object()  # a MARK on the simulated pickle stack
+_INT_OPS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"})
+_STR_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+                      "BINUNICODE8"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_STEP_KEYS = ("global_step", "step")
+#: Opcodes read at most while looking for the step: Lightning writes ``global_step`` second,
+#: so it is found within a few opcodes; a pickle that hides it deeper is not worth reading whole.
+_MAX_OPCODES = 200_000
+
+
+class _Value(NamedTuple):
+    """An object on the simulated stack: a str or int value when known, and whether it is the top-level one."""
+
+    value: object
+    top: bool
+
+
+def _pickle_top_level_step(stream: Any) -> tuple[int | None, str | None]:
+    """The int stored under ``global_step`` (else ``step``) in the top-level dict of a pickle, and its key.
+
+    The pickle is never executed: its opcodes are walked with :func:`pickletools.genops`
+    on a simulated stack that only remembers strings, ints and which object is the
+    top-level one (the first object pushed onto the empty stack). A foreign class
+    (``__main__.Config``) is just a ``GLOBAL`` opcode here, so it is never imported.
+    An item is top-level when the stack holds the top-level dict, a MARK, then
+    key/value pairs (``SETITEMS``) or just the key (``SETITEM``).
+
+    >>> import io, pickle
+    >>> _pickle_top_level_step(io.BytesIO(pickle.dumps({"epoch": 2, "global_step": 60, "hp": {"step": 1}}, 2)))
+    (60, 'global_step')
+    >>> _pickle_top_level_step(io.BytesIO(pickle.dumps({"hp": {"global_step": 5}}, 2)))
+    (None, None)
+    """
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    found: dict[str, int] = {}
+
+    def push(value: object = None) -> None:
+        stack.append(_Value(value, not stack))
+
+    def pop_to_mark() -> list[Any]:
+        i = len(stack) - 1
+        while i >= 0 and stack[i] is not _MARK:
+            i -= 1
+        if i < 0:
+            raise ValueError("no MARK on the stack")
+        items = stack[i + 1:]
+        del stack[i:]
+        return items
+
+    def top_level_key() -> str | None:
+        """The key just pushed, when it is a key of the top-level dict."""
+        if not stack or not isinstance(stack[0], _Value) or not stack[0].top:
+            return None
+        key = stack[-1].value if isinstance(stack[-1], _Value) else None
+        if not isinstance(key, str):
+            return None
+        if len(stack) == 2:  # SETITEM: [dict, key]
+            return key
+        if len(stack) >= 3 and stack[1] is _MARK and (len(stack) - 3) % 2 == 0 and _MARK not in stack[2:]:
+            return key  # SETITEMS: [dict, MARK, k, v, ..., key]
+        return None
+
+    for n_ops, (op, arg, _) in enumerate(pickletools.genops(stream)):
+        if n_ops >= _MAX_OPCODES or "global_step" in found:
+            break
+        name = op.name
+        if name in _INT_OPS and not isinstance(arg, bool):
+            key = top_level_key()
+            if key in _STEP_KEYS and isinstance(arg, int):
+                found.setdefault(key, arg)
+            push(arg)
+        elif name in _STR_OPS:
+            push(arg.decode("utf-8", "replace") if isinstance(arg, bytes) else arg)
+        elif name == "MARK":
+            stack.append(_MARK)
+        elif name in _PUT_OPS or name == "MEMOIZE":
+            if stack:
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+        elif name in _GET_OPS:
+            got = memo.get(arg)
+            push(got.value if isinstance(got, _Value) else None)
+        elif name == "STOP":
+            break
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                pop_to_mark()
+                count = before.index(pickletools.markobject)
+            else:
+                count = len(before)
+            if count > len(stack):
+                raise ValueError("stack underflow")
+            del stack[len(stack) - count:]
+            for _ in op.stack_after:
+                push()
+    for key in _STEP_KEYS:
+        if key in found:
+            return found[key], key
+    return None, None
+
+
+def _torch_stored_step(path: Path) -> tuple[int | None, str | None]:
+    """``global_step`` (else ``step``) stored at the top level of a ``torch.save`` zip file (a Lightning ``.ckpt``...).
+
+    Anything unreadable is (None, None): a broken file is reported when it is opened.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return None, None  # the legacy (non-zip) format: no cheap way to its step
+        with zipfile.ZipFile(path) as archive:
+            names = [i for i in archive.infolist() if i.filename.endswith("data.pkl") and i.filename.count("/") <= 1]
+            if len(names) != 1:
+                return None, None
+            with archive.open(names[0]) as stream:
+                return _pickle_top_level_step(stream)
+    except Exception:  # a broken zip, a malformed pickle: the step is unknown, the read reports the file
+        return None, None
+
+
+def _stored_step(weights: Path, notes: list[str]) -> tuple[int | None, str]:
+    """The step the checkpoint itself stores, and where it was found (for notes).
+
+    ``trainer_state.json`` beside Hugging Face weights, the ``step``/``global_step``
+    safetensors metadata, or the top-level ``global_step`` of a pickled checkpoint.
+    """
+    name = weights.name.lower()
+    if name.endswith(TORCH_SUFFIXES):
+        state = weights.parent / "trainer_state.json"
+        if not (weights.name in HF_WEIGHT_NAMES and state.is_file()):
+            step, key = _torch_stored_step(weights)
+            return step, f"{key} in the file"
+    where = "trainer_state.json" if weights.name in HF_WEIGHT_NAMES and (weights.parent / "trainer_state.json").is_file() \
+        else "its metadata"
+    return _metadata_step(weights, notes), where
+
+
 def _json_problem(exc: Exception) -> str:
     if isinstance(exc, RecursionError):
         return "not valid JSON: nested too deeply"
@@ -314,6 +467,7 @@ class _Found(NamedTuple):
     path: Path
     weights: Path
     problem: tuple[str, str] | None = None
+    label: str | None = None  # a label that is not the path: ``final`` for a Trainer's save_model()
 
 
 @dataclass
@@ -456,7 +610,9 @@ def _model_weights(listing: _Listing) -> tuple[Path | None, list[tuple[Path, str
     return primary, notes
 
 
-def _expand_directory(directory: Path) -> tuple[list[_Found], list[Path], list[tuple[Path, str]]]:
+def _expand_directory(
+    directory: Path, descend: bool = True,
+) -> tuple[list[_Found], list[Path], list[tuple[Path, str]]]:
     """The checkpoints in a directory the user named, the trainer state beside them, and notes.
 
     The directory is one checkpoint folder when all its weight files are model
@@ -487,7 +643,12 @@ def _expand_directory(directory: Path) -> tuple[list[_Found], list[Path], list[t
         if weights is not None:
             found.append(_Found(sub, weights, listing.problems.get(weights)))
             ignored += listing.ignored
-            notes += listing.notes + extra
+            notes += listing.notes
+            for p, message in extra:
+                if _ACCELERATE_EXTRA.match(p.name) and p.is_file():  # accelerate's second model: its own series
+                    found.append(_Found(p, p))
+                else:
+                    notes.append((p, message))
         elif listing.weights or listing.weight_dirs:
             names = ", ".join(p.name for p in (listing.weights + listing.weight_dirs)[:3])
             more = ", ..." if len(listing.weights) + len(listing.weight_dirs) > 3 else ""
@@ -502,7 +663,18 @@ def _expand_directory(directory: Path) -> tuple[list[_Found], list[Path], list[t
     if not found and own_weights is not None and all_model:  # the directory is itself one checkpoint folder
         return [_Found(directory, own_weights, own.problems.get(own_weights))], own.ignored, \
             notes + own.notes + own_extra
-    found += [_Found(p, p, own.problems.get(p)) for p in own.weights + own.weight_dirs]
+    own_entries = own.weights + own.weight_dirs
+    if found and own_weights is not None:
+        # a Trainer's save_model() beside its checkpoint-*/ folders: the final weights, one entry labelled
+        # "final", not an unnumbered step; other model-named files beside them are noted as in any folder
+        found.append(_Found(directory, own_weights, own.problems.get(own_weights), label=FINAL_LABEL))
+        notes += [(p, m) for p, m in own_extra if p.name in HF_WEIGHT_NAMES]
+        own_entries = [p for p in own_entries if p.name not in HF_WEIGHT_NAMES]
+    found += [_Found(p, p, own.problems.get(p)) for p in own_entries]
+    if not found and descend and (directory / "checkpoints").is_dir() and not (directory / "checkpoints").is_symlink():
+        # an accelerate project_dir: save_state() writes checkpoints/checkpoint_<i>/ under it
+        inner, inner_ignored, inner_notes = _expand_directory(directory / "checkpoints", descend=False)
+        return inner, ignored + own.ignored + inner_ignored, notes + own.notes + inner_notes
     return found, ignored + own.ignored, notes + own.notes
 
 
@@ -689,21 +861,298 @@ def open_run(
         root = Path(os.path.commonpath([str(f.path.absolute().parent) for f in unique]))
     notes = [_render(p, m, root) for p, m in found_notes]
     checkpoints = []
+    disagree: list[tuple[str, int, int, str]] = []
+    taken = {Path(os.path.relpath(f.path.absolute(), root.absolute())).as_posix() for f in unique}
     for f in unique:
         raw_label = Path(os.path.relpath(f.path.absolute(), root.absolute())).as_posix()
+        if f.label is not None:  # the Trainer's final save_model() in the run root
+            raw_label = f.label if f.label not in taken else f"{f.label} (run root)"
         label = printable(raw_label)
-        step, too_big = _name_step(raw_label)
+        named, too_big = _name_step(raw_label) if f.label is None else (None, None)
         why: list[str] = []
         if too_big is not None:
             shown = too_big if len(too_big) <= 40 else too_big[:40] + "..."
             why.append(f"ignored the step {shown} in its name: beyond the 64-bit integer range")
-        if step is None and f.problem is None:
-            step = _metadata_step(f.weights, why)
+        stored, where = _stored_step(f.weights, why) if f.problem is None else (None, "")
+        step = stored if stored is not None else named
+        if stored is not None and named is not None and stored != named:
+            disagree.append((label, stored, named, where))
         if why:
             notes.append(printable(f"{label}: {'; '.join(why)}" + ("; step unknown" if step is None else "")))
         checkpoints.append(Checkpoint(path=f.path, weights=f.weights, label=label, step=step, problem=f.problem))
+    if disagree:
+        shown = "; ".join(f"{label}: {stored} ({where}), not {named}" for label, stored, named, where in disagree[:3])
+        more = f"; and {len(disagree) - 3} more" if len(disagree) > 3 else ""
+        notes.append(printable(f"{len(disagree)} checkpoint(s) store a step other than the one in their name; "
+                               f"the stored step is used ({shown}{more})"))
+    checkpoints, duplicates = _fold_duplicates(checkpoints)
+    if duplicates:
+        shown = "; ".join(f"{dup} ({why} {kept})" for dup, kept, why in duplicates[:5])
+        more = f"; and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+        notes.append(printable(f"folded {len(duplicates)} duplicate(s) into the checkpoint they copy, "
+                               f"audited once: {shown}{more}"))
+    _refuse_several_series(checkpoints, inputs, root)
     checkpoints.sort(key=_sort_key(sort))
-    return Run(checkpoints=checkpoints, root=root, key=key, ignored=ignored, notes=list(dict.fromkeys(notes)))
+    notes += _deleted_checkpoints_note(checkpoints)
+    return Run(checkpoints=checkpoints, root=root, key=key, ignored=ignored, notes=list(dict.fromkeys(notes)),
+               duplicates=duplicates)
+
+
+# --- duplicates: links, last.ckpt, byte-identical copies --------------------------------------
+
+_SAMPLE_BLOCK = 4096
+_SAMPLES = 9
+
+
+def _sample_digest(path: Path, size: int) -> bytes:
+    """A digest of a few blocks spread over the file: two different checkpoints differ in one of them at once."""
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        for i in range(_SAMPLES):
+            f.seek(max(0, (size - _SAMPLE_BLOCK) * i // (_SAMPLES - 1)))
+            h.update(f.read(_SAMPLE_BLOCK))
+    return h.digest()
+
+
+def _full_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def _tensor_records(path: Path) -> list[tuple[str, int, int]] | None:
+    """The (name, CRC-32, size) of the tensor records of a ``torch.save`` zip, None if it is not one."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return None
+        with zipfile.ZipFile(path) as archive:
+            return sorted((i.filename.split("/", 1)[-1], i.CRC, i.file_size) for i in archive.infolist()
+                          if "/data/" in "/" + i.filename.split("/", 1)[-1])
+    except Exception:  # a broken zip: not a duplicate of anything
+        return None
+
+
+def _same_tensor_data(a: Path, b: Path) -> bool:
+    """Whether two ``torch.save`` zips hold byte-identical tensor records (their pickles may differ)."""
+    records = _tensor_records(a)
+    if not records or records != _tensor_records(b):
+        return False
+    try:  # the CRCs agree: compare the bytes, so a CRC collision never folds two checkpoints
+        with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+            pa = {i.filename.split("/", 1)[-1]: i for i in za.infolist()}
+            pb = {i.filename.split("/", 1)[-1]: i for i in zb.infolist()}
+            for name, _, _ in records:
+                with za.open(pa[name]) as fa, zb.open(pb[name]) as fb:
+                    while True:
+                        x, y = fa.read(1 << 20), fb.read(1 << 20)
+                        if x != y:
+                            return False
+                        if not x:
+                            break
+        return True
+    except Exception:
+        return False
+
+
+def _keep_rank(c: Checkpoint) -> tuple[bool, bool, bool, tuple[tuple[int, int, str], ...]]:
+    """Which of identical checkpoints is kept: a real file with a step in its name, not last.ckpt or "final"."""
+    linked = c.path.is_symlink() or c.weights.is_symlink()
+    unnamed = bool(_LAST.match(c.path.name)) or c.label == FINAL_LABEL
+    return linked, unnamed, parse_step(c.label) is None, natural_key(c.label)
+
+
+def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], list[tuple[str, str, str]]]:
+    """Checkpoints with each duplicate folded into the one it copies, and ``(duplicate, kept, how)`` for each.
+
+    A duplicate is a symlink or hard link to another checkpoint's file, a byte-identical
+    copy (sizes compared first, then a digest of a few blocks, then a hash of all the
+    bytes, only among files of the same size), or a ``last.ckpt`` that stores the same
+    step and the same tensor bytes as another checkpoint (only its pickled trainer state differs).
+    Sharded checkpoints and files that cannot be read are never folded.
+    """
+    by_size: dict[int, list[tuple[Checkpoint, os.stat_result]]] = {}
+    for c in checkpoints:
+        if c.problem is not None or c.weights.name.lower().endswith(".index.json"):
+            continue
+        try:
+            st = c.weights.stat()
+        except OSError:
+            continue
+        by_size.setdefault(st.st_size, []).append((c, st))
+    folded: dict[str, tuple[Checkpoint, str]] = {}  # duplicate label -> (kept, how)
+    for size, group in by_size.items():
+        if len(group) < 2:
+            continue
+        classes: dict[object, list[tuple[Checkpoint, os.stat_result]]] = {}
+        digests: dict[tuple[int, int], object] = {}
+        for c, st in group:
+            inode = (st.st_dev, st.st_ino)
+            if inode not in digests:
+                digests[inode] = ("sample", _safe(_sample_digest, c.weights, size))
+            classes.setdefault(digests[inode], []).append((c, st))
+        for key, members in list(classes.items()):
+            if len({(st.st_dev, st.st_ino) for _, st in members}) < 2 or key[1] is None:  # type: ignore[index]
+                continue
+            del classes[key]
+            for c, st in members:  # the samples agree: only now read every byte
+                full = digests.setdefault(("full", st.st_dev, st.st_ino), _safe(_full_digest, c.weights))  # type: ignore[arg-type]
+                classes.setdefault(("full", full) if full is not None else ("unread", c.label), []).append((c, st))
+        for members in classes.values():
+            if len(members) < 2:
+                continue
+            kept, kept_st = min(members, key=lambda m: _keep_rank(m[0]))
+            for c, st in members:
+                if c is kept:
+                    continue
+                if c.path.is_symlink() or c.weights.is_symlink():
+                    how = "a link to"
+                elif (st.st_dev, st.st_ino) == (kept_st.st_dev, kept_st.st_ino):
+                    how = "the same file as"
+                else:
+                    how = "byte-identical to"
+                folded[c.label] = (kept, how)
+    # last.ckpt saved again at a step another checkpoint has: the same weights, another pickle
+    rest = [c for c in checkpoints if c.label not in folded and c.problem is None]
+    for c in rest:
+        if not _LAST.match(c.path.name) or c.step is None:
+            continue
+        for other in rest:
+            if other is not c and other.label not in folded and other.step == c.step and not _LAST.match(other.path.name) \
+                    and _same_tensor_data(c.weights, other.weights):
+                folded[c.label] = (other, "the same step and tensor bytes as")
+                break
+    if not folded:
+        return checkpoints, []
+    extra: dict[str, list[str]] = {}
+    for dup, (kept, _) in folded.items():
+        extra.setdefault(kept.label, []).append(dup)
+    out = [replace(c, duplicates=c.duplicates + tuple(extra.get(c.label, ()))) for c in checkpoints if c.label not in folded]
+    return out, [(dup, kept.label, how) for dup, (kept, how) in folded.items()]
+
+
+def _safe(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OSError:  # unreadable now: never a duplicate; reading it later reports why
+        return None
+
+
+# --- several models in one folder --------------------------------------------------------------
+
+# a number in a name: 3, 0.456, 1e-05, and the sign of a metric (val_loss=-0.5)
+_NUMBER = re.compile(r"(?:(?<==)[-+])?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def _series_shape(c: Checkpoint, accelerate_dirs: set[Path]) -> tuple[str, tuple[str, ...], str]:
+    """The checkpoint's name with its numbers taken out, the numbers, and a literal tail (glob-escaped).
+
+    The name is its label. In a folder holding accelerate's several models, the weights file
+    is added (``checkpoint_*/model.safetensors``) and kept literal: the number of
+    ``model_1.safetensors`` names a model, not a step.
+    Lightning's ``-v1`` (a name saved twice) is no part of a series' name.
+    """
+    label, tail = c.label, ""
+    if c.weights.parent in accelerate_dirs:
+        if c.path != c.weights:
+            tail = "/" + glob.escape(c.weights.name)
+        elif "/" in label:
+            label, tail = label.rsplit("/", 1)[0], "/" + glob.escape(c.weights.name)
+    label = re.sub(r"-v\d+(?=\.\w+$)", "", label)
+    numbers = tuple(_NUMBER.findall(label))
+    return _NUMBER.sub("\0", label), numbers, tail
+
+
+def _series(checkpoints: list[Checkpoint], accelerate_dirs: set[Path]) -> list[tuple[str, list[Checkpoint]]]:
+    """Checkpoints grouped into model series: ``(glob relative to the run, members)``, largest first.
+
+    Names equal once their numbers are taken out are one series (``netD_epoch_*.pth``). When one
+    number takes two or more values that each come with the same set of the other numbers
+    (``net1_epoch_{1..5}`` and ``net2_epoch_{1..5}``), it names a model, not a step: one series each.
+    """
+    groups: dict[tuple[str, str], list[tuple[Checkpoint, tuple[str, ...]]]] = {}
+    for c in checkpoints:
+        shape, numbers, tail = _series_shape(c, accelerate_dirs)
+        groups.setdefault((shape, tail), []).append((c, numbers))
+    out: list[tuple[str, list[Checkpoint]]] = []
+    for (shape, tail), members in groups.items():
+        fixed: dict[int, str] = {}
+        width = len(members[0][1])
+        for pos in range(width):
+            by_value: dict[str, list[tuple[Checkpoint, tuple[str, ...]]]] = {}
+            for m in members:
+                by_value.setdefault(m[1][pos], []).append(m)
+            rests = {frozenset(n[:pos] + n[pos + 1:] for _, n in ms) for ms in by_value.values()}
+            if len(by_value) >= 2 and all(len(ms) >= 2 for ms in by_value.values()) and len(rests) == 1:
+                for value, ms in by_value.items():
+                    out.append((_series_glob(shape, {pos: value}, tail), [c for c, _ in ms]))
+                break
+        else:
+            out.append((_series_glob(shape, fixed, tail), [c for c, _ in members]))
+    return sorted(out, key=lambda s: (-len(s[1]), natural_key(s[0])))
+
+
+def _series_glob(shape: str, fixed: dict[int, str], tail: str) -> str:
+    parts = shape.split("\0")
+    text = glob.escape(parts[0])
+    for i, part in enumerate(parts[1:]):
+        text += (glob.escape(fixed[i]) if i in fixed else "*") + glob.escape(part)
+    return text + tail  # the tail is escaped already
+
+
+def _refuse_several_series(checkpoints: list[Checkpoint], inputs: Sequence[Any], root: Path) -> None:
+    """Stop with an :class:`InputError` when the checkpoints hold more than one model series.
+
+    A series is two or more checkpoints of one name pattern, or accelerate's second model
+    (``model_1.safetensors``) and the model beside it. A single unnumbered file beside a
+    series (``final.pt``, ``best.ckpt``, a ``last.ckpt`` that copies nothing) belongs to the run.
+    """
+    accelerate_dirs = {c.weights.parent for c in checkpoints if _ACCELERATE_EXTRA.match(c.weights.name)}
+    series = _series(checkpoints, accelerate_dirs)
+    counted = [(pattern, members) for pattern, members in series
+               if len(members) >= 2 or any(c.weights.parent in accelerate_dirs for c in members)]
+    if len(counted) < 2:
+        return
+    if len(inputs) == 1 and Path(os.fspath(inputs[0])).is_dir():
+        base = os.fspath(inputs[0]).rstrip("/") or "/"
+    else:
+        rel = os.path.relpath(root.absolute())
+        base = str(root.absolute()) if rel.startswith("..") else rel
+    base = glob.escape(base)
+    globs = [(base.rstrip("/") + "/" + pattern if base != "." else pattern) for pattern, _ in counted]
+    listing = ", ".join(f"{pattern}: {len(members)} file{'s' if len(members) != 1 else ''}"
+                        for pattern, members in counted)
+    where = printable(os.fspath(inputs[0])) if len(inputs) == 1 else "the checkpoints given"
+    picks = " or ".join(f"'{printable(g)}'" for g in globs[:3])
+    raise InputError(f"{where} holds {len(counted)} model series ({printable(listing)}); they are never chained "
+                     f"into one run: audit one at a time, e.g. auditclip drift {picks}")
+
+
+# --- notes on what a run is missing -------------------------------------------------------------
+
+
+def _deleted_checkpoints_note(checkpoints: list[Checkpoint]) -> list[str]:
+    """A note when a Trainer run kept only its latest checkpoints (``save_total_limit``).
+
+    The first kept ``checkpoint-N/`` is then not the first save: its ``trainer_state.json``
+    says the Trainer saved every ``save_steps`` steps, and N is larger.
+    """
+    first = next((c for c in checkpoints if c.step is not None and c.path.is_dir() and c.label != FINAL_LABEL
+                  and (c.weights.parent / "trainer_state.json").is_file()), None)
+    if first is None:
+        return []
+    try:
+        doc = json.loads((first.weights.parent / "trainer_state.json").read_text(encoding="utf-8"))
+    except Exception:  # a broken trainer_state.json is noted where its step is read
+        return []
+    every = doc.get("save_steps") if isinstance(doc, dict) else None
+    if isinstance(every, bool) or not isinstance(every, int) or every <= 0 or first.step is None \
+            or first.step <= every:
+        return []
+    return [printable(f"{first.label} is the earliest checkpoint kept, but the Trainer saved every {every} steps "
+                      f"(trainer_state.json): the earlier checkpoints were deleted (save_total_limit), so the run "
+                      f"and its reference start at step {first.step}, not at the start of training")]
 
 
 def _mtime(path: Path) -> float:
@@ -721,4 +1170,6 @@ def _sort_key(sort: str):  # type: ignore[no-untyped-def]
         return lambda c: natural_key(c.label)
     if sort == "mtime":
         return lambda c: (_mtime(c.weights), natural_key(c.label))
-    return lambda c: (c.step is None, c.step or 0, natural_key(c.label))
+    # unknown steps last, by name; a Trainer's "final" save without a stored step is the first of those
+    return lambda c: (c.step is None, c.step or 0, (c.label == FINAL_LABEL) == (c.step is not None),
+                      natural_key(c.label))

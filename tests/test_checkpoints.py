@@ -43,8 +43,9 @@ def test_natural_order_of_names() -> None:
 
 
 def _touch_run(folder: Path, names: list[str]) -> None:
-    for name in names:
-        save_safetensors(folder / name, state_dict(0))
+    # distinct weights: byte-identical copies would be folded into one checkpoint
+    for i, name in enumerate(names):
+        save_safetensors(folder / name, state_dict(i))
 
 
 def test_step_order_beats_name_order(tmp_path: Path) -> None:
@@ -55,8 +56,8 @@ def test_step_order_beats_name_order(tmp_path: Path) -> None:
 
 
 def test_lightning_names_order_by_step_not_epoch(tmp_path: Path) -> None:
-    for name in ["epoch=10-step=110.ckpt", "epoch=2-step=30.ckpt", "epoch=9-step=100.ckpt"]:
-        torch.save({"state_dict": state_dict(0), "epoch": 1, "global_step": 1}, tmp_path / name)
+    for i, name in enumerate(["epoch=10-step=110.ckpt", "epoch=2-step=30.ckpt", "epoch=9-step=100.ckpt"]):
+        torch.save({"state_dict": state_dict(i), "epoch": 1, "global_step": parse_step(name)}, tmp_path / name)
     run = open_run(tmp_path)
     assert [c.step for c in run] == [30, 100, 110]
     assert run.labels[0] == "epoch=2-step=30.ckpt"

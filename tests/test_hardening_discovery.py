@@ -277,8 +277,9 @@ def test_recursive_glob_over_a_symlink_loop_ends(tmp_path: Path) -> None:
 
 def test_recursive_glob_matches_like_glob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    for name in ["run/step_1.safetensors", "run/a/step_2.safetensors", "run/a/b/step_3.pt", "run/.hidden/step_4.pt"]:
-        save_safetensors(Path(name), state_dict(0))
+    for i, name in enumerate(["run/step_1.safetensors", "run/a/step_2.safetensors", "run/a/b/step_3.pt",
+                              "run/.hidden/step_4.pt"]):
+        save_safetensors(Path(name), state_dict(i))  # distinct: identical copies would be folded
     assert open_run("run/**/*.safetensors").labels == ["step_1.safetensors", "a/step_2.safetensors"]
     assert open_run("run/**/step_*").labels == ["step_1.safetensors", "a/step_2.safetensors", "a/b/step_3.pt"]
     assert open_run(str(tmp_path / "run" / "**" / "b" / "*.pt")).labels == ["step_3.pt"]
