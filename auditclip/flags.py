@@ -9,16 +9,19 @@ rule           severity  fires when
 =============  ========  ================================================================
 range          error     a finite value lies outside [LO, HI] (``--range`` / ``--max-abs``)
 nonfinite      error     any NaN or Inf (always on)
-outlier        warning   robust z = |x - median| / (1.4826 MAD) above K (``--zscore``); with a range, outside it only
-jump           warning   step-to-step rel_l2_change above K x the tensor's median step change
-norm_growth    warning   L2 norm above F x its value at the reference checkpoint
+outlier        warning   z = |x - median| / scale above K (``--zscore``), scale from :func:`outlier_scale`; with a range, outside it only
+jump           warning   step-to-step rel_l2_change above K x the tensor's median step change (needs 4 checkpoints)
+norm_growth    warning   L2 norm above F x its value at the reference checkpoint (strictly above: exactly F passes)
 spike          info      |w| above K x the tensor's 99.99th percentile of |w| (``--spike``)
 dead           info      every element zero, or all equal
-frozen         info      identical at every checkpoint while the model changes
+frozen         info      identical at every checkpoint while the model changes (needs 2 checkpoints)
 =============  ========  ================================================================
 
 A bound is met when a value is inside it as the tensor's dtype can write it:
 a bf16 weight clamped to 0.01 in bf16 (0.01001) passes ``--max-abs 0.01``.
+
+A run rule that a run is too short for is not a silent pass: :func:`flag` says so with
+:func:`auditclip.notices.note` and a ``skipped`` row in ``flags.csv`` (which never fails the gate).
 """
 
 from __future__ import annotations
@@ -38,15 +41,27 @@ from .analysis import AnalysisResult, RunLike, analyze
 from .config import RULES, FlagRules, FlagSettings, flag_settings, severity_at_least
 from .dtypes import is_float_dtype
 from .errors import InputError
-from . import sketch
+from . import notices, sketch
 from .stats import TensorSummary, percentile
 
 FLAG_COLUMNS = ("checkpoint", "step", "tensor", "rule", "severity", "count", "fraction", "worst_value",
                 "worst_index", "threshold", "message")
 SEVERITY = {"range": "error", "nonfinite": "error", "outlier": "warning", "jump": "warning",
             "norm_growth": "warning", "spike": "info", "dead": "info", "frozen": "info"}
-#: Fewest step-to-step changes whose median makes a meaningful yardstick for ``jump``.
+#: Fewest step-to-step changes whose median makes a meaningful yardstick for ``jump``
+#: (with two, ``change > 5 x median`` cannot happen: the median is their mean).
 MIN_STEPS_FOR_JUMP = 3
+#: 1.4826 x MAD estimates a normal distribution's standard deviation (1 / Phi^-1(3/4)).
+MAD_SCALE = 1.4826
+#: IQR / 1.349 estimates a normal distribution's standard deviation (2 Phi^-1(3/4)).
+IQR_SCALE = 1.349
+#: A robust scale below this share of the next wider one has collapsed onto a pile of
+#: (nearly) equal values, as a WGAN critic's weights piled at +c (see :func:`outlier_scale`).
+COLLAPSE = 0.25
+#: The percentile of |w| the spike rule measures a weight against.
+SPIKE_PERCENTILE = 99.99
+#: ``severity`` of a row saying a rule could not be applied (never fails the gate).
+SKIPPED = "skipped"
 
 
 @dataclass
@@ -84,6 +99,47 @@ def _dtype_edge(value: float, dtype: torch.dtype) -> float:
         return value
 
 
+def outlier_scale(mad: float, iqr: float, std: float) -> tuple[float, str]:
+    """The scale of the outlier rule's z-score, and its name: the first that has not collapsed.
+
+    1. ``1.4826 x MAD``, unless it is 0 or below :data:`COLLAPSE` (1/4) of ``IQR/1.349``.
+       For any symmetric distribution the two are equal (the MAD is half the IQR), and a
+       few outliers move neither; the MAD falls far below the IQR only when about half
+       the values pile up at the median: a WGAN critic clamped to +-c, most weights at +c.
+    2. ``IQR / 1.349``, unless it is 0 or below 1/4 of the standard deviation (three
+       quarters of the values piled up).
+    3. the standard deviation (0 for a constant tensor: no outlier then; see ``dead``).
+
+    >>> outlier_scale(0.002, 0.004, 0.2)  # a bulk of small values and one far away: the MAD
+    (0.0029652, '1.4826*MAD')
+    >>> s, name = outlier_scale(0.0, 0.02, 0.009)  # half the weights at +c: MAD 0
+    >>> round(s, 6), name
+    (0.014826, 'IQR/1.349')
+    >>> outlier_scale(0.0, 0.0, 0.008)  # 80% at +c, 20% at -c
+    (0.008, 'std')
+    """
+    scale = MAD_SCALE * mad
+    wider = iqr / IQR_SCALE
+    if scale > 0 and scale >= COLLAPSE * wider:
+        return scale, "1.4826*MAD"
+    if wider > 0 and wider >= COLLAPSE * std:
+        return wider, "IQR/1.349"
+    return std, "std"
+
+
+def _quantile(summary: TensorSummary, q: float) -> float:
+    """The q-th percentile of the finite values: exact for small tensors, sketched for large."""
+    if summary.values is not None:
+        return percentile(summary.values, q)
+    return summary.cdf_sketch().quantile(q) if summary.n_finite else math.nan
+
+
+def _scale(summary: TensorSummary, mad: float) -> tuple[float, str]:
+    """:func:`outlier_scale` of one tensor, its MAD being known."""
+    iqr = _quantile(summary, 75.0) - _quantile(summary, 25.0)
+    return outlier_scale(mad, iqr, summary.stats["std"])
+
+
 def _abs_quantile(summary: TensorSummary, x: torch.Tensor, center: float, q: float) -> float:
     """The q-th percentile of |x - center| over finite values: exact for small tensors, sketched for large."""
     if summary.values is not None:
@@ -101,7 +157,8 @@ def _quiet(t: torch.Tensor, summary: TensorSummary, rules: FlagRules) -> bool:
     Decided from the statistics and two sorted copies (|x - median| for the MAD,
     |x| for the 99.99th percentile), exactly as :func:`element_findings` decides:
     the largest deviation of any element is the larger of ``max - median`` and
-    ``median - min`` (rounding is monotonic), the largest magnitude is ``abs_max``.
+    ``median - min`` (rounding is monotonic), the largest magnitude is ``abs_max``;
+    the scales and percentiles are the same functions of the same constants.
     A range check passes when ``min``/``max`` are inside the bounds as the dtype
     writes them. Anything less clear-cut is left to the element-wise code.
     """
@@ -122,11 +179,11 @@ def _quiet(t: torch.Tensor, summary: TensorSummary, rules: FlagRules) -> bool:
         wide = summary.values.astype(np.float64)  # type: ignore[union-attr]
         median = st["p50"]
         if outlier:
-            mad = percentile(np.sort(np.abs(wide - median)), 50.0)
-            if mad > 0 and max(hi - median, median - lo) > rules.zscore * 1.4826 * mad:
+            scale, _ = _scale(summary, percentile(np.sort(np.abs(wide - median)), 50.0))
+            if scale > 0 and max(hi - median, median - lo) > rules.zscore * scale:
                 return False
         if spike:
-            p9999 = percentile(np.sort(np.abs(wide - 0.0)), 99.99)
+            p9999 = percentile(np.sort(np.abs(wide - 0.0)), SPIKE_PERCENTILE)
             if p9999 > 0 and st["abs_max"] > rules.spike * p9999:
                 return False
     return True
@@ -137,13 +194,14 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
     """Findings of the element rules (range, nonfinite, outlier, spike, dead) for one tensor.
 
     ``rules``: the tensor's rules when already known (``settings.rules_for(name)``).
-    Here 0.5 is outside ``--max-abs 0.01`` and, against the other two values
-    (median 0, MAD 0.002), a robust z-score of 169 makes it an outlier as well:
+    Here 0.5 is outside ``--max-abs 0.01`` and, against the other values (median 0.001,
+    MAD 0.002), a robust z-score of 168 makes it an outlier as well:
 
     >>> from auditclip.stats import describe
-    >>> t = torch.tensor([0.0, 0.5, -0.002])
-    >>> [f["rule"] for f in element_findings("w", t, describe(t), flag_settings(options={"max_abs": 0.01}, search=False))]
-    ['range', 'outlier']
+    >>> t = torch.tensor([0.0, 0.5, -0.002, 0.001, 0.003])
+    >>> found = element_findings("w", t, describe(t), flag_settings(options={"max_abs": 0.01}, search=False))
+    >>> [f["rule"] for f in found], found[1]["message"].split("(max ")[1]
+    (['range', 'outlier'], 'z=168; median 0.001, scale 1.4826*MAD = 0.00297)')
     """
     rules = settings.rules_for(name) if rules is None else rules
     if summary.values is not None and _quiet(t, summary, rules):
@@ -178,9 +236,9 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
                 f"{count} value(s) outside [{lo:g}, {hi:g}]; worst {float(x[worst]):.6g}")
     median = summary.stats["p50"]
     if rules.on("outlier") and summary.n_finite > 2:
-        mad = _abs_quantile(summary, x, median, 50.0)
-        if mad > 0:
-            limit = rules.zscore * 1.4826 * mad
+        scale, scale_name = _scale(summary, _abs_quantile(summary, x, median, 50.0))
+        if scale > 0:
+            limit = rules.zscore * scale
             dev = (x.to(torch.float64) - median).abs().nan_to_num(nan=-1.0, posinf=-1.0)
             if rules.on("range"):  # a value inside the explicit bound is what the user allows: never an outlier
                 lo_r, hi_r = rules.range  # type: ignore[misc]
@@ -189,19 +247,21 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
             count = int((dev > limit).sum())
             if count:
                 worst = int(dev.argmax())
-                z = float(dev[worst]) / (1.4826 * mad)
+                z = float(dev[worst]) / scale
                 add("outlier", count, worst, f"z>{rules.zscore:g}",
-                    f"{count} value(s) with robust z-score above {rules.zscore:g} (max z={z:.3g}; median {median:.3g}, MAD {mad:.3g})")
+                    f"{count} value(s) with robust z-score above {rules.zscore:g} "
+                    f"(max z={z:.3g}; median {median:.3g}, scale {scale_name} = {scale:.3g})")
     if rules.on("spike") and summary.n_finite > 1:
-        p9999 = _abs_quantile(summary, x, 0.0, 99.99)
+        p9999 = _abs_quantile(summary, x, 0.0, SPIKE_PERCENTILE)
         if p9999 > 0:
             limit = rules.spike * p9999
             mag = x.abs().to(torch.float64).nan_to_num(nan=-1.0, posinf=-1.0)
             count = int((mag > limit).sum())
             if count:
                 worst = int(mag.argmax())
-                add("spike", count, worst, f">{rules.spike:g}x p99.99(|w|)={p9999:.3g}",
-                    f"{count} weight(s) above {rules.spike:g}x the 99.99th percentile of |w|: possible super weight(s). "
+                add("spike", count, worst, f">{rules.spike:g}x p{SPIKE_PERCENTILE:g}(|w|)={p9999:.3g}",
+                    f"{count} weight(s) above {rules.spike:g}x the {SPIKE_PERCENTILE:g}th percentile of |w|: "
+                    "possible super weight(s). "
                     "Such weights can carry a model (zeroing one in a 7B LLM sends perplexity up by orders of "
                     f"magnitude): protect them (clip --protect '{name}{index_text(worst, shape)}' or --protect-top) rather than clip")
     if rules.on("dead") and numel > 1 and summary.n_finite == numel and summary.stats["std"] == 0:
