@@ -15,7 +15,7 @@ from .config import ClipSpec, FlagSettings, flag_settings
 from .errors import InputError
 from .evaluation import EvalOptions, _evaluate_rows, _variants, recommend
 from .flags import FlagResult, flag, summary_table
-from .metrics import primary_metric
+from .notices import collect
 from .output import atomic_path, prepare_out_dir, write_csv
 from .plots import PLOT_HINT, drift_heatmap, have_matplotlib, histograms, sweep_plot
 
@@ -31,6 +31,8 @@ class AuditResult:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     errors: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: the metric --tolerance applied to, with its direction and tolerance ("" without evaluation)
+    decided_by: str = ""
 
     @property
     def failed(self) -> bool:
@@ -83,7 +85,10 @@ def audit(
 
     Writes ``stats.csv``, ``drift.csv``, ``flags.csv``, with ``model`` and ``data``
     ``evaluation.csv``, and ``summary.md``; with matplotlib ``drift_heatmap.png``,
-    ``histograms.png`` and (with ``clips``) ``sweep.png``.
+    ``histograms.png`` and (with ``clips``) ``sweep.png``. The clipped variants take
+    their tensor selection from ``eval_options`` (include/exclude/overrides/config/buffers),
+    as ``clip`` would. Every note said during the audit (:mod:`auditclip.notices`) and the
+    run's own notes are in summary.md under "Notes".
 
     >>> result = audit("sample_checkpoints/high_lr", "report/", model="sample_checkpoints/digits_mlp.py:make_model",
     ...                data="sample_checkpoints/digits_test.safetensors", clips=["max_abs=1.5"])  # doctest: +SKIP
@@ -92,7 +97,23 @@ def audit(
         raise InputError("--model and --data go together: give both to evaluate, or neither")
     if clips and model is None:
         raise InputError("--clip needs --model and --data to evaluate the clipped variants")
-    variants = _variants(list(clips))  # parse before the long work, so a bad spec fails fast
+    with collect() as said:
+        result = _audit(run, out, model, data, clips, settings, eval_options, tolerance, reference, sort, key, top,
+                        progress)
+        result.notes = _unique([*said, *getattr(result.flags.analysis.run, "notes", []), *result.notes])
+    result.files.append(_write_summary(result, result.flags.analysis, tolerance, top, result.out))
+    return result
+
+
+def _unique(notes: list[Any]) -> list[str]:
+    return list(dict.fromkeys(str(n) for n in notes))
+
+
+def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: str | None, clips: Any,
+           settings: FlagSettings | None, eval_options: EvalOptions | None, tolerance: float | None,
+           reference: Any, sort: str, key: str | None, top: int, progress: Any) -> AuditResult:
+    options = eval_options or EvalOptions(sort=sort, key=key)
+    variants = _variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
     settings = settings or flag_settings(search=False)
     out_dir = prepare_out_dir(out)
     flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress)
@@ -101,13 +122,13 @@ def audit(
     for name, df in (("stats.csv", analysis.stats), ("drift.csv", analysis.drift), ("flags.csv", flagged.flags)):
         result.files.append(write_csv(df, out_dir / name))
     errors = [analysis.errors]
-    task = None
+    primary = None
     if model is not None:
-        options = eval_options or EvalOptions(sort=sort, key=key)
-        evaluation, eval_errors, task = _evaluate_rows(analysis.run, model, data, variants, options)  # type: ignore[arg-type]
+        evaluation, eval_errors, primary, _ = _evaluate_rows(analysis.run, model, data, variants, options)  # type: ignore[arg-type]
         order = sorted((v for v, _ in variants), key=_tightness)
-        evaluation["recommended"] = recommend(evaluation, task, tolerance, order)
+        evaluation["recommended"] = recommend(evaluation, primary, tolerance, order)
         result.evaluation = evaluation
+        result.decided_by = primary.describe(tolerance)
         result.files.append(write_csv(evaluation, out_dir / "evaluation.csv"))
         errors.append(eval_errors)
         last = evaluation[evaluation.checkpoint == evaluation.checkpoint.iloc[-1]]
@@ -121,10 +142,9 @@ def audit(
     if len(result.errors):
         result.files.append(write_csv(result.errors, out_dir / "errors.csv"))
     if have_matplotlib():
-        result.files += _pictures(analysis, result, out_dir, key, task, top)
+        result.files += _pictures(analysis, result, out_dir, key, primary.name if primary else "accuracy", top)
     else:
         result.notes.append(PLOT_HINT)
-    result.files.append(_write_summary(result, analysis, task, tolerance, top, out_dir))
     return result
 
 
@@ -136,18 +156,17 @@ def _top_tensors(drift: pd.DataFrame, n: int) -> pd.DataFrame:
     return last.sort_values("rel_l2_change", ascending=False, na_position="last").head(n)
 
 
-def _pictures(analysis: Any, result: AuditResult, out: Path, key: str | None, task: str | None, top: int) -> list[Path]:
+def _pictures(analysis: Any, result: AuditResult, out: Path, key: str | None, metric: str, top: int) -> list[Path]:
     files = [drift_heatmap(analysis.drift, out / "drift_heatmap.png")]
     top_names = _top_tensors(analysis.drift, min(top, 4)).tensor.tolist()
     if top_names:
         files.append(histograms(analysis.run, top_names, out / "histograms.png", key))
     if result.evaluation is not None and (result.evaluation.variant != "original").any():
-        files.append(sweep_plot(result.evaluation, primary_metric(task or "classification"), out / "sweep.png"))
+        files.append(sweep_plot(result.evaluation, metric, out / "sweep.png"))
     return files
 
 
-def _write_summary(result: AuditResult, analysis: Any, task: str | None, tolerance: float | None, top: int,
-                   out: Path) -> Path:
+def _write_summary(result: AuditResult, analysis: Any, tolerance: float | None, top: int, out: Path) -> Path:
     run = analysis.run
     readable = [c for c in run if c.label not in set(result.errors.get("checkpoint", pd.Series(dtype=str)))]
     steps = [c.step for c in readable if c.step is not None]
@@ -174,16 +193,14 @@ def _write_summary(result: AuditResult, analysis: Any, task: str | None, toleran
         lines.append(md_table(summary_table(flags).head(30)))
     if result.evaluation is not None:
         ev = result.evaluation
-        metric = primary_metric(task or "classification")
-        lines += ["", "## Evaluation", "", f"Primary metric: {metric}"
-                  + (f"; tolerance {tolerance if tolerance is not None else (0.5 if metric == 'accuracy' else 1.0)}"
-                     + (" percentage points" if metric == "accuracy" else " % of loss")), ""]
+        metric = str(ev.primary_metric.iloc[0])
+        lines += ["", "## Evaluation", "", f"Primary metric (decides the recommendation): {result.decided_by}", ""]
         lines.append(md_table(ev.drop(columns=[c for c in ev.columns if c.startswith("delta_") and c != f"delta_{metric}"])))
         if result.recommendation:
             lines += ["", "## Recommendation", "", f"Tightest clip that keeps {metric}: **{result.recommendation}**."]
     lines += ["", "## Files", ""] + [f"- `{p.name}`" for p in result.files] + ["- `summary.md`"]
     if result.notes:
-        lines += [""] + [f"Note: {n}" for n in result.notes]
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
     path = out / "summary.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,6 +1,7 @@
 """The ``auditclip`` command line: parse options, call one library function, render.
 
-Exit codes: 0 success; 1 the job ran but some checkpoints could not be read
+Options are declared once, in :mod:`auditclip.options`; each command names the ones
+it takes. Exit codes: 0 success; 1 the job ran but some checkpoints could not be read
 (they are listed and skipped); 2 bad usage or input (one ``Error:`` line).
 """
 
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from ._version import __version__
 from .errors import AuditclipError
+from .options import EVALUATION, RULES, SELECTION, eval_options, pop, use
 from .terminal import echo, safe
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -45,15 +46,8 @@ class _Group(click.Group):
     command_class = _Command
 
 
-def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every command that reads checkpoints shares."""
-    f = click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable).")(f)
-    f = click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable).")(f)
-    f = click.option("--key", metavar="ENTRY",
-                     help="Container entry holding the state dict in .pt/.ckpt files (e.g. ema, ema_state_dict).")(f)
-    f = click.option("--spectral", is_flag=True,
-                     help="Also compute spectral_norm and stable_rank for tensors of 2+ dimensions.")(f)
-    return f
+#: options every command that reads checkpoints shares
+_run_options = use("key", "include", "exclude", "spectral")
 
 
 def _table(df: Any, columns: tuple[str, ...] | list[str]) -> str:
@@ -95,16 +89,15 @@ def cli(debug: bool, allow_global: tuple[str, ...]) -> None:
     Examples:
       auditclip inspect sample_checkpoints/high_lr/epoch_12.safetensors
       auditclip drift sample_checkpoints/high_lr --out report/
-      auditclip --allow-global mylib.TrainState drift runs/exp1 --out report/
+      auditclip --allow-global collections.OrderedDict drift sample_checkpoints/wgan_clip --out report/
     """
     _show_notes()
     if allow_global:
-        from .errors import AuditclipError as _Err
         from .readers import allow_globals
 
         try:
             allow_globals(list(allow_global))
-        except _Err as exc:
+        except AuditclipError as exc:
             raise CliError(str(exc)) from exc
 
 
@@ -123,8 +116,8 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
     \b
     Examples:
       auditclip inspect sample_checkpoints/high_lr/epoch_12.safetensors
-      auditclip inspect run/checkpoint-500 --format csv > stats.csv
-      auditclip inspect lightning/epoch=3-step=48.ckpt --include '*.weight' --spectral
+      auditclip inspect sample_checkpoints/high_lr/epoch_12.safetensors --format csv
+      auditclip inspect sample_checkpoints/wgan_clip/epoch_12.safetensors --include '*.weight' --spectral
     """
     from .analysis import inspect_checkpoint
 
@@ -143,14 +136,7 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Directory for stats.csv and drift.csv.")
-@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True,
-              help="Checkpoint order: step parsed from names/metadata, natural name order, or file time.")
-@click.option("--reference", type=click.Path(path_type=str),
-              help="Checkpoint the 'reference' baseline compares with (default: the first of the run).")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--workers", type=click.IntRange(1), metavar="N",
-              help="Threads walking tensors in parallel (default: the number of cores); results do not change.")
+@use("sort", "reference", "top", "quiet", "workers")
 @_run_options
 def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
           workers: int | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
@@ -165,8 +151,8 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     \b
     Examples:
       auditclip drift sample_checkpoints/high_lr --out report/
-      auditclip drift 'runs/exp1/*.ckpt' --out report/ --include '*.weight' --spectral
-      auditclip drift output_dir/ --out report/ --reference output_dir/checkpoint-500
+      auditclip drift 'sample_checkpoints/high_lr/epoch_0*.safetensors' --out report/ --include '*.weight' --spectral
+      auditclip drift sample_checkpoints/high_lr --out report/ --reference sample_checkpoints/high_lr/epoch_06.safetensors
     """
     from .analysis import analyze
     from .output import prepare_out_dir, write_csv
@@ -205,15 +191,6 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
         sys.exit(1)
 
 
-def _config_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--override", "overrides", multiple=True, metavar="GLOB:KEY=VALUE",
-                     help="Per-pattern setting, e.g. '*.bias:max_abs=1'; flag also takes 'norm*:off=range+outlier', "
-                          "clip 'norm*:skip=true' (repeatable; names may contain ':').")(f)
-    f = click.option("--config", "config", type=click.Path(path_type=str),
-                     help="TOML file with the settings (default: [tool.auditclip] of the nearest pyproject.toml).")(f)
-    return f
-
-
 class _NoteHandler(logging.Handler):
     """Print the library's notes (:mod:`auditclip.notices`) on stderr as ``note: ...``."""
 
@@ -242,9 +219,11 @@ def _open_run(paths: tuple[str, ...], sort: str = "step", key: str | None = None
 
 
 def _settings_note(settings: Any) -> None:
-    """Name the config file in effect on stderr, so a gate's settings are never a surprise."""
+    """Name the config file in effect (stderr, and summary.md), so a gate's settings are never a surprise."""
+    from .notices import note
+
     if getattr(settings, "source", ""):
-        echo(f"note: settings from {settings.source}", err=True)
+        note(f"settings from {settings.source}")
 
 
 def _write_errors(result_errors: Any, out_dir: Any, written: list[Any]) -> None:
@@ -259,43 +238,20 @@ def _write_errors(result_errors: Any, out_dir: Any, written: list[Any]) -> None:
         errors_csv.unlink()  # a stale list from an earlier run would mislead
 
 
-def _rule_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The flag rules' options, shared by ``flag`` and ``audit``."""
-    for option in reversed([
-        click.option("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error)."),
-        click.option("--max-abs", type=float, metavar="C", help="Values must lie in [-C, C] (rule range, error)."),
-        click.option("--zscore", type=float, metavar="K", help="Robust z-score limit of rule outlier (default 10)."),
-        click.option("--jump", type=float, metavar="K", help="Step change limit, x the median step change (default 5)."),
-        click.option("--norm-growth", type=float, metavar="F", help="L2 norm growth limit over the reference (off by default)."),
-        click.option("--spike", type=float, metavar="K", help="Super-weight limit, x the 99.99th percentile of |w| (default 50)."),
-        click.option("--fail-on", type=click.Choice(["error", "warning", "info", "never"]),
-                     help="Lowest severity that makes the exit code 1 (default error)."),
-        click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True),
-        click.option("--reference", type=click.Path(path_type=str), help="Reference checkpoint (default: the first)."),
-        click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable)."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-        click.option("--buffers", is_flag=True, default=None,
-                     help="Apply --range/--max-abs to buffers too (BatchNorm running statistics...); "
-                          "parameters only by default."),
-    ]):
-        f = option(f)
-    return _config_options(f)
-
-
-def _flag_settings(kw: dict[str, Any]) -> Any:
+def _flag_settings(kw: dict[str, Any], overrides: tuple[str, ...]) -> Any:
     from .config import flag_settings
 
-    options = {"range": kw.pop("range_"), **{k: kw.pop(k) for k in ("max_abs", "zscore", "jump", "norm_growth",
-                                                                     "spike", "fail_on", "include", "exclude", "buffers")}}
-    return flag_settings(kw.pop("config"), options, kw.pop("overrides"))
+    options = pop(kw, *RULES)
+    options.update({k: kw.get(k) for k in ("include", "exclude", "buffers")})
+    return flag_settings(kw.get("config"), options, overrides)
 
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for flags.csv.")
-@_rule_options
+@use("out", *RULES, "sort", "reference", "key", "include", "exclude", "quiet", "buffers", "override", "config",
+     help={"out": "Directory for flags.csv.",
+           "override": "Per-pattern rule setting, e.g. '*.bias:max_abs=1' or 'norm*:off=range+outlier' (repeatable; "
+                       "names may contain ':')."})
 def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     """Flag out-of-range parameters across a run; exit 1 on findings (for CI).
 
@@ -313,19 +269,19 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     \b
     Examples:
       auditclip flag sample_checkpoints/wgan_clip --max-abs 0.01 --out flags/
-      auditclip flag runs/exp1 --range -0.01:0.01 --override '*.bias:off=range' --out flags/
-      auditclip flag runs/exp1 --config audit.toml --fail-on warning --out flags/
+      auditclip flag sample_checkpoints/high_lr --range -1:1 --override '*.bias:off=range' --out flags/  # exit 1
+      auditclip flag sample_checkpoints/high_lr --fail-on warning --include '*.weight' --out flags/  # exit 1
     """
     from .flags import flag as run_flag, summary_table
     from .output import prepare_out_dir, write_csv
 
-    settings = _flag_settings(kw)
+    settings = _flag_settings(kw, kw["overrides"])
     _settings_note(settings)
     out_dir = prepare_out_dir(out)
     progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
-        result = run_flag(_open_run(run, kw["sort"], kw["key"]), settings, reference=kw["reference"], sort=kw["sort"], key=kw["key"],
-                          progress=progress)
+        result = run_flag(_open_run(run, kw["sort"], kw["key"]), settings, reference=kw["reference"], sort=kw["sort"],
+                          key=kw["key"], progress=progress)
     finally:
         progress.close()
     written = [write_csv(result.flags, out_dir / "flags.csv")]
@@ -333,11 +289,11 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     n_ckpt = len(result.analysis.run) - len(result.errors)
     counts = result.flags.severity.value_counts()
     echo(f"Checked {n_ckpt} checkpoint(s), {len(result.analysis.tensors)} tensor(s): "
-               + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info")))
+         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info")))
     if len(result.flags):
         echo("")
         echo(_table(summary_table(result.flags), ["rule", "severity", "tensor", "checkpoints", "count",
-                                                        "worst_value", "first_checkpoint"]))
+                                                  "worst_value", "first_checkpoint"]))
     echo("\nWrote " + ", ".join(str(p) for p in written))
     if result.failed or len(result.errors):
         sys.exit(1)
@@ -345,28 +301,16 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 
 @cli.command()
 @click.argument("src", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for the clipped checkpoints.")
-@click.option("--range", "range_", metavar="LO:HI", help="Clip every selected tensor to [LO, HI].")
-@click.option("--max-abs", type=float, metavar="C", help="Clip to [-C, C].")
-@click.option("--percentile", type=float, metavar="P", help="Per tensor, clip to its [100-P, P] percentiles.")
-@click.option("--sigma", type=float, metavar="K", help="Per tensor, clip to mean +- K std.")
-@click.option("--protect", multiple=True, metavar="'NAME[i, j]'", help="Keep this element unclipped (repeatable).")
-@click.option("--protect-top", type=click.IntRange(0), metavar="K", help="Keep the K largest |w| of each tensor unclipped.")
-@click.option("--to", type=click.Choice(["safetensors"]), help="Convert .pt/.ckpt/.bin to safetensors.")
-@click.option("--buffers", is_flag=True, default=None,
-              help="Clip buffers too (BatchNorm running statistics...); parameters only by default.")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
-@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
-@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only clip tensors whose name matches (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Never clip tensors whose name matches (repeatable).")
-@_config_options
-def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | None, percentile: float | None,
-         sigma: float | None, protect: tuple[str, ...], protect_top: int | None, to: str | None, buffers: bool | None,
-         force: bool,
-         dry_run: bool, sort: str, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
-         config: str | None, overrides: tuple[str, ...]) -> None:
+@use("out", "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "to", "buffers", "force", "dry_run",
+     "sort", "key", "include", "exclude", "override", "config",
+     help={"out": "Directory for the clipped checkpoints.", "range": "Clip every selected tensor to [LO, HI].",
+           "max_abs": "Clip to [-C, C].", "include": "Only clip tensors whose name matches (repeatable).",
+           "exclude": "Never clip tensors whose name matches (repeatable).",
+           "buffers": "Clip buffers too (BatchNorm running statistics...); parameters only by default.",
+           "override": "Per-pattern spec, e.g. '*.bias:max_abs=1' or 'norm*:skip=true' (repeatable; names may "
+                       "contain ':')."})
+def clip(src: tuple[str, ...], out: str, to: str | None, force: bool, dry_run: bool, sort: str, key: str | None,
+         config: str | None, overrides: tuple[str, ...], **kw: Any) -> None:
     """Clip checkpoints after the fact into new files, in the input's format.
 
     SRC is one checkpoint or a run; the output mirrors the run's layout under OUT.
@@ -376,15 +320,15 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
     \b
     Examples:
       auditclip clip sample_checkpoints/high_lr --max-abs 1.5 --out clipped/
-      auditclip clip model.safetensors --percentile 99.99 --protect-top 1 --out clipped/
-      auditclip clip 'ckpts/*.ckpt' --sigma 6 --override '*norm*:skip=true' --out clipped/
+      auditclip clip sample_checkpoints/high_lr/epoch_12.safetensors --percentile 99.99 --protect-top 1 --out clipped/
+      auditclip clip 'sample_checkpoints/wgan_clip/*.safetensors' --sigma 6 --override '*.bias:skip=true' --out clipped/
     """
     from .clip_files import clip_run
     from .config import clip_settings
     from .output import prepare_out_dir, write_csv
 
-    options = {"range": range_, "max_abs": max_abs, "percentile": percentile, "sigma": sigma, "protect": protect,
-               "protect_top": protect_top, "include": include, "exclude": exclude, "buffers": buffers}
+    options = pop(kw, "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "include", "exclude",
+                  "buffers")
     settings = clip_settings(config, options, overrides)
     _settings_note(settings)
     result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,
@@ -401,13 +345,13 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
     n_ckpt = report.checkpoint.nunique() if len(report) else 0
     verb = "Would clip" if dry_run else "Clipped"
     echo(f"{verb} {int(report.n_clipped.sum()) if len(report) else 0} value(s) in "
-               f"{int((report.n_clipped > 0).sum()) if len(report) else 0} tensor version(s) "
-               f"across {n_ckpt} checkpoint(s); {int(report.n_protected.sum()) if len(report) else 0} protected")
+         f"{int((report.n_clipped > 0).sum()) if len(report) else 0} tensor version(s) "
+         f"across {n_ckpt} checkpoint(s); {int(report.n_protected.sum()) if len(report) else 0} protected")
     changed = report[report.n_clipped > 0] if len(report) else report
     if len(changed):
         echo(_table(changed.sort_values("frac_clipped", ascending=False).head(10),
-                          ["checkpoint", "tensor", "spec", "n_clipped", "frac_clipped", "n_protected",
-                           "abs_max_before", "abs_max_after"]))
+                    ["checkpoint", "tensor", "spec", "n_clipped", "frac_clipped", "n_protected",
+                     "abs_max_before", "abs_max_after"]))
     for note in result.notes:
         echo(f"note: {note}", err=True)
     if not dry_run:
@@ -416,97 +360,61 @@ def clip(src: tuple[str, ...], out: str, range_: str | None, max_abs: float | No
         sys.exit(1)
 
 
-def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Model, data and evaluation options shared by ``evaluate``, ``sweep`` and ``audit``."""
-    for option in reversed([
-        click.option("--model", "model", metavar="REF",
-                     help="module:factory, path/to/file.py:factory (returns a torch.nn.Module), or a .pt2 export."),
-        click.option("--data", "data", metavar="REF",
-                     help="Held-out data: .safetensors/.pt/.npz with x/y, a CSV/Parquet table, or module:factory."),
-        click.option("--inputs-key", default="x", show_default=True, help="Key of the inputs in a data file."),
-        click.option("--targets-key", default="y", show_default=True, help="Key of the targets in a data file."),
-        click.option("--target", metavar="COLUMN", help="Target column of a CSV/Parquet table."),
-        click.option("--task", type=click.Choice(["auto", "classification", "regression"]), default="auto",
-                     show_default=True, help="auto: integer targets are classes, float targets regression."),
-        click.option("--metric", "metrics", multiple=True, metavar="REF",
-                     help="Extra metric module:fn, fn(outputs, targets) -> dict[str, float] (repeatable)."),
-        click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True),
-        click.option("--limit", type=click.IntRange(1), metavar="N", help="Evaluate on the first N samples only."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True),
-        click.option("--strict/--no-strict", default=True, show_default=True,
-                     help="Missing or unexpected state-dict keys are an error."),
-        click.option("--strip-prefix", metavar="P", help="Remove P from the checkpoint's tensor names before loading."),
-        click.option("--add-prefix", metavar="P", help="Prepend P to the checkpoint's tensor names before loading."),
-    ]):
-        f = option(f)
-    return f
-
-
-def _eval_settings(kw: dict[str, Any]) -> Any:
-    from .evaluation import EvalOptions
-
-    names = ("task", "metrics", "batch_size", "limit", "device", "strict", "strip_prefix", "add_prefix",
-             "inputs_key", "targets_key", "target")
-    return EvalOptions(**{n: kw.pop(n) for n in names}, key=kw.get("key"), sort=kw.get("sort", "step"))
-
-
 def _need(value: str | None, option: str) -> str:
     if not value:
         raise CliError(f"Missing option '{option}'")
     return value
 
 
+_CLIP_OVERRIDE = {"override": "Per-pattern spec for the clipped variants, as for clip: '*.bias:max_abs=1', "
+                              "'norm*:skip=true' (repeatable; names may contain ':')."}
+
+
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for evaluation.csv.")
-@click.option("--clip", "clips", multiple=True, metavar="SPEC",
-              help="Also evaluate a clipped variant: max_abs=C, range=LO:HI, percentile=P, sigma=K (repeatable).")
-@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
-@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
-@_eval_options
+@use("out", "clip", "sort", "key", *SELECTION, *EVALUATION,
+     help={"out": "Directory for evaluation.csv.", **_CLIP_OVERRIDE})
 def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) -> None:
     """Evaluate every checkpoint (and clipped variants) on held-out data.
 
-    Clipping happens in memory; nothing but OUT/evaluation.csv is written.
+    Clipping happens in memory, selecting tensors exactly as clip would with the same
+    options and config file; nothing but OUT/evaluation.csv is written.
 
     \b
     Examples:
       auditclip evaluate sample_checkpoints/high_lr --model sample_checkpoints/digits_mlp.py:make_model \\
           --data sample_checkpoints/digits_test.safetensors --clip max_abs=1.5 --out eval/
-      auditclip evaluate run/ --model model.pt2 --data heldout.csv --target label --out eval/
+      auditclip evaluate sample_checkpoints/wgan_clip/epoch_12.safetensors \\
+          --model sample_checkpoints/digits_mlp.py:make_model --data sample_checkpoints/digits_test.safetensors \\
+          --clip max_abs=0.005 --exclude '*.bias' --primary-metric loss --out eval/
     """
     from .evaluation import evaluate as run_evaluate
     from .output import prepare_out_dir, write_csv
 
     model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
-    options = _eval_settings(kw)
+    options = eval_options(kw)
     df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
     out_dir = prepare_out_dir(out)
-    path = write_csv(df, out_dir / "evaluation.csv")
-    written = [path]
+    written = [write_csv(df, out_dir / "evaluation.csv")]
     errors = df.attrs.get("errors")
     if errors is not None:
         _write_errors(errors, out_dir, written)
-    metric_cols = [c for c in df.columns[5:] if not c.startswith("delta_")]
-    echo(_table(df, ["checkpoint", "variant", "n_clipped", *metric_cols,
-                           *(f"delta_{c}" for c in metric_cols[:2])]))
-    echo("\nWrote " + ", ".join(str(p) for p in written))
+    metric = str(df.primary_metric.iloc[0])
+    metric_cols = [c for c in df.columns[5:] if not c.startswith("delta_") and c not in _TAIL]
+    echo(_table(df, ["checkpoint", "variant", "n_clipped", *metric_cols, f"delta_{metric}"]))
+    echo(f"\nPrimary metric: {metric}")
+    echo("Wrote " + ", ".join(str(p) for p in written))
     if errors is not None and len(errors):
         sys.exit(1)
 
 
+_TAIL = ("kind_rule", "n_loaded", "n_model_tensors", "primary_metric", "recommended")
+
+
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for sweep.csv (and sweep.png).")
-@click.option("--max-abs", "max_abs", metavar="LIST", help="Settings to try, e.g. 0.005,0.01,0.02,0.05.")
-@click.option("--percentile", metavar="LIST", help="Settings to try, e.g. 99,99.9,99.99.")
-@click.option("--sigma", metavar="LIST", help="Settings to try, e.g. 3,4,6.")
-@click.option("--tolerance", type=float, metavar="T",
-              help="Allowed loss of the primary metric: percentage points of accuracy (default 0.5), "
-                   "or percent of loss for regression (default 1).")
-@click.option("--sort", type=click.Choice(["step", "name", "mtime"]), default="step", show_default=True)
-@click.option("--key", metavar="ENTRY", help="Container entry holding the state dict in .pt/.ckpt files.")
-@_eval_options
+@use("out", "sweep_max_abs", "sweep_percentile", "sweep_sigma", "tolerance", "sort", "key", *SELECTION,
+     *EVALUATION, help={"out": "Directory for sweep.csv (and sweep.png).", **_CLIP_OVERRIDE})
 def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str | None, sigma: str | None,
           tolerance: float | None, **kw: Any) -> None:
     """Try a family of clip settings; recommend the tightest that keeps the metric.
@@ -516,7 +424,8 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
       auditclip sweep sample_checkpoints/wgan_clip/epoch_12.safetensors \\
           --model sample_checkpoints/digits_mlp.py:make_model \\
           --data sample_checkpoints/digits_test.safetensors --max-abs 0.002,0.005,0.01 --out sweep/
-      auditclip sweep run/ --model m.py:make --data test.npz --percentile 99,99.9,99.99 --out sweep/
+      auditclip sweep sample_checkpoints/high_lr/epoch_12.safetensors --model sample_checkpoints/digits_mlp.py:make_model \\
+          --data sample_checkpoints/digits_test.safetensors --percentile 99,99.9,99.99 --primary-metric loss --out sweep/
     """
     from .evaluation import parse_values, sweep as run_sweep
     from .output import prepare_out_dir, write_csv
@@ -528,7 +437,7 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     (family, text), = families.items()
     values = parse_values(text, f"--{family.replace('_', '-')}")
     model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
-    options = _eval_settings(kw)
+    options = eval_options(kw)
     result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values, tolerance=tolerance,
                        options=options)
     out_dir = prepare_out_dir(out)
@@ -537,12 +446,13 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
         written.append(sweep_plot(result.table, result.metric, out_dir / "sweep.png"))
     t = result.table
     echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
-                          f"delta_{result.metric}", "recommended"]))
+                    f"delta_{result.metric}", "recommended"]))
+    echo(f"Decided by {result.decided_by}")
     for checkpoint, group in t.groupby("checkpoint", sort=False):
         chosen = group[group.recommended]
         echo(f"recommended for {checkpoint}: "
-                   + (chosen.variant.iloc[0] if len(chosen)
-                      else "none (no tested setting both changes weights and stays within tolerance)"))
+             + (chosen.variant.iloc[0] if len(chosen)
+                else "none (no tested setting both changes weights and stays within tolerance)"))
     _write_errors(result.errors, out_dir, written)
     echo("\nWrote " + ", ".join(str(p) for p in written))
     if not have_matplotlib():
@@ -553,54 +463,57 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(path_type=str), help="Directory for every report.")
-@click.option("--clip", "clips", multiple=True, metavar="SPEC",
-              help="Evaluate a clipped variant too (needs --model/--data): max_abs=C, percentile=P... (repeatable).")
-@click.option("--tolerance", type=float, metavar="T", help="As for sweep: allowed loss of the primary metric.")
-@_rule_options
-@_eval_options
+@use("out", "clip", "tolerance", *RULES, "sort", "reference", "key", "quiet", *SELECTION, *EVALUATION,
+     help={"out": "Directory for every report.",
+           "clip": "Evaluate a clipped variant too (needs --model/--data): max_abs=C, percentile=P... (repeatable).",
+           "override": "Per-pattern setting: a bound ('*.bias:max_abs=1') for the rules and the clipped variants, "
+                       "'norm*:off=range+outlier' for the rules, 'norm*:skip=true' for the variants (repeatable)."})
 def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: float | None, **kw: Any) -> None:
     """The whole job: stats, drift, flags and (with a model) evaluation, in one report.
 
     Writes OUT/stats.csv, drift.csv, flags.csv, evaluation.csv (with --model and
     --data), summary.md and, with matplotlib, drift_heatmap.png, histograms.png,
     sweep.png. Exit codes as for flag: 1 when a finding reaches --fail-on.
+    The clipped variants select tensors as clip does with the same options.
 
     \b
     Examples:
       auditclip audit sample_checkpoints/high_lr --model sample_checkpoints/digits_mlp.py:make_model \\
           --data sample_checkpoints/digits_test.safetensors --clip max_abs=1.5 --clip max_abs=3 --out report/
-      auditclip audit runs/exp1 --max-abs 0.01 --out report/
+      auditclip audit sample_checkpoints/wgan_clip --max-abs 0.01 --out report/
     """
     from .audit import audit as run_audit
+    from .config import split_overrides
+    from .plots import PLOT_HINT
 
-    settings = _flag_settings(kw)
+    flag_overrides, kw["overrides"] = split_overrides(kw["overrides"])
+    settings = _flag_settings(kw, flag_overrides)
     _settings_note(settings)
     model, data = kw.pop("model"), kw.pop("data")
-    options = _eval_settings(kw)
+    options = eval_options(kw)
     progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
-        result = run_audit(_open_run(run, kw["sort"], kw["key"]), out, model=model, data=data, clips=clips, settings=settings,
-                           eval_options=options, tolerance=tolerance, reference=kw["reference"], sort=kw["sort"],
-                           key=kw["key"], progress=progress)
+        result = run_audit(_open_run(run, kw["sort"], kw["key"]), out, model=model, data=data, clips=clips,
+                           settings=settings, eval_options=options, tolerance=tolerance, reference=kw["reference"],
+                           sort=kw["sort"], key=kw["key"], progress=progress)
     finally:
         progress.close()
-    flags = result.flags.flags
-    counts = flags.severity.value_counts()
+    counts = result.flags.flags.severity.value_counts()
     echo(f"Audited {len(result.flags.analysis.run) - len(result.errors)} checkpoint(s): "
-               + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info"))
-               + f" ({'FAILED' if result.flags.failed else 'passed'} at --fail-on {result.flags.fail_on})")
+         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("error", "warning", "info"))
+         + f" ({'FAILED' if result.flags.failed else 'passed'} at --fail-on {result.flags.fail_on})")
     if result.evaluation is not None:
         ev = result.evaluation
         last = ev[ev.checkpoint == ev.checkpoint.iloc[-1]]
-        metric_cols = [c for c in ev.columns[5:] if not c.startswith("delta_") and c != "recommended"]
+        metric_cols = [c for c in ev.columns[5:] if not c.startswith("delta_") and c not in _TAIL]
         echo(_table(last, ["checkpoint", "variant", "n_clipped", *metric_cols, "recommended"]))
+        echo(f"Decided by {result.decided_by}")
     if result.recommendation:
         echo(f"recommended clip: {result.recommendation}")
     for e in result.errors.itertuples():
         echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
-    for note in result.notes:
-        echo(f"note: {note}")
+    if PLOT_HINT in result.notes:  # every other note was said on stderr as it came
+        echo(f"note: {PLOT_HINT}")
     echo(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}")
     if result.failed:
         sys.exit(1)

@@ -21,6 +21,9 @@ from .dtypes import dtype_name, is_float_dtype
 from .errors import InputError
 from .stats import finite_sorted, percentile
 
+#: (parameter names, buffer names) of a model, in the checkpoint's naming
+Kinds = tuple[frozenset[str], frozenset[str]]
+
 CLIP_REPORT_COLUMNS = (
     "checkpoint", "tensor", "kind", "kind_rule", "spec", "lo", "hi", "n_clipped", "frac_clipped", "n_protected",
     "abs_max_before", "abs_max_after",
@@ -190,12 +193,13 @@ def clip_tensor(t: torch.Tensor, spec: ClipSpec | str, **protection: Any) -> tor
 
 
 def clip_state_dict(
-    state: dict[str, torch.Tensor], specs: ClipSettings | ClipSpec | str
+    state: dict[str, torch.Tensor], specs: ClipSettings | ClipSpec | str, kinds: Kinds | None = None
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Clip every selected floating tensor of a state dict; others are returned as they are.
 
     Returns the new state dict and one report row per clipped tensor
-    (the ``clip_report.csv`` columns without ``checkpoint``).
+    (the ``clip_report.csv`` columns without ``checkpoint``). ``kinds``: the model's
+    (parameter names, buffer names), which then decide what a buffer is (else the names do).
 
     >>> sd, report = clip_state_dict({"w": torch.tensor([2.0, 0.0])}, "max_abs=1")
     >>> sd["w"].tolist(), report[0]["n_clipped"]
@@ -209,26 +213,30 @@ def clip_state_dict(
     out: dict[str, torch.Tensor] = {}
     report: list[dict[str, Any]] = []
     for name, t in state.items():
-        out[name], row = clip_selected(name, t, settings, keep)
+        out[name], row = clip_selected(name, t, settings, keep, kinds)
         if row is not None:
             report.append(row)
     return out, report
 
 
 def clip_selected(name: str, t: Any, settings: ClipSettings,
-                  keep: Any = None) -> tuple[Any, dict[str, Any] | None]:
+                  keep: Any = None, kinds: Kinds | None = None) -> tuple[Any, dict[str, Any] | None]:
     """Clip one named tensor as the settings select it: (the result, its report row or None).
 
     The one place that decides what clipping touches, for ``clip`` and for the clipped
     variants of ``evaluate``/``sweep``/``audit`` alike: floating tensors selected by
     ``include``/``exclude`` with a spec, and parameters only unless ``settings.buffers``.
     A buffer left alone still gets a row saying so and which rule called it a buffer.
+    With ``kinds`` (the model's parameter and buffer names) the model decides, so a
+    custom ``register_buffer("scale", ...)`` is a buffer although its name says nothing.
 
     >>> s = ClipSettings(ClipSpec.parse("max_abs=1"))
     >>> clip_selected("bn.running_var", torch.tensor([5.0]), s)[1]["spec"]
     'none (buffer; --buffers clips it)'
     >>> clip_selected("bn.weight", torch.tensor([5.0]), s)[0].tolist()
     [1.0]
+    >>> clip_selected("scale", torch.tensor([5.0]), s, kinds=(frozenset(), frozenset({"scale"})))[1]["kind_rule"]
+    'model: named_buffers()'
     """
     from .kinds import tensor_kind
     from .selection import name_filter
@@ -237,7 +245,7 @@ def clip_selected(name: str, t: Any, settings: ClipSettings,
     spec = settings.spec_for(name) if keep(name) else None
     if spec is None or not isinstance(t, torch.Tensor) or not _analysed(t):
         return t, None
-    kind, rule = tensor_kind(name)
+    kind, rule = tensor_kind(name, *(kinds or (None, None)))
     if kind == "buffer" and not settings.buffers:
         n = t.numel()
         return t, {"tensor": name, "kind": kind, "kind_rule": rule, "spec": "none (buffer; --buffers clips it)",

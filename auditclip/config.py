@@ -525,6 +525,60 @@ def clip_settings(
     )
 
 
+def clip_variant(
+    spec: str | ClipSpec,
+    config: str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    start: Path | None = None,
+    search: bool = True,
+) -> ClipSettings:
+    """The settings ``clip`` would use with ``spec`` given on its command line.
+
+    One resolution for ``clip`` and for the clipped variants that ``evaluate``, ``sweep``
+    and ``audit`` score: ``spec`` (``max_abs=0.01``...) takes the place of the config
+    file's spec, and the file's include/exclude, overrides, protection and ``buffers``
+    apply as they would to ``clip``. ``options``: ``include``, ``exclude``, ``buffers``,
+    ``protect``, ``protect_top`` (None = not given).
+
+    >>> s = clip_variant("max_abs=0.5", options={"exclude": ("fc.*",)}, search=False)
+    >>> str(s.spec), s.exclude
+    ('max_abs=0.5', ('fc.*',))
+    """
+    parsed = spec if isinstance(spec, ClipSpec) else ClipSpec.parse(spec)
+    if parsed.kind == "none":
+        raise InputError(f"--clip {spec}: a variant needs a bound (max_abs=C, range=LO:HI, percentile=P, sigma=K)")
+    # the spec's own numbers, in full precision (str(spec) rounds them for display)
+    value = f"{parsed.a!r}:{parsed.b!r}" if parsed.kind == "range" else repr(parsed.a)
+    opts = {k: v for k, v in (options or {}).items() if k not in _CLIP_SPEC_KEYS}
+    return clip_settings(config, {**opts, parsed.kind: value}, overrides, start=start, search=search)
+
+
+_CLIP_ONLY_KEYS = {"percentile", "sigma", "skip"}
+_FLAG_ONLY_KEYS = _FLAG_KEYS - _CLIP_SPEC_KEYS
+
+
+def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``audit --override`` values as (the flag rules' part, the clip variants' part).
+
+    A bound (``max_abs``, ``range``) means the same to both; ``off``, ``zscore``...
+    are flag rules only, ``skip``, ``percentile``, ``sigma`` clip only. A key neither
+    knows goes to both, so each says it is unknown.
+
+    >>> split_overrides(["*norm*:off=range+outlier,skip=true", "*.bias:max_abs=1"])
+    (('*norm*:off=range+outlier', '*.bias:max_abs=1'), ('*norm*:skip=true', '*.bias:max_abs=1'))
+    """
+    flag_part: list[str] = []
+    clip_part: list[str] = []
+    for text in overrides:
+        (pattern,), changes = parse_override(text)
+        for keep_out, side in ((_CLIP_ONLY_KEYS, flag_part), (_FLAG_ONLY_KEYS, clip_part)):
+            pairs = [f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in changes.items() if k not in keep_out]
+            if pairs:
+                side.append(f"{pattern}:{','.join(pairs)}")
+    return tuple(flag_part), tuple(clip_part)
+
+
 def severity_at_least(severity: str, fail_on: str) -> bool:
     """True when a finding of ``severity`` fails a run with ``--fail-on fail_on``.
 

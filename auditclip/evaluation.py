@@ -17,13 +17,17 @@ import torch
 from .analysis import RunLike
 from .checkpoints import open_run
 from .clipping import clip_state_dict
-from .config import ClipSettings, ClipSpec
+from .config import ClipSettings, ClipSpec, clip_variant
 from .data import HeldOut, load_data
 from .errors import CheckpointError, InputError
-from .metrics import TASKS, CustomMetric, MetricTotals, infer_task, load_custom_metric, model_outputs, primary_metric
+from .metrics import TASKS, CustomMetric, MetricTotals, Primary, infer_task, load_custom_metric, model_outputs, \
+    resolve_primary
 from .modelref import ModelLoader, _one_line, raised
+from .notices import note
 
 SWEEP_FAMILIES = ("max_abs", "percentile", "sigma")
+#: evaluation.csv's columns after the metrics and their deltas
+EVAL_TAIL_COLUMNS = ("kind_rule", "n_loaded", "n_model_tensors", "primary_metric")
 
 
 @dataclass
@@ -44,6 +48,18 @@ class EvalOptions:
     key: str | None = None
     sort: str = "step"
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the metric ``--tolerance`` applies to (None: accuracy, or loss for regression);
+    #: a custom metric as ``NAME:higher`` / ``NAME:lower``
+    primary_metric: str | None = None
+    #: tensor selection of the clipped variants, exactly as for ``clip``: globs, overrides
+    #: (``GLOB:KEY=VALUE``), a config file, buffers too
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    config: str | None = None
+    buffers: bool | None = None
+    #: without ``config``, read ``[tool.auditclip]`` of the nearest pyproject.toml (as the CLI does)
+    search_config: bool = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -117,21 +133,46 @@ def _read_state(ckpt: Any, key: str | None) -> dict[str, torch.Tensor]:
         return {name: reader.get(name) for name in reader.names()}
 
 
-def _variants(clips: Sequence[str | ClipSpec | ClipSettings]) -> list[tuple[str, ClipSettings]]:
+def _variants(clips: Sequence[str | ClipSpec | ClipSettings],
+              options: EvalOptions | None = None) -> list[tuple[str, ClipSettings]]:
+    """Each clip variant's name and the settings ``clip`` would use for it (one resolution:
+    :func:`auditclip.config.clip_variant`), so a scored variant is the file ``clip`` writes."""
+    o = options or EvalOptions()
+    selection = {"include": o.include, "exclude": o.exclude, "buffers": o.buffers}
     out = []
     for c in clips:
-        settings = c if isinstance(c, ClipSettings) else ClipSettings(spec=c if isinstance(c, ClipSpec) else ClipSpec.parse(c))
+        settings = c if isinstance(c, ClipSettings) else clip_variant(
+            c, o.config, selection, o.overrides, search=o.search_config)
         out.append((str(settings.spec) if settings.spec else "custom", settings))
+    sources = {s.source for _, s in out if s.source}
+    if sources:
+        note(f"settings from {', '.join(sorted(sources))}")
     return out
+
+
+def _kind_rule(report: list[dict[str, Any]]) -> str:
+    """Which rule told parameters from buffers for a variant: ``model``, ``name`` or both."""
+    rules = sorted({str(r["kind_rule"]).split(":", 1)[0] for r in report})
+    return "+".join(rules)
+
+
+def _say_buffers(report: list[dict[str, Any]], variant: str) -> None:
+    left = [r["tensor"] for r in report if r["kind"] == "buffer" and str(r["spec"]).startswith("none (buffer")]
+    if left:
+        by = "+".join(sorted({str(r["kind_rule"]).split(":", 1)[0] for r in report if r["tensor"] in set(left)}))
+        note(f"clip variant {variant}: {len(left)} buffer(s) left unclipped ({by} rule; --buffers clips them): "
+             + ", ".join(left[:5]) + (f" (+{len(left) - 5} more)" if len(left) > 5 else ""))
 
 
 def _evaluate_rows(
     run: RunLike, model: str, data: str | HeldOut, variants: list[tuple[str, ClipSettings]], options: EvalOptions,
-) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+) -> tuple[pd.DataFrame, pd.DataFrame, Primary, str]:
+    """evaluation.csv rows, unreadable checkpoints, the primary metric and the task."""
     run = open_run(run, sort=options.sort, key=options.key)
     evaluator = Evaluator(model, data, options)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
+    primary: Primary | None = None
     for ckpt in run:
         try:
             state = _read_state(ckpt, options.key or run.key)
@@ -140,26 +181,32 @@ def _evaluate_rows(
             continue
         n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
         base = evaluator.run(state, ckpt.label, str(ckpt.path))
+        if primary is None:  # known once the first scores are: fail after one pass, not after the run
+            primary = resolve_primary(options.primary_metric, evaluator.task or "classification", list(base))
         loaded, model_tensors = evaluator.loader.last_loaded
-        counts = {"n_loaded": loaded, "n_model_tensors": model_tensors}
+        counts = {"n_loaded": loaded, "n_model_tensors": model_tensors, "primary_metric": primary.name}
         rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": "original", "n_clipped": 0,
-                     "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}, **counts})
+                     "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}, "kind_rule": "", **counts})
+        # the model tells its buffers from its parameters (a custom register_buffer has no telltale name)
+        kinds = evaluator.loader.kinds(list(state))
         for name, settings in variants:
-            clipped, report = clip_state_dict(state, settings)
+            clipped, report = clip_state_dict(state, settings, kinds)
+            _say_buffers(report, name)
             n_clipped = sum(r["n_clipped"] for r in report)
             metrics = evaluator.run(clipped, ckpt.label, str(ckpt.path))
             rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": name, "n_clipped": n_clipped,
                          "frac_clipped": n_clipped / n_float if n_float else 0.0, **metrics,
-                         **{f"delta_{k}": metrics[k] - base[k] for k in base}, **counts})
-    if not rows:
+                         **{f"delta_{k}": metrics[k] - base[k] for k in base}, "kind_rule": _kind_rule(report),
+                         **counts})
+    if not rows or primary is None:
         raise InputError("no checkpoint could be evaluated: " + "; ".join(e["message"] for e in errors))
     df = pd.DataFrame(rows)
-    fixed = ("checkpoint", "step", "variant", "n_clipped", "frac_clipped", "n_loaded", "n_model_tensors")
+    fixed = ("checkpoint", "step", "variant", "n_clipped", "frac_clipped", *EVAL_TAIL_COLUMNS)
     metric_cols = [c for c in df.columns if c not in fixed and not c.startswith("delta_")]
     df = df[["checkpoint", "step", "variant", "n_clipped", "frac_clipped", *metric_cols,
-             *(f"delta_{c}" for c in metric_cols), "n_loaded", "n_model_tensors"]]
+             *(f"delta_{c}" for c in metric_cols), *EVAL_TAIL_COLUMNS]]
     df["step"] = df["step"].astype("Int64")
-    return df, pd.DataFrame(errors, columns=["checkpoint", "error", "message"]), evaluator.task or "classification"
+    return df, pd.DataFrame(errors, columns=["checkpoint", "error", "message"]), primary, evaluator.task or "classification"
 
 
 def evaluate(
@@ -176,23 +223,23 @@ def evaluate(
     ['checkpoint', 'step', 'variant', 'n_clipped', 'frac_clipped', 'loss']
     """
     options = options or EvalOptions(**option_values)
-    df, errors, _ = _evaluate_rows(run, model, data, _variants(clips), options)
+    df, errors, _, _ = _evaluate_rows(run, model, data, _variants(clips, options), options)
     df.attrs["errors"] = errors  # unreadable checkpoints, skipped (checkpoint, error, message)
     return df
 
 
-def recommend(df: pd.DataFrame, task: str, tolerance: float | None, tightest_first: list[str]) -> pd.Series:
+def recommend(df: pd.DataFrame, primary: Primary, tolerance: float | None, tightest_first: list[str]) -> pd.Series:
     """Mark, per checkpoint, the tightest variant that changes weights and keeps the primary metric.
 
     A variant that clips nothing is never recommended: it stays within any tolerance
     because it is the original.
 
-    ``tolerance``: percentage points of accuracy (default 0.5) for classification,
-    percent of loss (default 1.0) for regression. ``tightest_first`` orders the variants.
+    ``tolerance``: percentage points of an accuracy (default 0.5), else percent of the
+    original value (default 1.0); see :class:`auditclip.metrics.Primary`.
+    ``tightest_first`` orders the variants.
     """
     check_tolerance(tolerance)
-    metric = primary_metric(task)
-    tol = tolerance if tolerance is not None else (0.5 if task == "classification" else 1.0)
+    metric = primary.name
     marks = pd.Series(False, index=df.index)
     for _, group in df.groupby("checkpoint", sort=False):
         base = group[group.variant == "original"][metric]
@@ -205,12 +252,7 @@ def recommend(df: pd.DataFrame, task: str, tolerance: float | None, tightest_fir
                 continue
             if "n_clipped" in row and int(row["n_clipped"].iloc[0]) == 0:
                 continue  # changes nothing: within tolerance by construction, not a result
-            value = float(row[metric].iloc[0])
-            if metric == "accuracy":
-                ok = (base_value - value) * 100 <= tol + 1e-12
-            else:
-                ok = value <= base_value * (1 + tol / 100) + 1e-15 or (base_value == 0 and value == 0)
-            if ok and not math.isnan(value):
+            if primary.keeps(base_value, float(row[metric].iloc[0]), tolerance):
                 marks[row.index[0]] = True
                 break
     return marks
@@ -235,6 +277,8 @@ class SweepResult:
     task: str
     metric: str
     errors: pd.DataFrame
+    #: the metric the tolerance applied to, its direction and the tolerance, in words
+    decided_by: str = ""
 
 
 def sweep(
@@ -258,10 +302,11 @@ def sweep(
     check_tolerance(tolerance)
     specs = [ClipSpec.make(family, v) for v in sorted(set(values))]
     options = options or EvalOptions(**option_values)
-    df, errors, task = _evaluate_rows(run, model, data, _variants(specs), options)
+    variants = _variants(specs, options)
+    df, errors, primary, task = _evaluate_rows(run, model, data, variants, options)
     df.insert(3, "setting", [math.nan if v == "original" else float(v.split("=")[1]) for v in df.variant])
-    df["recommended"] = recommend(df, task, tolerance, [str(s) for s in specs])
-    return SweepResult(df, task, primary_metric(task), errors)
+    df["recommended"] = recommend(df, primary, tolerance, [name for name, _ in variants])
+    return SweepResult(df, task, primary.name, errors, primary.describe(tolerance))
 
 
 def parse_values(text: str, what: str) -> list[float]:

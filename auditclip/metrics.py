@@ -7,7 +7,9 @@ classes); float targets -> regression (``loss`` = MSE, ``mae``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +20,8 @@ TASKS = ("auto", "classification", "regression")
 CustomMetric = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
 #: names a custom metric may not use: the built-in metrics and the columns of evaluation.csv/sweep.csv
 RESERVED = frozenset({"loss", "accuracy", "top5_accuracy", "mae", "checkpoint", "step", "variant", "setting",
-                      "n_clipped", "frac_clipped", "recommended"})
+                      "n_clipped", "frac_clipped", "recommended", "n_loaded",
+                      "n_model_tensors", "kind_rule", "primary_metric"})
 
 
 class NamedMetric:
@@ -162,6 +165,76 @@ def infer_task(targets: torch.Tensor) -> str:
 def primary_metric(task: str) -> str:
     """The metric sweeps and recommendations judge by: accuracy, or loss for regression."""
     return "accuracy" if task == "classification" else "loss"
+
+
+#: built-in metrics and whether higher is better
+DIRECTIONS = {"accuracy": True, "top5_accuracy": True, "loss": False, "mae": False}
+
+
+@dataclass(frozen=True)
+class Primary:
+    """The metric a ``--tolerance`` applies to, and how.
+
+    Accuracies (higher is better) are judged in percentage points, default 0.5; any
+    other metric in percent of the original's magnitude, default 1.
+
+    >>> p = Primary("loss", higher=False)
+    >>> p.keeps(1.0, 1.009, None), p.keeps(1.0, 1.02, None), p.describe(None)
+    (True, False, 'loss (lower is better), tolerance 1 % of the original')
+    """
+
+    name: str
+    higher: bool
+
+    @property
+    def points(self) -> bool:
+        return self.name in ("accuracy", "top5_accuracy")
+
+    def tolerance(self, tolerance: float | None) -> float:
+        return tolerance if tolerance is not None else (0.5 if self.points else 1.0)
+
+    def keeps(self, base: float, value: float, tolerance: float | None) -> bool:
+        """True when ``value`` is within the tolerance of the original ``base``."""
+        tol = self.tolerance(tolerance)
+        if math.isnan(value) or math.isnan(base):
+            return False
+        if self.points:
+            return (base - value) * 100 <= tol + 1e-12
+        room = abs(base) * tol / 100 + 1e-15
+        return value >= base - room if self.higher else value <= base + room
+
+    def describe(self, tolerance: float | None) -> str:
+        unit = "percentage points" if self.points else "% of the original"
+        return (f"{self.name} ({'higher' if self.higher else 'lower'} is better), "
+                f"tolerance {self.tolerance(tolerance):g} {unit}")
+
+
+def resolve_primary(choice: str | None, task: str, available: list[str]) -> Primary:
+    """The ``--primary-metric`` choice among the ``available`` metrics (None: the task's default).
+
+    A custom metric's direction is not known, so it is named ``NAME:higher`` or ``NAME:lower``.
+
+    >>> resolve_primary(None, "regression", ["loss", "mae"]).name
+    'loss'
+    >>> resolve_primary("margin:higher", "classification", ["loss", "accuracy", "margin"]).higher
+    True
+    """
+    name, _, direction = (choice or primary_metric(task)).partition(":")
+    name = name.strip()
+    if name not in available:
+        raise InputError(f"--primary-metric {choice}: not a metric of this evaluation; "
+                         f"available: {', '.join(available)}")
+    if direction:
+        if direction not in ("higher", "lower"):
+            raise InputError(f"--primary-metric {choice}: write NAME:higher or NAME:lower (which is better)")
+        if name in DIRECTIONS and DIRECTIONS[name] != (direction == "higher"):
+            raise InputError(f"--primary-metric {choice}: {name} is better when "
+                             f"{'higher' if DIRECTIONS[name] else 'lower'}")
+        return Primary(name, direction == "higher")
+    if name not in DIRECTIONS:
+        raise InputError(f"--primary-metric {choice}: say which is better for a custom metric: "
+                         f"{name}:higher or {name}:lower")
+    return Primary(name, DIRECTIONS[name])
 
 
 def load_custom_metric(ref: str) -> CustomMetric:

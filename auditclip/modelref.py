@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from .errors import InputError
+from .notices import note
+from .readers import normalize_names
 
 
 def _one_line(exc: BaseException) -> str:
@@ -121,15 +123,30 @@ class ModelLoader:
             raise InputError(f"--model {self.ref}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
         return model
 
+    def _rename_one(self, name: str) -> str:
+        if self.strip_prefix and name.startswith(self.strip_prefix):
+            name = name[len(self.strip_prefix):]
+        return (self.add_prefix or "") + name
+
     def _rename(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, t in state.items():
-            if self.strip_prefix and name.startswith(self.strip_prefix):
-                name = name[len(self.strip_prefix):]
-            if self.add_prefix:
-                name = self.add_prefix + name
-            out[name] = t
-        return out
+        return {self._rename_one(name): t for name, t in state.items()}
+
+    def kinds(self, names: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+        """(parameters, buffers) among the checkpoint's tensor ``names``, as the model says.
+
+        By the model's ``named_parameters()`` / ``named_buffers()``, normalised like its
+        state dict (``_orig_mod.``, ``module.``) and matched through ``--strip-prefix`` /
+        ``--add-prefix``; tied parameters count under every name they have.
+        A name the model lacks is in neither set (the name rule decides it).
+        """
+        model = self._model
+        if model is None:
+            return frozenset(), frozenset()
+        clean_of = {raw: clean for clean, raw in normalize_names(list(model.state_dict())).items()}
+        params = {clean_of.get(n, n) for n, _ in model.named_parameters(remove_duplicate=False)}
+        buffers = {clean_of.get(n, n) for n, _ in model.named_buffers(remove_duplicate=False)}
+        return (frozenset(n for n in names if self._rename_one(n) in params),
+                frozenset(n for n in names if self._rename_one(n) in buffers))
 
     def load(self, state: Mapping[str, torch.Tensor], checkpoint: str, path: str | None = None) -> torch.nn.Module:
         """The model with ``state`` loaded, in eval mode on the chosen device.
@@ -144,7 +161,10 @@ class ModelLoader:
             self._model = self._build(path or checkpoint)
         model = self._model
         state = self._rename(state)
-        expected = set(model.state_dict())
+        # The model's own wrapper prefixes (torch.compile's _orig_mod., DataParallel/DDP's
+        # module.) are dropped like the checkpoint's, so a factory may return either.
+        raw_of = normalize_names(list(model.state_dict()))
+        expected = set(raw_of)
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if self.strict and (missing or unexpected):
             raise InputError(_key_mismatch(checkpoint, missing, unexpected, expected, set(state)))
@@ -155,13 +175,34 @@ class ModelLoader:
                              "tensors, leaving the rest at their initial values; the names do not line up "
                              f"({_key_mismatch(checkpoint, missing, unexpected, expected, set(state)).split('; ', 1)[1]})")
         try:
-            model.load_state_dict(state, strict=False)
+            model.load_state_dict({raw_of[n]: t for n, t in state.items() if n in raw_of}, strict=False)
         except RuntimeError as exc:
             raise InputError(f"{checkpoint}: the weights do not fit --model {self.ref}: {_one_line(exc)}") from exc
-        model = model.to(self.device)
+        model = unwrap(model.to(self.device))
         if self._factory is not None:
             model.eval()  # an exported program was traced in its own mode; it refuses eval()
         return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that holds the weights, under ``torch.compile`` and DataParallel/DDP wrappers.
+
+    A compiled module runs the same weights through a generated graph; compiling costs
+    seconds to minutes per shape (a C++ toolchain on CPU) and the scores are the eager
+    module's up to rounding, so evaluation runs the underlying ``_orig_mod`` eagerly.
+
+    >>> unwrap(torch.nn.DataParallel(torch.nn.Linear(2, 1))).__class__.__name__
+    'Linear'
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        note(f"the model is wrapped in {type(model).__name__}; evaluating the module it wraps "
+             "(same weights, run eagerly)")
+        model = inner
 
 
 def _key_mismatch(checkpoint: str, missing: list[str], unexpected: list[str], expected: set[str], given: set[str]) -> str:
