@@ -956,11 +956,12 @@ def _same_tensor_data(a: Path, b: Path) -> bool:
         return False
 
 
-def _keep_rank(c: Checkpoint) -> tuple[bool, bool, bool, tuple[tuple[int, int, str], ...]]:
-    """Which of identical checkpoints is kept: a real file with a step in its name, not last.ckpt or "final"."""
+def _keep_rank(c: Checkpoint) -> tuple[bool, bool, bool, float, tuple[tuple[int, int, str], ...]]:
+    """Which of identical checkpoints is kept: a real file with a step in its name, not last.ckpt or "final",
+    then the oldest (a copy is written after its original), then by name."""
     linked = c.path.is_symlink() or c.weights.is_symlink()
     unnamed = bool(_LAST.match(c.path.name)) or c.label == FINAL_LABEL
-    return linked, unnamed, parse_step(c.label) is None, natural_key(c.label)
+    return linked, unnamed, parse_step(c.label) is None, _mtime(c.weights), natural_key(c.label)
 
 
 def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], list[tuple[str, str, str]]]:

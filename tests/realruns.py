@@ -77,6 +77,7 @@ def fit_lightning(
     save_last: bool | str | None = None,
     save_top_k: int = -1,
     monitor: str | None = None,
+    mode: str = "min",
     callbacks: Sequence[Any] = (),
     seed: int = 0,
     module: Any = None,
@@ -94,7 +95,7 @@ def fit_lightning(
     dirpath = Path(dirpath)
     checkpoint = ModelCheckpoint(
         dirpath=dirpath, filename=filename, every_n_train_steps=every_n_train_steps, save_last=save_last,
-        save_top_k=save_top_k, monitor=monitor,
+        save_top_k=save_top_k, monitor=monitor, mode=mode,
     )
     trainer = L.Trainer(
         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
@@ -103,3 +104,116 @@ def fit_lightning(
     )
     trainer.fit(module if module is not None else TinyModule(**hparams))
     return dirpath
+
+
+def fit_hf_trainer(
+    output_dir: str | os.PathLike[str], *, max_steps: int = 8, save_steps: int = 2, save_total_limit: int | None = 2,
+    save_final: bool = True,
+) -> Path:
+    """Train a tiny GPT-2 (about 3k parameters) with a real ``transformers.Trainer`` on CPU.
+
+    Checkpoints ``checkpoint-<step>/`` every ``save_steps``; with ``save_final`` the
+    Trainer's ``save_model(output_dir)`` writes the final weights into the run root.
+    Returns ``output_dir``.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
+
+    set_seed(0)
+    output_dir = Path(output_dir)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (16, 8), generator=g)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
+        save_total_limit=save_total_limit, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    if save_final:
+        trainer.save_model(str(output_dir))
+    return output_dir
+
+
+class _Critic(nn.Module):
+    """A small WGAN critic (with BatchNorm, as DCGAN critics have)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+class _Generator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z)
+
+
+def write_wgan(folder: str | os.PathLike[str], *, epochs: int = 4, clip: float = 0.01) -> Path:
+    """A WGAN training folder as the PyTorch example writes it: ``netD_epoch_{i}.pth`` and ``netG_epoch_{i}.pth``.
+
+    A few real WGAN steps per epoch (critic clamped to ``[-clip, clip]``), each epoch saved
+    with ``torch.save(net.state_dict(), ...)``. Returns ``folder``.
+    """
+    torch.manual_seed(0)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    net_d, net_g = _Critic(), _Generator()
+    opt_d = torch.optim.RMSprop(net_d.parameters(), lr=5e-4)
+    opt_g = torch.optim.RMSprop(net_g.parameters(), lr=5e-4)
+    real = torch.randn(64, 8) * 0.5 + 1.0
+    for epoch in range(epochs):
+        for batch in real.split(16):
+            for p in net_d.parameters():
+                p.data.clamp_(-clip, clip)
+            opt_d.zero_grad()
+            loss_d = net_d(net_g(torch.randn(16, 4)).detach()).mean() - net_d(batch).mean()
+            loss_d.backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            loss_g = -net_d(net_g(torch.randn(16, 4))).mean()
+            loss_g.backward()
+            opt_g.step()
+        torch.save(net_d.state_dict(), folder / f"netD_epoch_{epoch}.pth")
+        torch.save(net_g.state_dict(), folder / f"netG_epoch_{epoch}.pth")
+    return folder
+
+
+def write_accelerate_project(project_dir: str | os.PathLike[str], *, models: int = 1, saves: int = 3) -> Path:
+    """An accelerate project: ``save_state()`` with automatic checkpoint naming after a few steps each.
+
+    Writes ``project_dir/checkpoints/checkpoint_<i>/`` holding ``model.safetensors`` (and
+    ``model_1.safetensors`` with ``models=2``), the optimizer and the RNG state. Returns ``project_dir``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    set_seed(0)
+    project_dir = Path(project_dir)
+    accelerator = Accelerator(
+        cpu=True, project_config=ProjectConfiguration(project_dir=str(project_dir), automatic_checkpoint_naming=True,
+                                                      total_limit=None),
+    )
+    nets = [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)) for _ in range(models)]
+    optims = [torch.optim.SGD(n.parameters(), lr=0.05) for n in nets]
+    prepared = accelerator.prepare(*nets, *optims)
+    nets, optims = list(prepared[:models]), list(prepared[models:])
+    x, y = _dataset().tensors
+    for _ in range(saves):
+        for batch_x, batch_y in zip(x.split(8), y.split(8)):
+            for net, opt in zip(nets, optims):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(net(batch_x).squeeze(-1), batch_y)
+                accelerator.backward(loss)
+                opt.step()
+        accelerator.save_state()
+    accelerator.end_training()
+    return project_dir
