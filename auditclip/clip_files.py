@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -26,8 +28,9 @@ from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
 from .output import atomic_path
 from .paths import is_inside, member
-from .readers import (WRAPPER_KEYS, find_state_dict, load_torch_file, normalize_names, open_checkpoint_file,
-                      read_shard_index, tensor_slots)
+from .notices import note
+from .readers import (PinnedFile, _load_torch, _zip_byteorder, load_torch_file, normalize_names,
+                      open_checkpoint_file, read_shard_index, storage_identity, tensor_slots, untie, weight_copies)
 from .selection import name_filter
 from .writers import save_torch, sha256_file, write_json, write_safetensors
 
@@ -68,9 +71,13 @@ class _Clipper:
         self.keep = name_filter(settings.include, settings.exclude)
         self.rows: list[dict[str, Any]] = []
 
-    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, name: str, t: torch.Tensor, copy: str | None = None) -> torch.Tensor:
+        """Clip ``name`` as the settings select it; ``copy``: the container entry of a further
+        copy of the weights (EMA, live weights), whose rows name the tensor ``COPY.name``."""
         clipped, row = clip_selected(name, t, self.settings, self.keep)
         if row is not None:
+            if copy is not None:
+                row = {**row, "tensor": f"{copy}.{row['tensor']}"}
             self.rows.append({"checkpoint": self.label, **row})
         return clipped
 
@@ -103,22 +110,50 @@ def _clip_safetensors(src: Path, dst: Path, clipper: _Clipper, dry_run: bool) ->
         write_safetensors(dst, [(raw, name, shape) for raw, _, shape, name in entries], produce, metadata)
 
 
-def _tensor_slots(obj: Any, path: Path, key: str | None) -> list[tuple[Any, Any, str]]:
-    """(mapping, key, stored name) for every model tensor of a loaded container, to edit in place."""
-    sd = find_state_dict(obj, path, key)
-    wrappers = (key,) if key else WRAPPER_KEYS
-    if not any(isinstance(obj, Mapping) and obj.get(w) is sd for w in wrappers):
-        return [(obj, k, str(k)) for k, v in obj.items() if isinstance(v, torch.Tensor)]
-    return tensor_slots(sd, path)
+Slots = list[tuple[Any, Any, str]]
+
+
+def _copies_to_clip(obj: Any, path: Path, key: str | None) -> list[tuple[str | None, Slots]]:
+    """(label, tensor slots) of every copy of the weights ``clip`` edits, the copy that is read first.
+
+    Without ``key`` every copy (:func:`weight_copies`) is clipped with the same settings;
+    the first is labelled None (its rows name tensors as stats.csv does), the others by
+    their entry. With ``key`` only that entry is, and a note says the others were left as is.
+    """
+    copies = weight_copies(obj, path, key)
+    chosen = copies[:1] if key is not None else copies
+    if key is not None and len(copies) > 1:
+        note(f"clip: only '{key}' (--key) was clipped; the other copies of the weights were left as is: "
+             + ", ".join(str(e) for e, _ in copies[1:]))
+    out: list[tuple[str | None, Slots]] = []
+    for i, (entry, state) in enumerate(chosen):
+        if entry is None:  # a bare state dict: its top-level tensors (nested mappings are trainer state)
+            slots = [(obj, k, str(k)) for k, v in obj.items() if isinstance(v, torch.Tensor)]
+        else:
+            slots = tensor_slots(state, path)
+        out.append((None if i == 0 else entry, slots))
+    return out
 
 
 def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: str | None, dry_run: bool) -> None:
+    f = PinnedFile(src)
+    try:
+        zip_file = _zip_byteorder(f) == "little"
+    finally:
+        f.close()
+    if zip_file and to is None:
+        _clip_torch_zip(src, dst, clipper, key, dry_run)
+        return
     obj = load_torch_file(src)
-    slots = _tensor_slots(obj, src, key)
-    clean = normalize_names([raw for _, _, raw in slots])
-    clean_of = {raw: c for c, raw in clean.items()}
+    copies = _copies_to_clip(obj, src, key)
     if to == "safetensors":
-        tensors = {clean_of[raw]: m[k] for m, k, raw in slots}
+        label, slots = copies[0]
+        if len(copies) > 1:
+            note("--to safetensors writes one copy of the weights (the one read); left out: "
+                 + ", ".join(str(e) for e, _ in copies[1:]))
+        clean = normalize_names([raw for _, _, raw in slots])
+        clean_of = {raw: c for c, raw in clean.items()}
+        tensors = untie({clean_of[raw]: m[k] for m, k, raw in slots})
         produce = lambda name: clipper(name, tensors[name])  # noqa: E731
         if dry_run:
             for name in tensors:
@@ -127,11 +162,145 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
         entries = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
         write_safetensors(dst, entries, produce, {"format": "pt", **_provenance(src, clipper.settings)})
         return
-    for mapping, k, raw in slots:
-        # a new tensor replaces the entry; the input file is never written to
-        mapping[k] = clipper(clean_of[raw], mapping[k])
+    done: dict[tuple[Any, ...], torch.Tensor] = {}  # a tied tensor is clipped once and stays shared
+    for label, slots in copies:
+        clean = normalize_names([raw for _, _, raw in slots])
+        clean_of = {raw: c for c, raw in clean.items()}
+        for mapping, k, raw in slots:
+            ident = storage_identity(mapping[k], lazy=False)
+            if ident is not None and ident in done:
+                mapping[k] = done[ident]
+                continue
+            # a new tensor replaces the entry; the input file is never written to
+            mapping[k] = clipper(clean_of[raw], mapping[k], label)
+            if ident is not None:
+                done[ident] = mapping[k]
     if not dry_run:
         save_torch(obj, dst)
+
+
+class _Record(NamedTuple):
+    """One stored (uncompressed) record of a zip file: where its data lies and where its CRC-32 is written."""
+
+    name: str
+    data: int  # offset of the first data byte
+    size: int
+    crc: int
+    crc_at: tuple[int, ...]  # central directory entry, local header, data descriptor (where they hold it)
+
+
+def _zip_records(f: PinnedFile) -> dict[int, _Record]:
+    """The stored records of a zip-format torch file, by the offset of their data.
+
+    The central directory is walked here (zipfile does not say where each entry lies)
+    to find the CRC field of every record; its local header and data descriptor
+    (torch's writer sets flag bit 3) hold the CRC too, or zero.
+    """
+    with f.dup() as fh, zipfile.ZipFile(fh) as z:
+        infos, position = z.infolist(), z.start_dir
+    records: dict[int, _Record] = {}
+    for info in infos:
+        head = f.read(position, 46)
+        if head[:4] != b"PK\x01\x02":
+            raise CheckpointError(f.path, "zip central directory is not where the file says")
+        n, m, k = struct.unpack("<HHH", head[28:34])
+        crc_at = [position + 16]
+        position += 46 + n + m + k
+        if info.compress_type != zipfile.ZIP_STORED:
+            continue
+        local = f.read(info.header_offset, 30)
+        if local[:4] != b"PK\x03\x04":
+            raise CheckpointError(f.path, f"zip record {info.filename} has no local header")
+        data = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+        if struct.unpack("<I", local[14:18])[0] == info.CRC:
+            crc_at.append(info.header_offset + 14)
+        end = data + info.compress_size
+        if info.flag_bits & 0x08 and end + 8 <= f.size:
+            descriptor = f.read(end, 8)
+            at = end + 4 if descriptor[:4] == b"PK\x07\x08" else end
+            if struct.unpack("<I", f.read(at, 4))[0] == info.CRC:
+                crc_at.append(at)
+        records[data] = _Record(info.filename, data, info.file_size, info.CRC, tuple(crc_at))
+    return records
+
+
+def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dry_run: bool) -> None:
+    """Clip a zip-format torch file by rewriting only the storage records of clipped tensors.
+
+    The output is a copy of the input in which each changed ``archive/data/<key>``
+    record is overwritten in place (same size, same offset) and its CRC-32 updated
+    in the central directory, local header and data descriptor. ``data.pkl`` (with
+    any foreign objects, hyper-parameters, optimizer state) is kept byte for byte,
+    tied tensors stay one storage, and the file keeps its size. One storage is held
+    in memory at a time; each tensor is clipped in its view of the storage.
+    """
+    f = PinnedFile(src)
+    try:
+        obj, lazy = _load_torch(f)
+        if not lazy:  # cannot happen for a little-endian zip file; the offsets below need meta tensors
+            raise CheckpointError(src, "not a zip-format file with storage offsets")
+        records = _zip_records(f)
+        plan: dict[int, list[tuple[str, str | None, torch.Tensor]]] = {}
+        first: dict[tuple[Any, ...], str] = {}
+        for label, slots in _copies_to_clip(obj, src, key):
+            clean = normalize_names([raw for _, _, raw in slots])
+            clean_of = {raw: c for c, raw in clean.items()}
+            for mapping, k, raw in slots:
+                t, name = mapping[k], clean_of[raw]
+                ident = storage_identity(t, lazy=True)
+                if ident is None:  # empty or not dense: nothing stored to clip
+                    continue
+                shown = name if label is None else f"{label}.{name}"
+                if ident in first:
+                    note(f"{shown} is tied to {first[ident]} (same storage); counted once")
+                    continue
+                first[ident] = shown
+                if ident[0] not in records:
+                    raise CheckpointError(src, f"tensor {raw!r}: its storage is not a stored record of the zip")
+                plan.setdefault(ident[0], []).append((name, label, t))
+        if dry_run:
+            for offset in sorted(plan):
+                _clip_record(f, records[offset], plan[offset], clipper)
+            return
+        with atomic_path(dst) as tmp, open(tmp, "r+b") as out:
+            with f.dup() as fh:  # the file opened and parsed above, not whatever the name points to now
+                shutil.copyfileobj(fh, out, 1 << 20)
+            f.check()
+            for offset in sorted(plan):
+                record = records[offset]
+                changed = _clip_record(f, record, plan[offset], clipper)
+                if changed is None:
+                    continue
+                out.seek(record.data)
+                out.write(changed)
+                crc = struct.pack("<I", zlib.crc32(changed))
+                for at in record.crc_at:
+                    out.seek(at)
+                    out.write(crc)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        f.close()
+
+
+def _clip_record(f: PinnedFile, record: _Record, views: list[tuple[str, str | None, torch.Tensor]],
+                 clipper: _Clipper) -> bytes | None:
+    """Clip each tensor's view of one storage record; the new bytes, or None when nothing changed."""
+    raw = bytearray(record.size)
+    f.read_into(raw, record.data)
+    before = bytes(raw)
+    storage = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    for name, label, t in views:
+        if record.size % t.dtype.itemsize:
+            raise CheckpointError(f.path, f"tensor {name!r}: its storage of {record.size} bytes does not hold {t.dtype}")
+        try:
+            view = storage.view(t.dtype).as_strided(tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        except RuntimeError as exc:
+            raise CheckpointError(f.path, f"tensor {name!r} reaches beyond its storage") from exc
+        clipped = clipper(name, view, label)
+        if clipped is not view:
+            view.copy_(clipped)
+    return None if raw == before else bytes(raw)
 
 
 def _output(ckpt: Checkpoint, out: Path, to: str | None, root: Path | None = None) -> Path:
