@@ -40,7 +40,7 @@ from .distances import DRIFT_METRICS, compare_values, cosine, rel_change
 from .errors import CheckpointError, InputError
 from .readers import TensorInfo, TensorReader, is_float_dtype
 from .selection import name_filter
-from .stats import STAT_COLUMNS, STATS_COLUMNS, TINY_MAX, TensorSummary, describe, describe_many, shape_text
+from .stats import STAT_COLUMNS, STATS_COLUMNS, TINY_MAX, TensorSummary, count_at_bound, describe, describe_many, shape_text
 
 DRIFT_COLUMNS: tuple[str, ...] = (
     "checkpoint", "step", "tensor", "kind", "baseline", "baseline_checkpoint", "status", *DRIFT_METRICS,
@@ -53,6 +53,10 @@ BASELINES = ("previous", "reference")
 Progress = Callable[[int, int], None]
 #: ``visit(checkpoint_label, tensor_name, tensor, summary)``
 Visitor = Callable[[str, str, torch.Tensor, TensorSummary], None]
+#: ``bounds(tensor_name)``: the tensor's ``(lo, hi)`` clip bound, or None (see ``frac_at_bound``)
+Bounds = Callable[[str], "tuple[float, float] | None"]
+#: The ``stats.csv`` column added when a bound is given (:func:`analyze`'s ``bounds``).
+FRAC_AT_BOUND = "frac_at_bound"
 RunLike = Run | str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
 
@@ -186,6 +190,7 @@ def analyze(
     progress: Progress | None = None,
     visit: Visitor | None = None,
     workers: int | None = None,
+    bounds: Bounds | None = None,
 ) -> AnalysisResult:
     """Statistics of every tensor at every checkpoint, and drift between checkpoints.
 
@@ -197,6 +202,10 @@ def analyze(
     cores); results do not depend on it.
     ``visit(label, name, tensor, summary)`` is called for every floating tensor
     version read, while it is in memory (``flag`` checks elements this way).
+    ``bounds(name)``: the tensor's clip bound ``(lo, hi)`` or None; when given, ``stats``
+    gains ``frac_at_bound``, the fraction of elements within one ulp of the tensor's dtype
+    of either end (:func:`auditclip.stats.count_at_bound`), NaN where a tensor has no bound;
+    the ``__all__`` row pools the tensors that have one.
 
     The sample run whose learning rate jumps 8x after epoch 8: by the last epoch the
     whole model has moved four times its initial norm away from epoch 1.
@@ -236,6 +245,12 @@ def analyze(
     drift_tables = [_DriftTable(drift_store, i) for i in range(len(readers))]
     failed: set[int] = set()
     is_float = _is_float_dtype
+    at_bound: list[dict[str, int]] = [{} for _ in readers]  # per checkpoint: name -> elements at the bound
+
+    def count_bound(i: int, name: str, tensor: torch.Tensor) -> None:
+        bound = bounds(name) if bounds is not None and i >= 0 else None
+        if bound is not None:
+            at_bound[i][name] = count_at_bound(tensor, *bound)
 
     def record(i: int, ckpt: Checkpoint, exc: CheckpointError) -> None:
         if i not in failed:
@@ -263,6 +278,7 @@ def analyze(
         v = read(i, ckpt, reader, name, info)
         if v is not None and v.tensor is not None:
             v.summary = describe(v.tensor, v.info, spectral=spectral)
+            count_bound(i, name, v.tensor)
             if visit is not None:
                 visit(ckpt.label, name, v.tensor, v.summary)
         return v
@@ -275,6 +291,7 @@ def analyze(
             summaries = describe_many([v.tensor for _, v in todo], [v.info for _, v in todo], spectral=spectral)
             for (name, v), summary in zip(todo, summaries):
                 v.summary = summary
+                count_bound(i, name, v.tensor)  # type: ignore[arg-type]
                 if visit is not None:
                     visit(ckpt.label, name, v.tensor, summary)  # type: ignore[arg-type]
         return found
@@ -493,6 +510,8 @@ def analyze(
     drift_tables.clear()
     _add_kind(stats_frame)
     _add_kind(drift_frame)
+    if bounds is not None:
+        _add_frac_at_bound(stats_frame, {c.label: counts for c, counts in zip(ckpts, at_bound)})
     return AnalysisResult(
         stats=stats_frame,
         drift=drift_frame,
@@ -517,6 +536,24 @@ def _add_kind(frame: pd.DataFrame) -> None:
 
     kinds = {name: ("" if name == ALL else tensor_kind(str(name))[0]) for name in frame["tensor"].unique()}
     frame.insert(frame.columns.get_loc("tensor") + 1, "kind", frame["tensor"].map(kinds).astype(object))
+
+
+def _add_frac_at_bound(frame: pd.DataFrame, at_bound: dict[str, dict[str, int]]) -> None:
+    """Append ``frac_at_bound``: per tensor its count / numel; per checkpoint (``__all__``) pooled over bounded tensors."""
+    pooled: dict[str, float] = {}
+    if len(frame):
+        numel = frame["numel"].astype("float64")
+        for label, counts in at_bound.items():
+            rows = (frame["checkpoint"] == label) & frame["tensor"].isin(list(counts))
+            total = float(numel[rows].sum())
+            if total:
+                pooled[label] = sum(counts.values()) / total
+    fractions = [
+        pooled.get(label, math.nan) if name == ALL
+        else (at_bound.get(label, {})[name] / n if name in at_bound.get(label, {}) and n else math.nan)
+        for label, name, n in zip(frame["checkpoint"], frame["tensor"], frame["numel"])
+    ]
+    frame[FRAC_AT_BOUND] = pd.Series(fractions, index=frame.index, dtype="float64")
 
 
 #: Largest finite |value| of a float64 tensor whose moments (sums of 4th powers) cannot overflow.

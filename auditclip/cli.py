@@ -136,11 +136,13 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Directory for stats.csv and drift.csv.")
-@use("sort", "reference", "top", "quiet", "workers")
+@use("sort", "reference", "top", "quiet", "workers", "max_abs", "range",
+     help={"max_abs": "The run's clip bound [-C, C]: stats.csv gains frac_at_bound (parameters within one ulp of it).",
+           "range": "The run's clip bound [LO, HI], as --max-abs."})
 @_run_options
 def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
           workers: int | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          spectral: bool) -> None:
+          spectral: bool, max_abs: float | None = None, range_: str | None = None) -> None:
     """Per-tensor statistics at every checkpoint and how they move.
 
     RUN is a directory of checkpoints (files or checkpoint-<step>/ folders), a glob,
@@ -153,15 +155,22 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
       auditclip drift sample_checkpoints/high_lr --out report/
       auditclip drift 'sample_checkpoints/high_lr/epoch_0*.safetensors' --out report/ --include '*.weight' --spectral
       auditclip drift sample_checkpoints/high_lr --out report/ --reference sample_checkpoints/high_lr/epoch_06.safetensors
+      auditclip drift sample_checkpoints/wgan_clip --max-abs 0.01 --out report/
     """
     from .analysis import analyze
     from .output import prepare_out_dir, write_csv
 
+    bounds = None
+    if max_abs is not None or range_ is not None:  # the bound as flag reads it: parameters only
+        from .config import flag_settings
+        from .flags import bounds_of
+
+        bounds = bounds_of(flag_settings(options={"max_abs": max_abs, "range": range_}, search=False))
     out_dir = prepare_out_dir(out)
     progress = _Progress(hidden=quiet or not sys.stderr.isatty())
     try:
         result = analyze(_open_run(run, sort, key), include=include, exclude=exclude, spectral=spectral, reference=reference,
-                         sort=sort, key=key, progress=progress, workers=workers)
+                         sort=sort, key=key, progress=progress, workers=workers, bounds=bounds)
     finally:
         progress.close()
     written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]

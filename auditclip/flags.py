@@ -75,8 +75,8 @@ class FlagResult:
 
     @property
     def failed(self) -> bool:
-        """True when a finding reaches ``fail_on`` (the CLI then exits 1)."""
-        return any(severity_at_least(s, self.fail_on) for s in self.flags.severity)
+        """True when a finding reaches ``fail_on`` (the CLI then exits 1); a ``skipped`` row never does."""
+        return any(s != SKIPPED and severity_at_least(s, self.fail_on) for s in self.flags.severity)
 
 
 def index_text(flat_index: int, shape: tuple[int, ...]) -> str:
@@ -271,6 +271,24 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
     return out
 
 
+def bounds_of(settings: FlagSettings) -> Callable[[str], tuple[float, float] | None]:
+    """Each tensor's bound for ``frac_at_bound``: its ``range`` rule's ``(lo, hi)``, None where that is off.
+
+    The same tensors the range rule checks: parameters, buffers only with ``--buffers``.
+
+    >>> bound = bounds_of(flag_settings(options={"max_abs": 0.01}, search=False))
+    >>> bound("critic.weight"), bound("bn.running_var")
+    ((-0.01, 0.01), None)
+    """
+    rules_for = _rules_cache(settings)
+
+    def bound(name: str) -> tuple[float, float] | None:
+        rules = rules_for(name)
+        return rules.range if rules.on("range") else None
+
+    return bound
+
+
 def _rules_cache(settings: FlagSettings) -> Callable[[str], FlagRules]:
     """``settings.rules_for``, once per tensor name (matching overrides is glob work)."""
     cache: dict[str, FlagRules] = {}
@@ -405,14 +423,17 @@ def flag(
         if tensor.numel():
             checked[0] += 1  # ints and the GIL make this safe across walker threads
 
+    bound = bounds_of(settings)
+    bounded = settings.rules.range is not None or any("range" in changes for _, changes in settings.overrides)
     result = analyze(run, include=settings.include, exclude=settings.exclude, reference=reference, sort=sort,
-                     key=key, progress=progress, visit=visit)
+                     key=key, progress=progress, visit=visit, bounds=bound if bounded else None)
     if not checked[0]:
         raise InputError(f"nothing was checked, so the gate cannot pass: {_why_nothing(result, settings)}")
     order = {c.label: i for i, c in enumerate(result.run)}
     steps = {c.label: c.step for c in result.run}
     rows = [{"checkpoint": label, **f} for (label, _), fs in found.items() if label in order for f in fs]
     rows += _run_findings(result, settings, norms, rules_for)
+    rows += not_applied(result, rules_for)
     names = {n: i for i, n in enumerate(result.tensors)}
     rows.sort(key=lambda r: (order[r["checkpoint"]], names.get(r["tensor"], -1), RULES.index(r["rule"])))
     for r in rows:
@@ -421,6 +442,61 @@ def flag(
     flags["step"] = flags["step"].astype("Int64")
     flags["count"] = flags["count"].astype("Int64")
     return FlagResult(flags=flags, errors=result.errors, analysis=result, fail_on=settings.fail_on)
+
+
+def not_applied(result: AnalysisResult, rules_for: Callable[[str], FlagRules]) -> list[dict[str, Any]]:
+    """``skipped`` rows (and notes) for the run rules this run is too short for.
+
+    ``jump`` needs 4 readable checkpoints of a tensor (3 step changes to take the median
+    of), ``frozen`` 2, ``norm_growth`` a readable reference and a checkpoint besides it.
+    Each rule that is on but could not be applied, to the whole run or to some of its
+    tensors, gets one row (tensor ``__all__``, on the last checkpoint) and one
+    :func:`auditclip.notices.note`, so a short run never passes in silence.
+
+    >>> rows = flag("sample_checkpoints/high_lr/epoch_01.safetensors").flags
+    >>> rows[["rule", "severity"]].values.tolist()
+    [['jump', 'skipped'], ['frozen', 'skipped']]
+    """
+    unreadable = set(result.errors.checkpoint)
+    labels = [c.label for c in result.run if c.label not in unreadable]
+    if not labels:
+        return []
+    stats = result.stats
+    floats = stats[(stats.tensor != "__all__") & (stats.numel > 0) & stats.dtype.map(lambda d: is_float_dtype(str(d)))]
+    names = list(dict.fromkeys(floats.tensor))
+    rules = {name: rules_for(name) for name in names}
+    out: list[dict[str, Any]] = []
+
+    def skip(rule: str, needs: str, message: str) -> None:
+        notices.note(message)
+        out.append({"checkpoint": labels[-1], "tensor": "__all__", "rule": rule, "severity": SKIPPED, "count": 0,
+                    "fraction": math.nan, "worst_value": math.nan, "worst_index": "", "threshold": needs,
+                    "message": message})
+
+    need_jump = MIN_STEPS_FOR_JUMP + 1
+    jumpers = [n for n in names if rules[n].on("jump")]
+    if jumpers and len(labels) < need_jump:
+        skip("jump", f"{need_jump} checkpoints", f"jump not applied: the run has {len(labels)} readable checkpoint(s); "
+             f"the rule needs {need_jump} ({MIN_STEPS_FOR_JUMP} step changes to take a median of)")
+    elif jumpers:
+        d = result.drift
+        ok = d[(d.baseline == "previous") & (d.status == "ok")].tensor.value_counts()
+        short = [n for n in jumpers if ok.get(n, 0) < MIN_STEPS_FOR_JUMP]
+        if short:
+            skip("jump", f"{need_jump} checkpoints", f"jump not applied to {len(short)} tensor(s) compared in fewer "
+                 f"than {need_jump} checkpoints (added, removed or reshaped during the run): "
+                 + ", ".join(short[:5]) + (", ..." if len(short) > 5 else ""))
+    if any(rules[n].on("frozen") for n in names) and len(labels) < 2:
+        skip("frozen", "2 checkpoints", "frozen not applied: the run has 1 readable checkpoint; the rule needs 2")
+    if any(rules[n].on("norm_growth") for n in names):
+        reference = result.reference
+        if reference in unreadable:
+            skip("norm_growth", "a readable reference",
+                 f"norm_growth not applied: the reference checkpoint {reference} could not be read")
+        elif not any(label != reference for label in labels):
+            skip("norm_growth", "2 checkpoints", "norm_growth not applied: no checkpoint besides the reference "
+                 f"{reference} to compare with")
+    return out
 
 
 def _why_nothing(result: AnalysisResult, settings: FlagSettings) -> str:

@@ -270,6 +270,50 @@ def _add_spectral(stats: dict[str, float], t: torch.Tensor) -> None:
     stats["stable_rank"] = frob2 / sigma**2 if sigma > 0 else math.nan
 
 
+def ulp(value: float, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``value`` as ``dtype`` writes it: the gap to the next larger magnitude.
+
+    ``value`` is first rounded to the dtype; subnormals have the fixed smallest gap;
+    a value the dtype cannot hold (beyond its largest finite number) has none (``inf``).
+
+    >>> ulp(0.01, torch.float32) == float(np.spacing(np.float32(0.01)))
+    True
+    >>> ulp(0.01, torch.bfloat16), ulp(1.0, torch.float16), ulp(0.0, torch.float16)
+    (6.103515625e-05, 0.0009765625, 5.960464477539063e-08)
+    """
+    info = torch.finfo(dtype)
+    written = abs(float(torch.tensor(value, dtype=torch.float64).to(dtype)))
+    if not math.isfinite(written):
+        return math.inf
+    if written < info.smallest_normal:
+        return info.smallest_normal * info.eps
+    _, exponent = math.frexp(written)  # written = m * 2**exponent, 0.5 <= m < 1
+    return math.ldexp(info.eps, exponent - 1)
+
+
+def count_at_bound(t: torch.Tensor, lo: float, hi: float) -> int:
+    """Elements within one ulp (of the tensor's dtype) of either end of ``[lo, hi]``: ``|w - b| <= ulp(b)``.
+
+    What ``frac_at_bound`` counts: the weights a clip holds at its edge. Compared in
+    float64 against the bound as given (0.01, not its float32 rounding); NaN never counts.
+
+    >>> count_at_bound(torch.tensor([0.01, -0.01, 0.005, 0.0099, float("nan")]), -0.01, 0.01)
+    2
+    """
+    if not t.is_floating_point() or not t.numel():
+        return 0
+    gaps = [(b, ulp(b, t.dtype)) for b in ((lo, hi) if lo != hi else (lo,))]
+    count = 0
+    for block in blocks(t.detach().reshape(-1)):
+        wide = block.to(torch.float64)
+        near = torch.zeros(wide.shape, dtype=torch.bool)
+        for b, gap in gaps:
+            if math.isfinite(gap):
+                near |= (wide - b).abs() <= gap
+        count += int(near.sum())
+    return count
+
+
 #: Tensors up to this many elements are described together by :func:`describe_many`.
 TINY_MAX = 1024
 _RESOLUTION = np.finfo(np.float64).resolution
