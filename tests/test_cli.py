@@ -117,3 +117,28 @@ def test_pt_run_with_key_through_cli(tmp_path: Path) -> None:
     assert invoke("drift", tmp_path, "--out", out, "--key", "ema", "-q").exit_code == 0
     stats = pd.read_csv(out / "stats.csv").set_index(["step", "tensor"])
     assert stats.loc[(2, "fc1.weight"), "max"] == pytest.approx(float(state_dict(12)["fc1.weight"].max()), rel=1e-7)
+
+
+def test_options_are_declared_once_and_mean_the_same_everywhere() -> None:
+    """Every option of every command is one of auditclip.options.OPTIONS, with its flags, type and
+    default (a command may only reword its help): --key or --include cannot drift apart per command."""
+    import click
+
+    from auditclip.options import OPTIONS
+
+    def shape(o: click.Option) -> tuple[object, ...]:
+        kind = (type(o.type).__name__, getattr(o.type, "choices", None), getattr(o.type, "min", None))
+        return (tuple(o.opts), tuple(o.secondary_opts), o.name, kind, o.default, o.multiple, o.is_flag, o.required)
+
+    declared = {shape(click.Option(list(opt.decls), **opt.settings)) for opt in OPTIONS.values()}
+    own = {("inspect", "--format")}  # one command's own option, declared beside it
+    shared = 0
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.opts != ["-h", "--help"] and (name, param.opts[0]) not in own:
+                assert shape(param) in declared, (name, param.opts)
+                shared += 1
+    assert shared > 100
+    flags = [f for opt in OPTIONS.values() for f in opt.decls if f.startswith("-")]
+    sweep_lists = {"--max-abs", "--percentile", "--sigma"}  # sweep's take lists of settings
+    assert sorted(f for f in flags if flags.count(f) > 1) == sorted([*sweep_lists, *sweep_lists])
