@@ -125,6 +125,10 @@ def _copies_to_clip(obj: Any, path: Path, key: str | None) -> list[tuple[str | N
     if key is not None and len(copies) > 1:
         note(f"clip: only '{key}' (--key) was clipped; the other copies of the weights were left as is: "
              + ", ".join(str(e) for e, _ in copies[1:]))
+    if key is None and len(copies) > 1:
+        note("clip: every copy of the weights was clipped with the same settings: "
+             + ", ".join(str(e) for e, _ in copies)
+             + f" (clip_report.csv names the tensors of the others {copies[1][0]}.NAME)")
     out: list[tuple[str | None, Slots]] = []
     for i, (entry, state) in enumerate(chosen):
         if entry is None:  # a bare state dict: its top-level tensors (nested mappings are trainer state)
