@@ -120,7 +120,7 @@ def fit_hf_trainer(
 
     set_seed(0)
     output_dir = Path(output_dir)
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (16, 8), generator=g)

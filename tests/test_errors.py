@@ -62,11 +62,15 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     Path("twins").mkdir()
     torch.save({"w": torch.zeros(2)}, "twins/step_1.pt")
     torch.save({"state_dict": {"w": torch.ones(2)}}, "twins/step_1.ckpt")
+    Path("gan").mkdir()
+    for epoch in (1, 2):
+        torch.save({"main.0.weight": torch.full((2, 2), float(epoch))}, f"gan/netD_epoch_{epoch}.pth")
+        torch.save({"main.0.weight": torch.full((3, 2), float(epoch))}, f"gan/netG_epoch_{epoch}.pth")
     return tmp_path
 
 
 def test_table_is_complete() -> None:
-    assert len(ROWS) == 37, sorted(ROWS)
+    assert len(ROWS) == 38, sorted(ROWS)
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
