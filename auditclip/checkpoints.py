@@ -1,11 +1,17 @@
 """Find the checkpoints of a training run and put them in step order.
 
 A run is given as a directory of checkpoint files, a directory of checkpoint
-folders (Hugging Face ``checkpoint-<step>/``), a glob, or explicit paths. Each
-checkpoint gets a ``label`` (its path relative to the run) and a ``step``
-parsed from its name (``step_900``, ``ckpt-0001000``, ``checkpoint-500``,
-``epoch=3-step=48.ckpt``), else from a ``step``/``global_step`` entry in its
-safetensors metadata or ``trainer_state.json``.
+folders (Hugging Face ``checkpoint-<step>/``, accelerate's ``checkpoints/checkpoint_<i>/``
+under a ``project_dir``), a glob, or explicit paths. Each checkpoint gets a ``label``
+(its path relative to the run; ``final`` for a Trainer's ``save_model()`` in the run
+root) and a ``step``: the one the file stores (``global_step`` in a pickled ``.ckpt``,
+read without unpickling; ``step``/``global_step`` in safetensors metadata;
+``trainer_state.json``), else the one in its name (``step_900``, ``ckpt-0001000``,
+``checkpoint-500``, ``epoch=3-step=48.ckpt``).
+
+Duplicates (links, ``last.ckpt``, byte-identical copies) are folded into the
+checkpoint they copy, and a folder holding several model series (``netD_epoch_*``
+beside ``netG_epoch_*``) is refused with an :class:`InputError` naming a glob for each.
 
 Nothing is dropped silently. Every weight-like file found either becomes a
 :class:`Checkpoint` (one whose opening fails with a :class:`CheckpointError`
@@ -135,7 +141,11 @@ class Run:
 
     ``ignored`` lists the trainer-state files (``optimizer.pt``...) found beside
     the weights; ``notes`` has one line per other thing that was left out, and
-    why (an extra weight file in a checkpoint folder, a step out of range...).
+    why (an extra weight file in a checkpoint folder, a step out of range...),
+    or that the user should know about the run (duplicates folded, stored steps
+    that disagree with names, checkpoints deleted by ``save_total_limit``).
+    ``duplicates`` is ``(duplicate label, label of the checkpoint kept, how)`` for
+    each file folded (``("last.ckpt", "epoch=2-step=12.ckpt", "a link to")``).
 
     >>> run = open_run("sample_checkpoints/high_lr")  # doctest: +SKIP
     >>> [c.step for c in run][:3]  # doctest: +SKIP
@@ -342,19 +352,20 @@ def _pickle_top_level_step(stream: Any) -> tuple[int | None, str | None]:
     stack: list[Any] = []
     memo: dict[int, Any] = {}
     found: dict[str, int] = {}
+    marks = 0  # MARKs on the stack, so that "only the top-level dict's MARK" is checked in O(1)
 
     def push(value: object = None) -> None:
         stack.append(_Value(value, not stack))
 
-    def pop_to_mark() -> list[Any]:
+    def pop_to_mark() -> None:
+        nonlocal marks
         i = len(stack) - 1
         while i >= 0 and stack[i] is not _MARK:
             i -= 1
         if i < 0:
             raise ValueError("no MARK on the stack")
-        items = stack[i + 1:]
         del stack[i:]
-        return items
+        marks -= 1
 
     def top_level_key() -> str | None:
         """The key just pushed, when it is a key of the top-level dict."""
@@ -365,7 +376,7 @@ def _pickle_top_level_step(stream: Any) -> tuple[int | None, str | None]:
             return None
         if len(stack) == 2:  # SETITEM: [dict, key]
             return key
-        if len(stack) >= 3 and stack[1] is _MARK and (len(stack) - 3) % 2 == 0 and _MARK not in stack[2:]:
+        if len(stack) >= 3 and marks == 1 and stack[1] is _MARK and (len(stack) - 3) % 2 == 0:
             return key  # SETITEMS: [dict, MARK, k, v, ..., key]
         return None
 
@@ -382,6 +393,7 @@ def _pickle_top_level_step(stream: Any) -> tuple[int | None, str | None]:
             push(arg.decode("utf-8", "replace") if isinstance(arg, bytes) else arg)
         elif name == "MARK":
             stack.append(_MARK)
+            marks += 1
         elif name in _PUT_OPS or name == "MEMOIZE":
             if stack:
                 memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
@@ -397,8 +409,8 @@ def _pickle_top_level_step(stream: Any) -> tuple[int | None, str | None]:
                 count = before.index(pickletools.markobject)
             else:
                 count = len(before)
-            if count > len(stack):
-                raise ValueError("stack underflow")
+            if count > len(stack) or any(x is _MARK for x in stack[len(stack) - count:]):
+                raise ValueError("stack underflow")  # pickle itself refuses to pop a MARK as an object
             del stack[len(stack) - count:]
             for _ in op.stack_after:
                 push()
@@ -833,11 +845,13 @@ def open_run(
     """Find the checkpoints of a run and order them.
 
     ``paths``: a directory, a glob, a checkpoint, or a list of those.
-    ``sort``: ``step`` (parsed from names, then metadata; checkpoints without a
-    step come last, by name), ``name`` (natural order) or ``mtime``.
+    ``sort``: ``step`` (the step stored in the file, else the one in its name;
+    checkpoints without a step come last, by name), ``name`` (natural order) or ``mtime``.
     ``key``: the container entry holding the state dict (``ema``...).
 
-    What was left out, and why, is in :attr:`Run.notes`.
+    What was left out, and why, is in :attr:`Run.notes`; duplicates folded in
+    :attr:`Run.duplicates`. Raises :class:`InputError` when the files hold more
+    than one model series (the message lists them, with a glob for each).
 
     >>> run = open_run("sample_checkpoints/high_lr")  # doctest: +SKIP
     >>> run.labels[:2]  # doctest: +SKIP

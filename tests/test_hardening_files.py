@@ -342,7 +342,8 @@ def test_zero_size_tensors_with_huge_dimensions_are_empty_not_errors(tmp_path: P
     run.mkdir()
     one = torch.tensor([1.0]).numpy().tobytes()
     _raw_safetensors(run / "step_1.safetensors", {"w": ("F32", [0, 2**62], b""), "v": ("F32", [1], one)})
-    _raw_safetensors(run / "step_2.safetensors", {"w": ("F32", [0, 2**62], b""), "v": ("F32", [1], one)})
+    two = torch.tensor([2.0]).numpy().tobytes()  # not a byte copy of step_1, which would be folded into it
+    _raw_safetensors(run / "step_2.safetensors", {"w": ("F32", [0, 2**62], b""), "v": ("F32", [1], two)})
     result = invoke("inspect", run / "step_1.safetensors", "--format", "csv")
     assert result.exit_code == 0, result.output
     assert f'w,unknown,float32,"[0, {2**62}]",0' in result.output
