@@ -134,6 +134,20 @@ def test_other_file_layouts_of_the_writer(writer: dict[str, Any], tmp_path: Path
         assert_same(read_dcp_tensor(index, name), want)
 
 
+def test_safetensors_serialization_is_refused_by_name(tmp_path: Path) -> None:
+    formats_enum = getattr(dcp.filesystem, "SerializationFormat", None)
+    if formats_enum is None:
+        pytest.skip("this torch's FileSystemWriter has no serialization_format")
+    folder = save({"model": {"w": torch.ones(2, 3)}, "step": 5}, tmp_path / "ck",
+                  serialization_format=formats_enum.SAFETENSORS)
+    index = read_dcp_index(folder)
+    assert index.tensors["model.w"].shape == (2, 3)
+    assert read_dcp_object(index, "step") == 5  # bytes entries are still torch.save records
+    with pytest.raises(CheckpointError) as err:
+        read_dcp_tensor(index, "w")
+    assert err.value.kind == "unsupported" and "serialization_format=SAFETENSORS" in err.value.message
+
+
 # --------------------------------------------------------------------------- 2 ranks
 
 def _sharded_worker(rank: int, folder: str, store: str) -> None:
@@ -244,10 +258,10 @@ def test_index_reads_no_tensor_data(single: Any, tmp_path: Path, monkeypatch: py
     index = read_dcp_index(folder)
     assert reads == []
 
-    # the storage files' bytes do not matter to the index: scramble them all, same sizes
+    # the storage files' bytes do not matter to the index: zero them all, same sizes
     copy = shutil.copytree(folder, tmp_path / "scrambled")
     for f in copy.glob("*.distcp"):
-        f.write_bytes(os.urandom(f.stat().st_size))
+        f.write_bytes(bytes(f.stat().st_size))
     scrambled = read_dcp_index(copy)
     assert scrambled.tensors == index.tensors and scrambled.objects == index.objects
     assert reads == []
@@ -255,7 +269,7 @@ def test_index_reads_no_tensor_data(single: Any, tmp_path: Path, monkeypatch: py
     with pytest.raises(CheckpointError) as err:
         read_dcp_tensor(scrambled, "fc.weight")
     assert err.value.path.endswith("__0_0.distcp") and "torch.save archive" in err.value.message
-    assert len(reads) == 1
+    assert len(reads) == 1 and err.value.kind == "unreadable"
     assert_same(read_dcp_tensor(index, "fc.weight"), sd["fc.weight"])
 
 
@@ -375,6 +389,22 @@ def test_chunks_that_do_not_tile_the_tensor(damage: str, single: Any, tmp_path: 
     with pytest.raises(CheckpointError, match=expected) as err:
         read_dcp_index(folder)
     assert err.value.kind == "unreadable" and "model.fc.weight" in err.value.message
+
+
+def test_tiling_check_on_a_grid_of_chunks(tmp_path: Path) -> None:
+    """2-D sharding (8 x 8 pieces of a 16 x 24 tensor) tiles; one piece moved, dropped or doubled does not."""
+    def grid() -> list[fdcp.DcpChunk]:
+        return [fdcp.DcpChunk("__0_0.distcp", 0, 1, (2 * i, 3 * j), (2, 3)) for i in range(8) for j in range(8)]
+
+    fdcp._check_tiling("w", (16, 24), grid(), tmp_path)
+    moved = grid()
+    moved[27] = fdcp.DcpChunk("__0_0.distcp", 0, 1, (moved[27].offsets[0] + 1, moved[27].offsets[1]), (2, 3))
+    with pytest.raises(CheckpointError, match="overlap"):
+        fdcp._check_tiling("w", (16, 24), moved, tmp_path)
+    with pytest.raises(CheckpointError, match="cover 378 of its 384"):
+        fdcp._check_tiling("w", (16, 24), grid()[:-1], tmp_path)
+    with pytest.raises(CheckpointError, match="overlap"):
+        fdcp._check_tiling("w", (16, 24), [*grid()[:-1], grid()[0]], tmp_path)
 
 
 def test_unknown_dtype_is_named(single: Any, tmp_path: Path) -> None:

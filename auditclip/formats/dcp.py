@@ -366,13 +366,19 @@ def _check_tiling(key: str, shape: tuple[int, ...], chunks: list[DcpChunk], path
         if any(o + s > n for o, s, n in zip(c.offsets, c.sizes, shape)):
             raise CheckpointError(path, f"inconsistent DCP .metadata: the chunk of {key} at {list(c.offsets)} "
                                         f"(size {list(c.sizes)}) reaches outside its shape {list(shape)}")
-    full = [c for c in chunks if c.numel]
-    for i, a in enumerate(full):
-        for b in full[i + 1:]:
-            if all(ao < bo + bs and bo < ao + as_
-                   for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
-                raise CheckpointError(path, f"inconsistent DCP .metadata: chunks of {key} at {list(a.offsets)} "
-                                            f"and {list(b.offsets)} overlap")
+    full = sorted((c for c in chunks if c.numel), key=lambda c: c.offsets)
+    if shape:
+        # Sweep along dimension 0: a chunk can only overlap the ones whose rows it shares, so a
+        # 1024-rank FSDP tensor costs 1024 comparisons, not half a million.
+        active: list[DcpChunk] = []
+        for b in full:
+            active = [a for a in active if a.offsets[0] + a.sizes[0] > b.offsets[0]]
+            for a in active:
+                if all(ao < bo + bs and bo < ao + as_
+                       for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                    raise CheckpointError(path, f"inconsistent DCP .metadata: chunks of {key} at "
+                                                f"{list(a.offsets)} and {list(b.offsets)} overlap")
+            active.append(b)
     covered = sum(c.numel for c in full)
     if covered != math.prod(shape):
         raise CheckpointError(path, f"inconsistent DCP .metadata: the chunks of {key} cover {covered} of its "
@@ -579,11 +585,20 @@ def _refuse_transforms(path: Path, what: str, transforms: tuple[str, ...]) -> No
                                     "untransformed records: re-save without _extensions", kind="unsupported")
 
 
-def _load_record(blob: bytes, path: Path, what: str) -> Any:
+def _load_record(index: DcpIndex, file: str, offset: int, length: int, what: str) -> Any:
+    """Read one record's span and ``torch.load(weights_only=True)`` it from memory."""
+    path = index.folder / file
+    blob = _read_span(index, file, offset, length)
     if not blob.startswith(_ZIP_MAGIC):
-        raise CheckpointError(path, f"the record of {what} is not a torch.save archive (a DCP checkpoint "
-                                    "written with serialization_format=SAFETENSORS or another storage writer?)",
-                              kind="unsupported")
+        size = index.files.get(file, (offset + length,))[0]
+        head = blob if len(blob) >= 9 else _read_span(index, file, offset, min(9, size - offset))
+        if len(head) >= 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
+            raise CheckpointError(path, f"the record of {what} is a safetensors block: the checkpoint was saved "
+                                        "with FileSystemWriter(serialization_format=SAFETENSORS), whose tensor "
+                                        "records torch's own FileSystemReader cannot load either; not supported",
+                                  kind="unsupported")
+        raise CheckpointError(path, f"the record of {what} is not a torch.save archive (written by another "
+                                    "storage writer, or the file was overwritten)")
     try:
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -618,7 +633,7 @@ def iter_dcp_chunks(index: DcpIndex, key: str) -> Iterator[tuple[DcpChunk, torch
         path = index.folder / chunk.file
         what = f"{entry.key} at {list(chunk.offsets)}"
         _refuse_transforms(path, what, chunk.transforms)
-        piece = _load_record(_read_span(index, chunk.file, chunk.offset, chunk.length), path, what)
+        piece = _load_record(index, chunk.file, chunk.offset, chunk.length, what)
         if not isinstance(piece, torch.Tensor):
             raise CheckpointError(path, f"the record of {what} holds a {type(piece).__name__}, not a tensor")
         if piece.dtype != dtype or tuple(piece.shape) != chunk.sizes:
@@ -633,7 +648,7 @@ def read_dcp_tensor(index: DcpIndex, key: str) -> torch.Tensor:
     Reads only this tensor's records, one chunk at a time (``os.pread`` of its span,
     ``torch.load(weights_only=True)`` of the bytes), and copies each into place, so
     a tensor sharded over several ranks' files comes back whole. Memory: the full
-    tensor plus one chunk.
+    tensor plus one chunk (its record's bytes and the loaded piece).
 
     >>> import tempfile, warnings, torch, torch.distributed.checkpoint as dcp
     >>> folder = tempfile.mkdtemp()
@@ -672,4 +687,4 @@ def read_dcp_object(index: DcpIndex, key: str) -> Any:
     entry = index.objects[key]
     path = index.folder / entry.file
     _refuse_transforms(path, key, entry.transforms)
-    return _load_record(_read_span(index, entry.file, entry.offset, entry.length), path, key)
+    return _load_record(index, entry.file, entry.offset, entry.length, key)
