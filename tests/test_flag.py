@@ -145,3 +145,31 @@ def test_dead_tensor_and_norm_growth(tmp_path: Path) -> None:
     assert growth[["step", "tensor"]].values.tolist() == [[3, "w"]]
     dead = result.flags[result.flags.rule == "dead"]
     assert dead.tensor.unique().tolist() == ["zero.bias"] and dead.step.tolist() == [1, 2, 3]
+
+
+def test_a_run_too_short_for_the_run_rules_says_so(tmp_path: Path) -> None:
+    """One checkpoint: jump, frozen and norm_growth cannot be applied; each is a skipped row and a note."""
+    single = SAMPLES / "high_lr" / "epoch_01.safetensors"
+    result = CliRunner().invoke(cli, ["flag", str(single), "--norm-growth", "2", "--fail-on", "info",
+                                      "--out", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output  # skipped is not a finding: the gate passes
+    flags = pd.read_csv(tmp_path / "f" / "flags.csv")
+    assert flags[["rule", "severity", "tensor"]].values.tolist() == [
+        ["jump", "skipped", "__all__"], ["norm_growth", "skipped", "__all__"], ["frozen", "skipped", "__all__"]]
+    for message in flags.message:
+        assert f"note: {message}" in result.output
+    assert "the rule needs 4" in flags.message.iloc[0] and "besides the reference" in flags.message.iloc[1]
+
+
+def test_jump_not_applied_to_a_tensor_added_late_is_said(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 8, generator=g)
+    for step in range(1, 6):
+        a = a + 0.01 * torch.randn(8, 8, generator=g)
+        sd = {"a.weight": a.clone()}
+        if step >= 4:
+            sd["late.weight"] = torch.randn(4, 4, generator=g)
+        save_safetensors(tmp_path / "run" / f"step_{step}.safetensors", sd)
+    skipped = flag(tmp_path / "run").flags.query("severity == 'skipped'")
+    assert skipped[["rule", "checkpoint"]].values.tolist() == [["jump", "step_5.safetensors"]]
+    assert skipped.message.iloc[0].endswith("fewer than 4 checkpoints (added, removed or reshaped during the run): late.weight")
