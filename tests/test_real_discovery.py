@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import filecmp
 import json
+import os
 import re
 import shutil
 import sys
@@ -145,6 +146,21 @@ def test_a_byte_identical_copy_is_folded(lightning_runs: dict[str, Path], tmp_pa
     data[-100] ^= 1
     (folder / "backup.ckpt").write_bytes(bytes(data))
     assert "backup.ckpt" in open_run(folder).labels
+
+
+def test_hard_links_and_last_v1_are_folded_and_lightning_logs_found_from_the_version_folder(
+    lightning_runs: dict[str, Path], tmp_path: Path,
+) -> None:
+    version = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(lightning_runs["metrics"], version / "checkpoints")
+    (version / "hparams.yaml").write_text("hidden: 16\n")
+    newest = open_run(lightning_runs["metrics"])[-1].label
+    os.link(version / "checkpoints" / newest, version / "checkpoints" / "last-v1.ckpt")
+    run = open_run(version)
+    assert run.labels == [f"checkpoints/{c.label}" for c in open_run(lightning_runs["metrics"])]
+    assert sorted(run.duplicates) == [("checkpoints/last-v1.ckpt", f"checkpoints/{newest}", "the same file as"),
+                                      ("checkpoints/last.ckpt", f"checkpoints/{newest}", "byte-identical to")]
+    assert sorted(run[-1].duplicates) == ["checkpoints/last-v1.ckpt", "checkpoints/last.ckpt"]
 
 
 def test_the_step_a_file_stores_wins_over_its_name(lightning_runs: dict[str, Path], tmp_path: Path) -> None:
