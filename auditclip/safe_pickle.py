@@ -32,6 +32,7 @@ and records where their storages lie.
 
 from __future__ import annotations
 
+import _compat_pickle
 import pickle
 import types
 from collections import Counter, OrderedDict
@@ -142,6 +143,11 @@ class Unpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def find_class(self, module: str, name: str) -> Any:
         if type(module) is not str or type(name) is not str:
             raise Refused("a global with a non-text name", [repr((module, name))])
+        if self.proto < 3 and self.fix_imports:  # protocol 2 writes Python 2 names (__builtin__, commands...)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{name}"
         if full in self._allowed:
             return self._allowed[full]

@@ -11,8 +11,8 @@ Run as a program, as a user's ``train.py`` is, so the checkpoint's pickle names
   INPUT saved as ``input.safetensors``; ``TinyModule.load_from_checkpoint(CLIPPED, weights_only=False)``,
   its weights as ``loaded.safetensors``; one more epoch resumed with
   ``trainer.fit(model, ckpt_path=CLIPPED)``; facts in ``result.json``.
-* ``python lightning_hparams.py hostile PATH MARKER``: a checkpoint whose pickle holds
-  a ``__main__`` dataclass and an ``os.system`` call that would create MARKER.
+* ``python lightning_hparams.py session OUTDIR``: ``train``, print ``TRAINED``, then
+  ``verify`` the tab-separated ``INPUT CLIPPED OUTDIR`` read from stdin (one Lightning import).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import enum
 import json
-import os
 import pathlib
 import sys
 from dataclasses import dataclass, field
@@ -39,14 +38,6 @@ class RunConfig:
 class Mode(enum.Enum):
     FAST = "fast"
     SLOW = "slow"
-
-
-class Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
 
 
 def hparams(outdir: str) -> dict[str, object]:
@@ -86,11 +77,14 @@ def verify(original: str, clipped: str, outdir: str) -> None:
     (out / "result.json").write_text(json.dumps(result))
 
 
-def hostile(path: str, marker: str) -> None:
-    torch.save({"state_dict": {"w": torch.ones(2, 2)}, "hyper_parameters": {"config": RunConfig()},
-                "x": Payload(marker)}, path)
+def session(outdir: str) -> None:
+    """``train``, then ``verify`` the clipped file whose path arrives on stdin: Lightning is imported once."""
+    train(outdir)
+    print("TRAINED", flush=True)
+    original, clipped, verify_dir = sys.stdin.readline().split("\t")
+    verify(original, clipped, verify_dir.strip())
 
 
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    {"train": train, "verify": verify, "hostile": hostile}[command](*rest)
+    {"train": train, "verify": verify, "session": session}[command](*rest)
