@@ -450,8 +450,8 @@ def _stored_step(weights: Path, notes: list[str]) -> tuple[int | None, str]:
         if not (weights.name in HF_WEIGHT_NAMES and state.is_file()):
             step, key = _torch_stored_step(weights)
             return step, f"{key} in the file"
-    where = "trainer_state.json" if weights.name in HF_WEIGHT_NAMES and (weights.parent / "trainer_state.json").is_file() \
-        else "its metadata"
+    beside = weights.name in HF_WEIGHT_NAMES and (weights.parent / "trainer_state.json").is_file()
+    where = "trainer_state.json" if beside else "its metadata"
     return _metadata_step(weights, notes), where
 
 
@@ -1000,20 +1000,24 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
     for size, group in by_size.items():
         if len(group) < 2:
             continue
-        classes: dict[object, list[tuple[Checkpoint, os.stat_result]]] = {}
-        digests: dict[tuple[int, int], object] = {}
+        samples: dict[tuple[int, int], bytes | None] = {}  # by inode: a file linked twice is read once
+        fulls: dict[tuple[int, int], bytes | None] = {}
+        by_sample: dict[object, list[tuple[Checkpoint, os.stat_result]]] = {}
         for c, st in group:
             inode = (st.st_dev, st.st_ino)
-            if inode not in digests:
-                digests[inode] = ("sample", _safe(_sample_digest, c.weights, size))
-            classes.setdefault(digests[inode], []).append((c, st))
-        for key, members in list(classes.items()):
-            if len({(st.st_dev, st.st_ino) for _, st in members}) < 2 or key[1] is None:  # type: ignore[index]
+            if inode not in samples:
+                samples[inode] = _safe(_sample_digest, c.weights, size)
+            by_sample.setdefault(samples[inode] or ("unread", c.label), []).append((c, st))
+        classes: dict[object, list[tuple[Checkpoint, os.stat_result]]] = {}
+        for key, members in by_sample.items():
+            if len(members) < 2 or len({(st.st_dev, st.st_ino) for _, st in members}) == 1:
+                classes[key] = members  # alone, or links to one file: nothing more to read
                 continue
-            del classes[key]
             for c, st in members:  # the samples agree: only now read every byte
-                full = digests.setdefault(("full", st.st_dev, st.st_ino), _safe(_full_digest, c.weights))  # type: ignore[arg-type]
-                classes.setdefault(("full", full) if full is not None else ("unread", c.label), []).append((c, st))
+                inode = (st.st_dev, st.st_ino)
+                if inode not in fulls:
+                    fulls[inode] = _safe(_full_digest, c.weights)
+                classes.setdefault(("full", fulls[inode]) if fulls[inode] else ("unread", c.label), []).append((c, st))
         for members in classes.values():
             if len(members) < 2:
                 continue
@@ -1021,12 +1025,12 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
             for c, st in members:
                 if c is kept:
                     continue
-                if c.path.is_symlink() or c.weights.is_symlink():
-                    how = "a link to"
-                elif (st.st_dev, st.st_ino) == (kept_st.st_dev, kept_st.st_ino):
-                    how = "the same file as"
-                else:
+                if (st.st_dev, st.st_ino) != (kept_st.st_dev, kept_st.st_ino):
                     how = "byte-identical to"
+                elif c.path.is_symlink() or c.weights.is_symlink():
+                    how = "a link to"
+                else:
+                    how = "the same file as"  # a hard link
                 folded[c.label] = (kept, how)
     # last.ckpt saved again at a step another checkpoint has: the same weights, another pickle
     rest = [c for c in checkpoints if c.label not in folded and c.problem is None]
@@ -1034,8 +1038,8 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
         if not _LAST.match(c.path.name) or c.step is None:
             continue
         for other in rest:
-            if other is not c and other.label not in folded and other.step == c.step and not _LAST.match(other.path.name) \
-                    and _same_tensor_data(c.weights, other.weights):
+            if other is not c and other.label not in folded and other.step == c.step \
+                    and not _LAST.match(other.path.name) and _same_tensor_data(c.weights, other.weights):
                 folded[c.label] = (other, "the same step and tensor bytes as")
                 break
     if not folded:
@@ -1043,7 +1047,8 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
     extra: dict[str, list[str]] = {}
     for dup, (kept, _) in folded.items():
         extra.setdefault(kept.label, []).append(dup)
-    out = [replace(c, duplicates=c.duplicates + tuple(extra.get(c.label, ()))) for c in checkpoints if c.label not in folded]
+    out = [replace(c, duplicates=c.duplicates + tuple(extra.get(c.label, ())))
+           for c in checkpoints if c.label not in folded]
     return out, [(dup, kept.label, how) for dup, (kept, how) in folded.items()]
 
 
