@@ -112,9 +112,11 @@ def _unique(notes: list[Any]) -> list[str]:
 def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: str | None, clips: Any,
            settings: FlagSettings | None, eval_options: EvalOptions | None, tolerance: float | None,
            reference: Any, sort: str, key: str | None, top: int, progress: Any) -> AuditResult:
-    options = eval_options or EvalOptions(sort=sort, key=key)
-    variants = _variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
     settings = settings or flag_settings(search=False)
+    # without options of their own, the clipped variants take the rules' tensor selection
+    options = eval_options or EvalOptions(sort=sort, key=key, include=settings.include, exclude=settings.exclude,
+                                          buffers=settings.buffers)
+    variants = _variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
     out_dir = prepare_out_dir(out)
     flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress)
     analysis = flagged.analysis

@@ -516,7 +516,8 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
         last = ev[ev.checkpoint == ev.checkpoint.iloc[-1]]
         metric_cols = [c for c in ev.columns[5:] if not c.startswith("delta_") and c not in _TAIL]
         echo(_table(last, ["checkpoint", "variant", "n_clipped", *metric_cols, "recommended"]))
-        echo(f"Decided by {result.decided_by}")
+        if clips:
+            echo(f"Decided by {result.decided_by}")
     if result.recommendation:
         echo(f"recommended clip: {result.recommendation}")
     for e in result.errors.itertuples():
