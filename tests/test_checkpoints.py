@@ -144,3 +144,31 @@ def test_lightning_names_with_metrics_are_ordered_by_step(tmp_path: Path) -> Non
         torch.save({"state_dict": state_dict(i), "global_step": 20 * (3 - i)}, tmp_path / name)
     run = open_run(tmp_path)
     assert run.labels == names and [c.step for c in run] == [20, 40, 60]
+
+
+def test_same_size_files_differing_between_the_sampled_blocks_are_not_folded(tmp_path: Path) -> None:
+    """Same size, same sampled blocks, one different byte elsewhere: the full hash keeps them apart."""
+    w = torch.arange(40_000, dtype=torch.float32)
+    save_safetensors(tmp_path / "step_1.safetensors", {"w": w})
+    other = w.clone()
+    other[1500] += 1  # about 6 kB in: between the first and second sampled blocks
+    save_safetensors(tmp_path / "step_2.safetensors", {"w": other})
+    a, b = (tmp_path / "step_1.safetensors").read_bytes(), (tmp_path / "step_2.safetensors").read_bytes()
+    assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+    assert open_run(tmp_path).labels == ["step_1.safetensors", "step_2.safetensors"]
+    save_safetensors(tmp_path / "step_3.safetensors", {"w": w})  # a true copy of step_1
+    run = open_run(tmp_path)
+    assert run.labels == ["step_1.safetensors", "step_2.safetensors"]
+    assert run.duplicates == [("step_3.safetensors", "step_1.safetensors", "byte-identical to")]
+    assert run[0].duplicates == ("step_3.safetensors",)
+    assert [n for n in run.notes if n.startswith("folded 1 duplicate(s)")]
+
+
+def test_a_broken_pickle_has_no_stored_step_and_is_still_listed(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "step_5.ckpt", "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00(X\x0b\x00\x00\x00global_stepq")  # cut mid-pickle
+    torch.save({"global_step": 3, "state_dict": state_dict(1)}, tmp_path / "step_30.ckpt")
+    run = open_run(tmp_path)
+    assert [(c.label, c.step) for c in run] == [("step_30.ckpt", 3), ("step_5.ckpt", 5)]
