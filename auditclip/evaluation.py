@@ -23,6 +23,7 @@ from .errors import CheckpointError, InputError
 from .metrics import TASKS, CustomMetric, MetricTotals, Primary, infer_task, load_custom_metric, model_outputs, \
     resolve_primary
 from .modelref import ModelLoader, _one_line, raised
+from .kinds import tensor_kind
 from .notices import note
 
 SWEEP_FAMILIES = ("max_abs", "percentile", "sigma")
@@ -128,9 +129,16 @@ def _to(inputs: Any, device: torch.device) -> Any:
     return inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
 
 
-def _read_state(ckpt: Any, key: str | None) -> dict[str, torch.Tensor]:
+def _read_state(ckpt: Any, key: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint's tensors (a tied one once) and its tied names -> the name kept."""
     with ckpt.open(key) as reader:
-        return {name: reader.get(name) for name in reader.names()}
+        return {name: reader.get(name) for name in reader.names()}, reader.tied
+
+
+def _with_tied(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``state`` plus each tied name (``lm_head.weight``) on its kept tensor: the model's state dict
+    names both, while counting and clipping see the tensor once."""
+    return {**state, **{alias: state[kept] for alias, kept in tied.items() if kept in state}} if tied else state
 
 
 def _variants(clips: Sequence[str | ClipSpec | ClipSettings],
@@ -156,12 +164,23 @@ def _kind_rule(report: list[dict[str, Any]]) -> str:
     return "+".join(rules)
 
 
-def _say_buffers(report: list[dict[str, Any]], variant: str) -> None:
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def _say_buffers(report: list[dict[str, Any]]) -> None:
+    """Say which buffers the variants leave alone, and where the model and the name rule disagree
+    (``clip`` has no model: it decides by names, so its file would differ there)."""
     left = [r["tensor"] for r in report if r["kind"] == "buffer" and str(r["spec"]).startswith("none (buffer")]
     if left:
         by = "+".join(sorted({str(r["kind_rule"]).split(":", 1)[0] for r in report if r["tensor"] in set(left)}))
-        note(f"clip variant {variant}: {len(left)} buffer(s) left unclipped ({by} rule; --buffers clips them): "
-             + ", ".join(left[:5]) + (f" (+{len(left) - 5} more)" if len(left) > 5 else ""))
+        note(f"clip variants: {len(left)} buffer(s) left unclipped ({by} rule; --buffers clips them): {_names(left)}")
+    differ = [r["tensor"] for r in report if str(r["kind_rule"]).startswith("model")
+              and (r["kind"] == "buffer") != (tensor_kind(r["tensor"])[0] == "buffer")]
+    if differ:
+        note(f"the model's named_buffers() and the name rule disagree on {_names(differ)}; the clipped variants "
+             "follow the model, clip (which has no model) follows the names: use --include/--exclude there "
+             "to write the same file")
 
 
 def _evaluate_rows(
@@ -175,12 +194,12 @@ def _evaluate_rows(
     primary: Primary | None = None
     for ckpt in run:
         try:
-            state = _read_state(ckpt, options.key or run.key)
+            state, tied = _read_state(ckpt, options.key or run.key)
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
             continue
         n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
-        base = evaluator.run(state, ckpt.label, str(ckpt.path))
+        base = evaluator.run(_with_tied(state, tied), ckpt.label, str(ckpt.path))
         if primary is None:  # known once the first scores are: fail after one pass, not after the run
             primary = resolve_primary(options.primary_metric, evaluator.task or "classification", list(base))
         loaded, model_tensors = evaluator.loader.last_loaded
@@ -191,9 +210,9 @@ def _evaluate_rows(
         kinds = evaluator.loader.kinds(list(state))
         for name, settings in variants:
             clipped, report = clip_state_dict(state, settings, kinds)
-            _say_buffers(report, name)
+            _say_buffers(report)
             n_clipped = sum(r["n_clipped"] for r in report)
-            metrics = evaluator.run(clipped, ckpt.label, str(ckpt.path))
+            metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, str(ckpt.path))
             rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": name, "n_clipped": n_clipped,
                          "frac_clipped": n_clipped / n_float if n_float else 0.0, **metrics,
                          **{f"delta_{k}": metrics[k] - base[k] for k in base}, "kind_rule": _kind_rule(report),

@@ -164,7 +164,13 @@ def _param(name: str) -> str:
 
 def eval_options(kw: dict[str, Any], *, search_config: bool = True) -> Any:
     """:class:`auditclip.evaluation.EvalOptions` from the evaluation and selection options in ``kw``
-    (taken out of it); ``--model``/``--data`` are left for the caller."""
+    (the evaluation ones taken out of it); ``--model``/``--data`` are left for the caller.
+
+    >>> kw = {**dict.fromkeys(_EVAL_FIELDS), "exclude": ("fc.*",), "sort": "name"}
+    >>> o = eval_options(kw)
+    >>> o.exclude, o.sort, o.search_config, "task" in kw
+    (('fc.*',), 'name', True, False)
+    """
     from .evaluation import EvalOptions
 
     values = pop(kw, *_EVAL_FIELDS)

@@ -144,6 +144,7 @@ def test_the_model_says_what_a_buffer_is(scaled_run, tmp_path: Path, factory: st
                     "--clip", f"max_abs={bound}", "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output
     assert "1 buffer(s) left unclipped (model rule; --buffers clips them): scale" in result.output
+    assert "named_buffers() and the name rule disagree on scale" in result.output  # clip would differ: said
     if factory != "make":
         assert "evaluating the module it wraps" in result.output
     ev = pd.read_csv(tmp_path / "e" / "evaluation.csv").set_index("variant")
