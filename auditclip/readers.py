@@ -326,7 +326,10 @@ class _TorchSource(_Source):
         try:
             obj, self._lazy = _load_torch(self._file)
             state = find_state_dict(obj, path, key)
-            self._tensors = untie(tensors_of(state, path), self._lazy)
+            tensors = tensors_of(state, path)
+            self._tensors = untie(tensors, self._lazy)
+            #: stored name left out as a tied copy -> the stored name it is tied to
+            self.tied = _tied_to(tensors, self._tensors, self._lazy)
             if key is None:
                 note_copies(weight_copies(obj, path))
         except BaseException:
@@ -652,6 +655,14 @@ def untie(tensors: dict[str, torch.Tensor], lazy: bool = False) -> dict[str, tor
     return kept
 
 
+def _tied_to(tensors: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], lazy: bool) -> dict[str, str]:
+    """Each name :func:`untie` left out -> the kept name it is tied to."""
+    if len(kept) == len(tensors):
+        return {}
+    first = {storage_identity(t, lazy): name for name, t in kept.items()}
+    return {name: first[storage_identity(t, lazy)] for name, t in tensors.items() if name not in kept}
+
+
 def _entries(obj: Mapping[str, Any]) -> str:
     keys = [str(k) for k in obj]
     return ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
@@ -874,6 +885,20 @@ class TensorReader:
     def name_map(self) -> dict[str, str]:
         """Clean name -> stored name, for every tensor."""
         return dict(self._raw)
+
+    @property
+    def tied(self) -> dict[str, str]:
+        """Clean names left out because they are tied to another (``lm_head.weight``) -> that name.
+
+        For loading a model whose state dict names both: the kept tensor serves both names.
+        """
+        raw_tied: dict[str, str] = getattr(self._source, "tied", {})
+        if not raw_tied:
+            return {}
+        clean_of = {raw: clean for clean, raw in self._raw.items()}
+        everything = normalize_names(list(self._raw.values()) + list(raw_tied))
+        dropped = {raw: clean for clean, raw in everything.items() if raw in raw_tied}
+        return {dropped.get(raw, raw): clean_of[kept] for raw, kept in raw_tied.items() if kept in clean_of}
 
     def raw_name(self, name: str) -> str:
         """The name the tensor is stored under (with any prefix stripped from ``name``)."""

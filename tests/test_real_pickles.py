@@ -368,3 +368,43 @@ def test_build_and_fill_are_gated_too() -> None:
         Unpickler(io.BytesIO(raw)).load()
     # a plain dict and list still load
     assert Unpickler(io.BytesIO(pickle.dumps({"a": [1, 2]}, protocol=2))).load() == {"a": [1, 2]}
+
+
+_GPT2_FACTORY = '''
+import json, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+class LastLogits(GPT2LMHeadModel):
+    """GPT-2 scoring the next token after each sequence: a classifier over the vocabulary."""
+
+    def forward(self, x):
+        return super().forward(input_ids=x).logits[:, -1, :]
+
+
+def make(checkpoint):
+    with open(f"{checkpoint}/config.json") as f:
+        return LastLogits(GPT2Config(**json.load(f)))
+'''
+
+
+def test_evaluate_loads_a_tied_gpt2_and_counts_its_clip_once(gpt2_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    (tmp_path / "gpt2_factory.py").write_text(_GPT2_FACTORY)
+    g = torch.Generator().manual_seed(0)
+    save_file({"x": torch.randint(0, 64, (8, 5), generator=g), "y": torch.randint(0, 64, (8,), generator=g)},
+              str(tmp_path / "tokens.safetensors"))
+    result = _invoke("evaluate", str(gpt2_run.parent), "--model", f"{tmp_path}/gpt2_factory.py:make",
+                     "--data", str(tmp_path / "tokens.safetensors"), "--clip", "max_abs=0.05",
+                     "--out", str(tmp_path / "eval"))
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(tmp_path / "eval" / "evaluation.csv").set_index("variant")
+    # strict loading found lm_head.weight (the tied tensor serves both names)
+    assert rows.loc["original", "n_loaded"] == rows.loc["original", "n_model_tensors"]
+    clip = _invoke("clip", str(gpt2_run.parent), "--max-abs", "0.05", "--out", str(tmp_path / "clipped"))
+    assert clip.exit_code == 0, clip.output
+    report = pd.read_csv(tmp_path / "clipped" / "clip_report.csv")
+    variant = next(v for v in rows.index if v != "original")
+    assert rows.loc[variant, "n_clipped"] == report.n_clipped.sum() > 0  # the tied tensor counted once
