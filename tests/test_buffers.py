@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from auditclip.cli import cli
 
@@ -173,3 +173,30 @@ def test_values_inside_an_explicit_bound_are_never_outliers(tmp_path: Path) -> N
     w[9] = 0.5  # outside the bound: a range error (and may be an outlier)
     save_file({"critic.weight": w.clone()}, str(run / "step_3.safetensors"))
     assert flag(run, max_abs=0.01).flags.query("rule == 'range'").shape[0] == 1
+
+
+def test_config_buffers_true_clips_running_stats_in_clip_and_evaluate_alike(bn_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``buffers = true`` under [tool.auditclip.clip] reaches the evaluated variants as it reaches clip:
+    the variant clips the same values and scores as the model loaded from clip's file."""
+    run, bound, model_file, data = bn_run
+    config = tmp_path / "audit.toml"
+    config.write_text("[clip]\nbuffers = true\n")
+    last = run / "epoch_3.pt"
+    assert invoke("clip", last, "--max-abs", bound, "--config", config, "--out", tmp_path / "c").exit_code == 0
+    report = pd.read_csv(tmp_path / "c" / "clip_report.csv")
+    assert report.set_index("tensor").loc["1.running_var", "n_clipped"] > 0
+    result = invoke("evaluate", last, "--model", f"{model_file}:make", "--data", data, "--config", config,
+                    "--clip", f"max_abs={bound}", "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    row = pd.read_csv(tmp_path / "e" / "evaluation.csv").iloc[1]
+    assert row.n_clipped == report.n_clipped.sum()
+    namespace: dict = {}
+    exec(MODEL, namespace)
+    model = namespace["make"]()
+    model.load_state_dict(torch.load(tmp_path / "c" / "epoch_3.pt", weights_only=True))
+    model.eval()
+    heldout = load_file(str(data))
+    with torch.no_grad():
+        logits = model(heldout["x"]).double()
+    assert row.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, heldout["y"])), rel=1e-6)
+    assert row.accuracy == pytest.approx(float((logits.argmax(1) == heldout["y"]).double().mean()), abs=1e-9)
