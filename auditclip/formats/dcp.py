@@ -8,10 +8,18 @@ What the folder holds (as torch's ``FileSystemWriter`` writes it, torch 2.2 to 2
   covers) or ``BytesStorageMetadata`` (any other object); ``storage_data`` maps
   ``MetadataIndex(fqn, offset)`` (one per chunk; ``offset=None`` for bytes entries) to
   ``_StorageInfo(relative_path, offset, length[, transform_descriptors])``.
-* ``__<rank>_<i>.distcp``: each rank's storage file(s), ``i`` counting the writer's
-  threads. Every chunk is an independent ``torch.save`` of that rank's local piece
-  (a zip archive) at ``[offset, offset + length)``; every bytes entry is a
-  ``torch.save`` of the object. Nothing else is in the file.
+* ``__<rank>_<i>.distcp``: each rank's storage file(s), ``i`` numbering them (one per
+  writer thread with ``thread_count``; one per entry with ``single_file_per_rank=False``).
+  Every chunk is an independent ``torch.save`` of that rank's local piece (a zip
+  archive, the piece's bytes stored uncompressed) at ``[offset, offset + length)``;
+  every bytes entry is a ``torch.save`` of the object; nothing else is in the file.
+  A replicated tensor is stored once (DCP de-duplicates it across ranks).
+
+Not read (refused by name, kind ``unsupported``): records written through DCP's
+experimental stream transforms (``_extensions=[ZStandard()]``, listed in
+``transform_descriptors``), ``serialization_format=SAFETENSORS`` tensor records (torch's
+own ``FileSystemReader`` cannot load those either), and folders with only per-rank
+``__<rank>.metadata`` files (``use_collectives=False``).
 
 The pickle is read with :class:`_MetadataUnpickler`, which admits only the DCP
 metadata classes (rebuilt as inert records made here, never torch's classes),
