@@ -460,9 +460,13 @@ def test_key_prefix_rules_of_the_writers(tmp_path: Path) -> None:
 
     # user code / accelerate / Lightning FSDPStrategy: a "model" wrapper, optimizer keyed by name
     _, osd = get_state_dict(hf, opt)
-    wrapped = read_dcp_index(save({"model": msd, "optimizer_0": osd}, tmp_path / "lightning-fsdp"))
+    extra = {"lm_head._extra_state": "fp8 scales"}  # a module's non-tensor extra state: a bytes entry
+    wrapped = read_dcp_index(save({"model": {**msd, **extra}, "optimizer_0": osd}, tmp_path / "lightning-fsdp"))
     assert wrapped.model_prefix == "model"
     assert set(wrapped.model_tensors()) == set(msd)
+    key = "model.lm_head._extra_state"
+    assert (wrapped.objects[key].role, read_dcp_object(wrapped, key)) == ("model", "fp8 scales")
+    assert read_dcp_index(tmp_path / "lightning-fsdp" / ".metadata").tensors == wrapped.tensors
     assert _names(wrapped)["optimizer_0.state.lm_head.weight.momentum_buffer"] == (
         "optimizer", "state.lm_head.weight.momentum_buffer")
 

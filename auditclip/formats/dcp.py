@@ -431,7 +431,7 @@ def _roles(tensor_keys: list[str], object_keys: list[str]) -> tuple[dict[str, tu
 
 
 def read_dcp_index(folder: str | os.PathLike[str]) -> DcpIndex:
-    """Index a DCP folder from its ``.metadata`` alone: no tensor data is read.
+    """Index a DCP folder (or its ``.metadata`` file) from the metadata alone: no tensor data is read.
 
     Checks, without reading the storage files, that every chunk has a record, that
     every record lies inside its file (``os.stat``) and is no shorter than its data,
@@ -453,6 +453,8 @@ def read_dcp_index(folder: str | os.PathLike[str]) -> DcpIndex:
     'optimizer'
     """
     folder = Path(folder)
+    if folder.name == METADATA_FILE and folder.is_file():  # the metadata file itself was named
+        folder = folder.parent
     path = folder / METADATA_FILE
     if not path.is_file():
         ranked = sorted(p.name for p in folder.glob("__*.metadata")) if folder.is_dir() else []
