@@ -140,6 +140,8 @@ def _copies_to_clip(obj: Any, path: Path, key: str | None) -> list[tuple[str | N
 
 
 def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: str | None, dry_run: bool) -> None:
+    """Clip a ``.pt/.ckpt/.bin``: a zip-format file record by record (:func:`_clip_torch_zip`),
+    a legacy or big-endian one loaded and re-saved whole, ``to="safetensors"`` converted."""
     f = PinnedFile(src)
     try:
         zip_file = _zip_byteorder(f) == "little"
@@ -148,7 +150,8 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
     if zip_file and to is None:
         _clip_torch_zip(src, dst, clipper, key, dry_run)
         return
-    obj = load_torch_file(src)
+    # re-saved whole (a legacy or big-endian file): placeholders could not be pickled back
+    obj = load_torch_file(src, placeholders=to == "safetensors")
     copies = _copies_to_clip(obj, src, key)
     if to == "safetensors":
         label, slots = copies[0]

@@ -460,7 +460,7 @@ def allow_globals(names: list[str] | tuple[str, ...]) -> list[Any]:
     return found
 
 
-def load_torch_file(path: Path) -> Any:
+def load_torch_file(path: Path, placeholders: bool = True) -> Any:
     """``torch.load`` a whole pickle safely, into memory.
 
     For rewriting a container (``clip`` of a legacy-format file, ``--to safetensors``),
@@ -469,6 +469,8 @@ def load_torch_file(path: Path) -> Any:
     zip-format file are kept as inert placeholders (:mod:`auditclip.safe_pickle`).
     Raises :class:`CheckpointError` naming the globals the file would need when
     unpickling it would run code: auditclip never loads such a file.
+    ``placeholders=False``: only what ``weights_only=True`` admits (for an object that
+    is saved again, where a placeholder could not be pickled back).
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "x.pt"
@@ -478,7 +480,7 @@ def load_torch_file(path: Path) -> Any:
     """
     f = PinnedFile(Path(path))
     try:
-        return _safe_torch_load(f, "cpu", stubs=_zip_byteorder(f) is not None)
+        return _safe_torch_load(f, "cpu", stubs=placeholders and _zip_byteorder(f) is not None)
     finally:
         f.close()
 

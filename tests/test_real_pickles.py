@@ -150,6 +150,21 @@ def test_clipped_lightning_checkpoint_keeps_its_pickle_loads_and_resumes(hparams
     assert result["clipped_step"] == 8 and result["resumed_step"] == 12  # one more epoch of 4 steps
 
 
+def test_lightning_checkpoint_with_foreign_objects_converts_to_safetensors(hparams_run: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    result = _invoke("clip", str(hparams_run["run"]), "--max-abs", "0.2", "--to", "safetensors",
+                     "--out", str(tmp_path / "st"))
+    assert result.exit_code == 0, result.output
+    converted = load_file(str(tmp_path / "st" / "epoch=1-step=8.safetensors"))
+    report = pd.read_csv(tmp_path / "st" / "clip_report.csv")
+    report = report[report.checkpoint == hparams_run["last"].name]
+    original = load_file(str(hparams_run["verify"] / "input.safetensors"))
+    assert sorted(converted) == sorted(original)
+    for name, value in original.items():
+        want = _clamped(value, report, name) if name.endswith(("weight", "bias")) else value
+        np.testing.assert_array_equal(converted[name], want, err_msg=name)
+
+
 # --- (b) Lightning weight averaging: two copies of the weights in one checkpoint -------------
 
 @pytest.fixture(scope="module")
