@@ -905,7 +905,7 @@ def open_run(
         more = f"; and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
         notes.append(printable(f"folded {len(duplicates)} duplicate(s) into the checkpoint they copy, "
                                f"audited once: {shown}{more}"))
-    _refuse_several_series(checkpoints, inputs, root)
+    notes += _refuse_several_series(checkpoints, inputs, root, key)
     checkpoints.sort(key=_sort_key(sort))
     notes += _deleted_checkpoints_note(checkpoints)
     return Run(checkpoints=checkpoints, root=root, key=key, ignored=ignored, notes=list(dict.fromkeys(notes)),
@@ -983,8 +983,9 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
 
     A duplicate is a symlink or hard link to another checkpoint's file, a byte-identical
     copy (sizes compared first, then a digest of a few blocks, then a hash of all the
-    bytes, only among files of the same size), or a ``last.ckpt`` that stores the same
-    step and the same tensor bytes as another checkpoint (only its pickled trainer state differs).
+    bytes, only among files of the same size), or a pickled checkpoint (``last.ckpt``, one
+    saved by a second Lightning callback) that stores the same step and the same tensor
+    bytes as another (only its pickled trainer state differs).
     Sharded checkpoints and files that cannot be read are never folded.
     """
     by_size: dict[int, list[tuple[Checkpoint, os.stat_result]]] = {}
@@ -1032,16 +1033,21 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
                 else:
                     how = "the same file as"  # a hard link
                 folded[c.label] = (kept, how)
-    # last.ckpt saved again at a step another checkpoint has: the same weights, another pickle
-    rest = [c for c in checkpoints if c.label not in folded and c.problem is None]
-    for c in rest:
-        if not _LAST.match(c.path.name) or c.step is None:
-            continue
-        for other in rest:
-            if other is not c and other.label not in folded and other.step == c.step \
-                    and not _LAST.match(other.path.name) and _same_tensor_data(c.weights, other.weights):
-                folded[c.label] = (other, "the same step and tensor bytes as")
-                break
+    # a pickle saved twice at one step (last.ckpt, a second ModelCheckpoint callback): the same tensor
+    # bytes under another pickle (callback state); only files storing the same step are compared
+    by_step: dict[int, list[Checkpoint]] = {}
+    for c in checkpoints:
+        if c.label not in folded and c.problem is None and c.step is not None \
+                and c.weights.name.lower().endswith(TORCH_SUFFIXES):
+            by_step.setdefault(c.step, []).append(c)
+    for same in by_step.values():
+        same.sort(key=_keep_rank)
+        for i, c in enumerate(same):
+            if c.label in folded:
+                continue
+            for other in same[i + 1:]:
+                if other.label not in folded and _same_tensor_data(c.weights, other.weights):
+                    folded[other.label] = (c, "the same step and tensor bytes as")
     if not folded:
         return checkpoints, []
     extra: dict[str, list[str]] = {}
@@ -1121,19 +1127,44 @@ def _series_glob(shape: str, fixed: dict[int, str], tail: str) -> str:
     return text + tail  # the tail is escaped already
 
 
-def _refuse_several_series(checkpoints: list[Checkpoint], inputs: Sequence[Any], root: Path) -> None:
+def _signature(members: list[Checkpoint], key: str | None) -> frozenset[tuple[str, tuple[int, ...]]] | None:
+    """The tensor names and shapes of the first readable checkpoint of a series (None if none opens)."""
+    for c in members:
+        if c.problem is not None:
+            continue
+        try:
+            with c.open(key) as reader:
+                return frozenset((n, tuple(reader.info(n).shape)) for n in reader.names())
+        except Exception:  # unreadable here: reported when the run is read; try the next one
+            continue
+    return None
+
+
+def _refuse_several_series(
+    checkpoints: list[Checkpoint], inputs: Sequence[Any], root: Path, key: str | None = None,
+) -> list[str]:
     """Stop with an :class:`InputError` when the checkpoints hold more than one model series.
 
     A series is two or more checkpoints of one name pattern, or accelerate's second model
     (``model_1.safetensors``) and the model beside it. A single unnumbered file beside a
     series (``final.pt``, ``best.ckpt``, a ``last.ckpt`` that copies nothing) belongs to the run.
+    Name patterns whose checkpoints hold the same tensor names and shapes are one model
+    saved under two names (two Lightning callbacks): one run, and the note returned says so.
+    accelerate's several prepared models are always several series.
     """
     accelerate_dirs = {c.weights.parent for c in checkpoints if _ACCELERATE_EXTRA.match(c.weights.name)}
     series = _series(checkpoints, accelerate_dirs)
     counted = [(pattern, members) for pattern, members in series
                if len(members) >= 2 or any(c.weights.parent in accelerate_dirs for c in members)]
     if len(counted) < 2:
-        return
+        return []
+    if not accelerate_dirs:
+        signatures = {_signature(members, key) for _, members in counted}
+        if len(signatures) == 1 and None not in signatures:
+            listing = ", ".join(f"{pattern}: {len(members)} files" for pattern, members in counted)
+            return [printable(f"{len(counted)} file name patterns ({listing}) hold the same model (the same tensor "
+                              "names and shapes), as two Lightning ModelCheckpoint callbacks writing into one "
+                              "folder do: read as one run in step order; pass a glob to audit one pattern")]
     if len(inputs) == 1 and Path(os.fspath(inputs[0])).is_dir():
         base = os.fspath(inputs[0]).rstrip("/") or "/"
     else:

@@ -64,6 +64,11 @@ def lightning_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                        monitor="val_loss", mode="max", save_last=True),
         # a last.ckpt of every epoch (save_top_k=0), and a second callback keeping every other epoch:
         # last.ckpt ends at a step no other file has
+        # two callbacks, one folder (Lightning's default dirpath is shared): every 3 steps, and every epoch
+        "two_callbacks": realruns.fit_lightning(base / "two_callbacks", filename="{epoch}-{step}", every_n_train_steps=3,
+                                                callbacks=[ModelCheckpoint(dirpath=base / "two_callbacks",
+                                                                           filename="best-{epoch}-{val_loss:.3f}",
+                                                                           save_top_k=-1)]),
         "unique_last": realruns.fit_lightning(base / "unique_last", filename="unused", save_top_k=0, save_last=True,
                                               callbacks=[ModelCheckpoint(dirpath=base / "unique_last",
                                                                          filename="{epoch}-{step}", every_n_epochs=2,
@@ -121,6 +126,23 @@ def test_a_last_ckpt_that_copies_nothing_stays_in_step_order(lightning_runs: dic
     assert [c.step for c in run] == [_stored_global_step(folder / c.label) for c in run] == [8, 12]
 
 
+def test_two_callbacks_in_one_folder_are_one_model_in_step_order(lightning_runs: dict[str, Path]) -> None:
+    """Two name patterns, one model (the same tensor names and shapes): one run, and a note says so."""
+    folder = lightning_runs["two_callbacks"]
+    files = sorted(folder.iterdir())
+    run = open_run(folder)
+    stored = {p.name: _stored_global_step(p) for p in files}
+    assert [c.step for c in run] == [stored[c.label] for c in run] == [3, 4, 6, 8, 9, 12]
+    # both callbacks saved step 12: another pickle (callback state), the same tensors; audited once
+    (twelve,) = [c for c in run if c.step == 12]
+    (best12,) = [n for n in stored if n.startswith("best-") and stored[n] == 12]
+    assert twelve.label == "epoch=2-step=12.ckpt" and twelve.duplicates == (best12,)
+    assert run.duplicates == [(best12, "epoch=2-step=12.ckpt", "the same step and tensor bytes as")]
+    said = [n for n in run.notes if "hold the same model" in n]
+    assert len(said) == 1 and "epoch=*-step=*.ckpt: 4 files" in said[0] and "best-epoch=*-val_loss=*.ckpt: 2 files" \
+        in said[0], run.notes
+
+
 def test_drift_says_once_what_it_folded(lightning_runs: dict[str, Path], tmp_path: Path) -> None:
     for name in ("metrics", "val_loss"):
         out = tmp_path / name
@@ -141,11 +163,12 @@ def test_a_byte_identical_copy_is_folded(lightning_runs: dict[str, Path], tmp_pa
     run = open_run(folder)
     assert run.labels == open_run(lightning_runs["val_loss"]).labels
     assert ("backup.ckpt", first.label, "byte-identical to") in run.duplicates
-    # one changed byte in the copy's pickle is a different file: it stays
-    data = bytearray((folder / "backup.ckpt").read_bytes())
-    data[-100] ^= 1
-    (folder / "backup.ckpt").write_bytes(bytes(data))
-    assert "backup.ckpt" in open_run(folder).labels
+    # one weight changed in the copy (at the same global_step): a different checkpoint, it stays
+    ckpt = torch.load(folder / "backup.ckpt", weights_only=False)
+    ckpt["state_dict"]["net.0.bias"][0] += 1
+    torch.save(ckpt, folder / "backup.ckpt")
+    run = open_run(folder)
+    assert "backup.ckpt" in run.labels and [d for d, _, _ in run.duplicates] == ["last.ckpt"]
 
 
 def test_hard_links_and_last_v1_are_folded_and_lightning_logs_found_from_the_version_folder(
