@@ -281,7 +281,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             if name == "Size":
                 return torch.Size
             value = getattr(torch, name, None) if name.isidentifier() else None
-            if isinstance(value, torch.dtype):
+            if isinstance(value, torch.dtype | torch.layout | torch.memory_format):  # plain constants
                 return value
             if value is None and re.fullmatch(r"u?int\d+|float\w*|bfloat\w*|complex\w*|bits\w*|qu?int\w*", name):
                 raise _UnknownDtype(f"torch.{name}")
