@@ -29,7 +29,7 @@ from .errors import CheckpointError, InputError
 from .output import atomic_path
 from .paths import is_inside, member
 from .notices import note
-from .readers import (PinnedFile, _load_torch, _zip_byteorder, load_torch_file, normalize_names,
+from .readers import (PinnedFile, _load_torch, _zip_byteorder, load_torch_file, normalize_names, note_tied,
                       open_checkpoint_file, read_shard_index, storage_identity, tensor_slots, untie, weight_copies)
 from .selection import name_filter
 from .writers import save_torch, sha256_file, write_json, write_safetensors
@@ -249,6 +249,7 @@ def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dr
         records = _zip_records(f)
         plan: dict[int, list[tuple[str, str | None, torch.Tensor]]] = {}
         first: dict[tuple[Any, ...], str] = {}
+        tied: list[tuple[str, str]] = []
         for label, slots in _copies_to_clip(obj, src, key):
             clean = normalize_names([raw for _, _, raw in slots])
             clean_of = {raw: c for c, raw in clean.items()}
@@ -259,12 +260,13 @@ def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dr
                     continue
                 shown = name if label is None else f"{label}.{name}"
                 if ident in first:
-                    note(f"{shown} is tied to {first[ident]} (same storage); counted once")
+                    tied.append((shown, first[ident]))
                     continue
                 first[ident] = shown
                 if ident[0] not in records:
                     raise CheckpointError(src, f"tensor {raw!r}: its storage is not a stored record of the zip")
                 plan.setdefault(ident[0], []).append((name, label, t))
+        note_tied(tied)
         if dry_run:
             for offset in sorted(plan):
                 _clip_record(f, records[offset], plan[offset], clipper)

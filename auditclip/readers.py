@@ -646,15 +646,27 @@ def untie(tensors: dict[str, torch.Tensor], lazy: bool = False) -> dict[str, tor
     """
     first: dict[tuple[Any, ...], str] = {}
     kept: dict[str, torch.Tensor] = {}
+    tied: list[tuple[str, str]] = []
     for name, t in tensors.items():
         ident = storage_identity(t, lazy)
         if ident is not None and ident in first:
-            note(f"{name} is tied to {first[ident]} (same storage); counted once")
+            tied.append((name, first[ident]))
             continue
         if ident is not None:
             first[ident] = name
         kept[name] = t
+    note_tied(tied)
     return kept
+
+
+def note_tied(tied: list[tuple[str, str]], limit: int = 3) -> None:
+    """Say which names were tied to which (one note each, or one summary for many)."""
+    if len(tied) <= limit:
+        for name, to in tied:
+            note(f"{name} is tied to {to} (same storage); counted once")
+        return
+    shown = ", ".join(f"{name} -> {to}" for name, to in tied[:limit])
+    note(f"{len(tied)} tensor names are tied to others (same storage), each counted once: {shown}, ...")
 
 
 def _tied_to(tensors: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], lazy: bool) -> dict[str, str]:
