@@ -107,10 +107,11 @@ def test_outlier_never_fires_inside_an_explicit_bound() -> None:
     t[7] = 0.05  # z = 50, inside +-0.1
     assert _rules(_findings(t), "outlier")
     assert not _rules(_findings(t, max_abs=0.1), "outlier")
-    t[7] = 0.15  # outside: range error and outlier
+    t[8] = 0.15  # outside: range error and outlier; t[7], inside, still is not one
     found = _findings(t, max_abs=0.1)
-    assert [f["worst_index"] for f in _rules(found, "outlier")] == ["[7]"]
-    assert [f["worst_index"] for f in _rules(found, "range")] == ["[7]"]
+    assert [(f["count"], f["worst_index"]) for f in _rules(found, "outlier")] == [(1, "[8]")]
+    assert [(f["count"], f["worst_index"]) for f in _rules(found, "range")] == [(1, "[8]")]
+    assert [f["count"] for f in _rules(_findings(t), "outlier")] == [2]
 
 
 # --- spike: the 99.99th percentile ---------------------------------------------------------
@@ -252,7 +253,11 @@ def test_statistics_with_many_small_blocks_match_numpy(monkeypatch: pytest.Monke
     monkeypatch.setattr(sketch, "BLOCK", 1 << 12)
     n = 40 * (1 << 12) + 999  # above EXACT_MAX: the streaming path, over 41 blocks
     assert n > sketch.EXACT_MAX
-    _check_against_numpy(_planted(n, 1 << 12))
+    t = _planted(n, 1 << 12)
+    _check_against_numpy(t)
+    t[:: 1 << 10] = 0.05  # at the bound, in every block
+    expected = np.count_nonzero(np.abs(np.abs(t.numpy().astype(np.float64)) - 0.05) <= np.spacing(np.float32(0.05)))
+    assert stats.count_at_bound(t, -0.05, 0.05) == expected > 40
 
 
 def test_moments_over_several_chunks_match_scipy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,6 +304,12 @@ def test_frac_at_bound_counts_exactly_k_elements_at_the_bound_in_each_dtype() ->
         a = np.abs(t.float().numpy().astype(np.float64))
         assert np.count_nonzero(np.abs(a - c) <= gap) == 9
         assert stats.count_at_bound(t, -c, 1.0) == 4  # a range: only its ends count
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # exactly one ulp away counts, two do not
+        u = stats.ulp(0.5, dtype)
+        t = torch.tensor([0.5, -0.5, 0.5 + u, -(0.5 - u), 0.5 - u / 2, 0.5 - 2 * u, 0.5 + 2 * u, 0.25],
+                         dtype=torch.float64).to(dtype)
+        assert t.double().tolist()[2:7] == [0.5 + u, -(0.5 - u), 0.5 - u / 2, 0.5 - 2 * u, 0.5 + 2 * u]  # all exact
+        assert stats.count_at_bound(t, -0.5, 0.5) == 5, dtype
     assert stats.ulp(c, torch.float32) == float(np.spacing(np.float32(c)))
     assert stats.ulp(c, torch.float16) == float(np.spacing(np.float16(c)))
     assert stats.ulp(c, torch.bfloat16) == 2.0 ** -14  # 8 significant bits in [2^-7, 2^-6)
