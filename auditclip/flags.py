@@ -538,4 +538,5 @@ def summary_table(flags: pd.DataFrame) -> pd.DataFrame:
     return grouped.sort_values(["_r", "rule"], kind="stable").drop(columns="_r")[columns]
 
 
-__all__: Sequence[str] = ("FLAG_COLUMNS", "FlagResult", "element_findings", "flag", "summary_table")
+__all__: Sequence[str] = ("FLAG_COLUMNS", "FlagResult", "bounds_of", "element_findings", "flag", "not_applied", "outlier_scale",
+                         "summary_table")

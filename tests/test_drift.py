@@ -6,9 +6,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
+from safetensors.torch import load_file
 
 from auditclip import analyze, drift
 from auditclip.analysis import DRIFT_COLUMNS
@@ -121,3 +123,35 @@ def test_non_finite_values_make_elementwise_change_nan(tmp_path: Path) -> None:
     row = drift(tmp_path).query("baseline == 'previous' and tensor == 'w'").iloc[0]
     assert math.isnan(row.rel_l2_change) and math.isnan(row.max_abs_change)
     assert row.ks == pytest.approx(scipy.stats.ks_2samp(a.numpy(), np.delete(b.numpy(), 5)).statistic)
+
+
+def test_drift_bound_option_adds_frac_at_bound_and_audit_writes_it_too(tmp_path: Path) -> None:
+    """The same bound in drift --max-abs, flag/audit --max-abs and the config file gives the same column."""
+    from click.testing import CliRunner
+
+    from auditclip.cli import cli
+
+    c = 0.05
+    g = torch.Generator().manual_seed(0)
+    for step in (1, 2):
+        w = (torch.randn(40, 10, generator=g) * 0.1).clamp_(-c, c)  # about 60% clamped to +-c
+        save_safetensors(tmp_path / "run" / f"step_{step}.safetensors",
+                         {"fc.weight": w, "fc.bias": torch.zeros(10), "bn.running_var": torch.full((10,), c)})
+    runner = CliRunner()
+    assert runner.invoke(cli, ["drift", str(tmp_path / "run"), "--max-abs", str(c), "-q",
+                               "--out", str(tmp_path / "d")]).exit_code == 0
+    stats = pd.read_csv(tmp_path / "d" / "stats.csv")
+    assert list(stats.columns) == [*STATS_COLUMNS, "frac_at_bound"]
+    expected = [float(np.mean(np.abs(np.abs(w.numpy().astype(np.float64)) - c) <= np.spacing(np.float32(c))))
+                for w in (load_file(str(tmp_path / "run" / f"step_{s}.safetensors"))["fc.weight"] for s in (1, 2))]
+    assert stats[stats.tensor == "fc.weight"].frac_at_bound.tolist() == expected and 0.4 < expected[0] < 0.8
+    assert stats[stats.tensor == "fc.bias"].frac_at_bound.tolist() == [0.0, 0.0]
+    assert stats[stats.tensor == "bn.running_var"].frac_at_bound.isna().all()  # a buffer: not the bound's
+    (tmp_path / "bound.toml").write_text(f"[tool.auditclip.flag]\nmax_abs = {c}\n")
+    audit = runner.invoke(cli, ["audit", str(tmp_path / "run"), "--config", str(tmp_path / "bound.toml"), "-q",
+                                "--out", str(tmp_path / "a")])
+    assert audit.exit_code == 0, audit.output
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "stats.csv"), stats)
+    both = runner.invoke(cli, ["drift", str(tmp_path / "run"), "--max-abs", "1", "--range", "-1:1",
+                               "--out", str(tmp_path / "e")])
+    assert both.exit_code == 2 and "Error: give --range or --max-abs, not both" in both.output
