@@ -14,6 +14,7 @@ import shutil
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,7 +33,7 @@ from .notices import note
 from .readers import (PinnedFile, _load_torch, _zip_byteorder, load_torch_file, normalize_names, note_tied,
                       open_checkpoint_file, read_shard_index, storage_identity, tensor_slots, untie, weight_copies)
 from .selection import name_filter
-from .writers import save_torch, sha256_file, write_json, write_safetensors
+from .writers import save_torch, sha256_file, write_json, write_patched_copy, write_safetensors
 
 
 @dataclass
@@ -267,29 +268,31 @@ def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dr
                     raise CheckpointError(src, f"tensor {raw!r}: its storage is not a stored record of the zip")
                 plan.setdefault(ident[0], []).append((name, label, t))
         note_tied(tied)
-        if dry_run:
-            for offset in sorted(plan):
-                _clip_record(f, records[offset], plan[offset], clipper)
-            return
-        with atomic_path(dst) as tmp, open(tmp, "r+b") as out:
-            with f.dup() as fh:  # the file opened and parsed above, not whatever the name points to now
-                shutil.copyfileobj(fh, out, 1 << 20)
-            f.check()
-            for offset in sorted(plan):
+
+        def patches() -> Iterator[tuple[int, bytes]]:
+            for offset in sorted(plan):  # one storage in memory at a time
                 record = records[offset]
                 changed = _clip_record(f, record, plan[offset], clipper)
                 if changed is None:
                     continue
-                out.seek(record.data)
-                out.write(changed)
+                yield record.data, changed
                 crc = struct.pack("<I", zlib.crc32(changed))
-                for at in record.crc_at:
-                    out.seek(at)
-                    out.write(crc)
-            out.flush()
-            os.fsync(out.fileno())
+                yield from ((at, crc) for at in record.crc_at)
+
+        if dry_run:
+            for _ in patches():
+                pass
+            return
+        with f.dup() as fh:  # the file opened and parsed above, not whatever the name points to now
+            write_patched_copy(fh, dst, _checked(f, patches()))
     finally:
         f.close()
+
+
+def _checked(f: PinnedFile, patches: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """``patches``, after checking that ``f`` did not change while it was copied."""
+    f.check()
+    yield from patches
 
 
 def _clip_record(f: PinnedFile, record: _Record, views: list[tuple[str, str | None, torch.Tensor]],

@@ -13,9 +13,11 @@ import hashlib
 import math
 import json
 import os
+import shutil
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -103,6 +105,32 @@ def save_torch(obj: object, dest: str | os.PathLike[str]) -> Path:
     # RuntimeError), which atomic_path turns into a one-line error.
     with atomic_path(dest) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
+    return dest
+
+
+def write_patched_copy(source: BinaryIO, dest: str | os.PathLike[str],
+                       patches: Iterable[tuple[int, bytes]]) -> Path:
+    """Copy ``source`` (read from its start) to ``dest`` atomically, then overwrite byte ranges.
+
+    ``patches`` yields (offset, bytes) pairs, each inside the copied file (the size never
+    changes); it is consumed after the copy, so a caller can produce one patch at a time.
+
+    >>> import io, tempfile
+    >>> dest = Path(tempfile.mkdtemp()) / "x.bin"
+    >>> write_patched_copy(io.BytesIO(b"abcdef"), dest, [(1, b"XY")]).read_bytes()
+    b'aXYdef'
+    """
+    dest = Path(dest)
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        shutil.copyfileobj(source, f, 1 << 20)
+        size = f.tell()
+        for offset, data in patches:
+            if offset < 0 or offset + len(data) > size:
+                raise ValueError(f"a patch of {len(data)} bytes at {offset} lies outside the {size}-byte copy")
+            f.seek(offset)
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return dest
 
 
