@@ -208,15 +208,8 @@ class _Record:
             return defaults[name]
         raise AttributeError(name)
 
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
-            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots) form
-        if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}: {type(state).__name__}")
-        for key, value in state.items():
-            if not isinstance(key, str):
-                raise pickle.UnpicklingError(f"non-string field in {type(self).__name__}")
-            self.__dict__[key] = value
+    # No __setstate__: pickle's BUILD then fills the instance's own __dict__ (or setattr for the
+    # slot part), in C, which keeps a 100,000-chunk index fast; nothing but this record changes.
 
 
 class _Properties(_Record):
@@ -225,8 +218,10 @@ class _Properties(_Record):
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and state and not isinstance(state[0], dict | None):
             self.__dict__["dtype"] = state[0]
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
         else:
-            super().__setstate__(state)
+            raise pickle.UnpicklingError(f"unexpected state for TensorProperties: {type(state).__name__}")
 
 
 _RECORDS: dict[str, tuple[type[_Record], dict[str, Any]]] = {
@@ -337,10 +332,13 @@ def _load_metadata(path: Path) -> Any:
 # --------------------------------------------------------------------------- index
 
 def _ints(value: Any, what: str, path: Path) -> tuple[int, ...]:
-    if not isinstance(value, tuple | list) or not all(type(v) is int and v >= 0 for v in value):
-        raise CheckpointError(path, f"inconsistent DCP .metadata: {what} is {value!r}, not a tuple of "
-                                    "non-negative integers")
-    return tuple(value)
+    # torch.Size holds only ints (torch checks); anything else is checked element by element.
+    if type(value) is torch.Size or (isinstance(value, tuple | list) and all(type(v) is int for v in value)):
+        values = tuple(value)
+        if not values or min(values) >= 0:
+            return values
+    raise CheckpointError(path, f"inconsistent DCP .metadata: {what} is {value!r}, not a tuple of "
+                                "non-negative integers")
 
 
 def _storage_file(name: Any, path: Path) -> str:
@@ -360,13 +358,15 @@ def _span(info: Any, what: str, path: Path, classes: dict[str, type[_Record]]) -
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
         raise CheckpointError(path, f"inconsistent DCP .metadata: {what} has the span {offset!r}+{length!r}")
     transforms = info.transform_descriptors or ()
-    if not isinstance(transforms, tuple | list) or not all(isinstance(t, str) for t in transforms):
+    if transforms and (not isinstance(transforms, tuple | list) or not all(isinstance(t, str) for t in transforms)):
         raise CheckpointError(path, f"inconsistent DCP .metadata: {what} has transforms {transforms!r}")
     return file, offset, length, tuple(transforms)
 
 
 def _check_tiling(key: str, shape: tuple[int, ...], chunks: list[DcpChunk], path: Path) -> None:
     """Chunks must lie inside the tensor, not overlap, and cover it: the full tensor is their union."""
+    if len(chunks) == 1 and chunks[0].sizes == shape and not any(chunks[0].offsets):
+        return  # the usual unsharded tensor: one chunk, the whole of it
     for c in chunks:
         if len(c.offsets) != len(shape) or len(c.sizes) != len(shape):
             raise CheckpointError(path, f"inconsistent DCP .metadata: a chunk of {key} has {len(c.sizes)} "
