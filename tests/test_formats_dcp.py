@@ -312,6 +312,30 @@ def test_hostile_metadata_is_refused_and_never_runs(how: str, single: Any, tmp_p
     assert not marker.exists()
 
 
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw  # SHORT_BINUNICODE
+
+
+def test_a_pickle_rewriting_the_record_classes_changes_only_its_own_load(single: Any, tmp_path: Path) -> None:
+    """BUILD on the class ``_StorageInfo`` itself (a default transform for every record), then the real metadata."""
+    folder = shutil.copytree(single[0], tmp_path / "ck")
+    real = (folder / ".metadata").read_bytes()
+    defaults = b"}" + _text("transform_descriptors") + b"]" + _text("stream.zstd/1") + b"as"
+    prefix = (b"\x80\x04" + _text("torch.distributed.checkpoint.filesystem") + _text("_StorageInfo") + b"\x93"
+              + b"N}" + _text("_defaults") + defaults + b"s\x86b0")  # (None, {"_defaults": ...}) BUILD, POP
+    (folder / ".metadata").write_bytes(prefix + real)
+    tampered = read_dcp_index(folder)
+    assert tampered.tensors["model.fc.weight"].chunks[0].transforms == ("stream.zstd/1",)  # it did apply...
+    with pytest.raises(CheckpointError) as err:
+        read_dcp_tensor(tampered, "fc.weight")
+    assert err.value.kind == "unsupported" and "stream.zstd/1" in err.value.message
+    # ...to that load only: the next one gets fresh classes with the writer's defaults
+    index = read_dcp_index(single[0])
+    assert all(c.transforms == () for t in index.tensors.values() for c in t.chunks)
+    assert_same(read_dcp_tensor(index, "fc.weight"), single[1]["fc.weight"])
+
+
 def test_record_outside_the_folder_is_refused(single: Any, tmp_path: Path) -> None:
     folder = shutil.copytree(single[0], tmp_path / "ck")
     metadata = _real_metadata(folder)

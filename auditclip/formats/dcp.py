@@ -357,7 +357,7 @@ def _span(info: Any, what: str, path: Path, classes: dict[str, type[_Record]]) -
     offset, length = getattr(info, "offset", None), getattr(info, "length", None)
     if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
         raise CheckpointError(path, f"inconsistent DCP .metadata: {what} has the span {offset!r}+{length!r}")
-    transforms = info.transform_descriptors or ()
+    transforms = getattr(info, "transform_descriptors", None) or ()
     if transforms and (not isinstance(transforms, tuple | list) or not all(isinstance(t, str) for t in transforms)):
         raise CheckpointError(path, f"inconsistent DCP .metadata: {what} has transforms {transforms!r}")
     return file, offset, length, tuple(transforms)
@@ -463,7 +463,13 @@ def read_dcp_index(folder: str | os.PathLike[str]) -> DcpIndex:
                                         "saved with use_collectives=False): not supported", kind="unsupported")
         raise CheckpointError(path, "no DCP .metadata file here: not a torch.distributed.checkpoint folder")
     metadata, classes = _load_metadata(path)
+    try:
+        return _build_index(folder, path, metadata, classes)
+    except (AttributeError, TypeError, ValueError) as exc:  # records a crafted pickle left malformed
+        raise CheckpointError(path, f"inconsistent DCP .metadata: {type(exc).__name__}: {exc}") from None
 
+
+def _build_index(folder: Path, path: Path, metadata: Any, classes: dict[str, type[_Record]]) -> DcpIndex:
     entries = getattr(metadata, "state_dict_metadata", None)
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(entries, dict) or not isinstance(storage, dict):
@@ -473,7 +479,7 @@ def read_dcp_index(folder: str | os.PathLike[str]) -> DcpIndex:
     for where, info in storage.items():
         if not isinstance(where, classes["MetadataIndex"]) or not isinstance(getattr(where, "fqn", None), str):
             raise CheckpointError(path, f"inconsistent DCP .metadata: a storage key is a {type(where).__name__}")
-        offset = where.offset
+        offset = getattr(where, "offset", None)
         records[(where.fqn, None if offset is None else _ints(offset, f"the offset of {where.fqn}", path))] = info
 
     tensor_keys: list[str] = []
