@@ -478,7 +478,8 @@ def _build_index(folder: Path, path: Path, metadata: Any, classes: dict[str, typ
     records: dict[tuple[str, tuple[int, ...] | None], Any] = {}
     for where, info in storage.items():
         if not isinstance(where, classes["MetadataIndex"]) or not isinstance(getattr(where, "fqn", None), str):
-            raise CheckpointError(path, f"inconsistent DCP .metadata: a storage key is a {type(where).__name__}")
+            raise CheckpointError(path, f"inconsistent DCP .metadata: a storage key is a {type(where).__name__}, "
+                                        "not a MetadataIndex with a string fqn")
         offset = getattr(where, "offset", None)
         records[(where.fqn, None if offset is None else _ints(offset, f"the offset of {where.fqn}", path))] = info
 
