@@ -303,7 +303,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _Unsafe(f"{module}.{name}")
 
 
-def _load_metadata(path: Path) -> Any:
+def _load_metadata(path: Path) -> tuple[Any, dict[str, type[_Record]]]:
+    """The unpickled Metadata record of ``path`` and the record classes of that one load."""
     try:
         size = path.stat().st_size
         if size > MAX_METADATA_BYTES:
