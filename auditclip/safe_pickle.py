@@ -54,11 +54,15 @@ DENIED_MODULES = frozenset({
     "resource", "fcntl", "mmap", "select", "selectors", "_socket", "_ssl", "_winapi", "msvcrt", "winreg",
 })
 
-#: Function-named globals that only rebuild data; a REDUCE on their placeholder is recorded, not refused.
+#: Lower-case globals that only make data (numpy's rebuilders, lower-case classes of the
+#: standard library); a REDUCE on their placeholder is recorded, not refused.
 DATA_RECONSTRUCTORS = frozenset({
     "copyreg._reconstructor",
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.dtype", "numpy.ndarray",
+    "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
+    "collections.defaultdict", "collections.deque",
 })
 
 
@@ -178,8 +182,8 @@ class Unpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             return _make(cls, args, kwargs)
         if cls is torch.nn.Parameter and not kwargs:
             return torch.nn.Parameter(*args)
-        if isinstance(cls, type) and self._is_real(cls):
-            return cls.__new__(cls, *args, **kwargs)
+        if isinstance(cls, type) and self._is_real(cls) and not kwargs:  # torch's unpickler has no NEWOBJ_EX
+            return cls.__new__(cls, *args)
         raise Refused(f"the pickle creates {_describe(cls)}, which is not an allowed class", [_describe(cls)])
 
     def load_reduce(self) -> None:

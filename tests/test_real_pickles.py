@@ -423,3 +423,15 @@ def test_evaluate_loads_a_tied_gpt2_and_counts_its_clip_once(gpt2_run: Path, tmp
     report = pd.read_csv(tmp_path / "clipped" / "clip_report.csv")
     variant = next(v for v in rows.index if v != "original")
     assert rows.loc[variant, "n_clipped"] == report.n_clipped.sum() > 0  # the tied tensor counted once
+
+
+def test_numpy_values_in_a_checkpoint_are_placeholders_not_refusals(tmp_path: Path) -> None:
+    # numpy scalars and arrays are rebuilt by function-named globals that only make data
+    path = tmp_path / "x.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hp": {"lr": np.float64(0.1), "grid": np.ones(3)}}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    obj = load_torch_file(path)
+    assert obj["state_dict"]["w"].tolist() == [1.0, 1.0]
+    assert isinstance(obj["hp"]["lr"], Placeholder) and obj["hp"]["lr"].global_name.endswith("multiarray.scalar")
+    assert isinstance(obj["hp"]["grid"], Placeholder)
