@@ -611,7 +611,15 @@ def weight_copies(obj: Any, path: Path, key: str | None = None) -> list[tuple[st
 
 
 def note_copies(copies: list[tuple[str | None, Mapping[str, Any]]]) -> None:
-    """Say which copy of the weights was read and which were left out (when there are several)."""
+    """Say which copy of the weights was read and which were left out (when there are several).
+
+    >>> from auditclip.notices import collect
+    >>> w = {"fc.weight": torch.zeros(1)}
+    >>> with collect() as notes:
+    ...     note_copies([("state_dict", w), ("current_model_state", w)])
+    >>> notes[0].split(";")[0]
+    "read the weights in 'state_dict'"
+    """
     if len(copies) > 1:
         others = ", ".join(str(e) for e, _ in copies[1:])
         note(f"read the weights in '{copies[0][0]}'; the file holds other copies of them, left out: {others} "
@@ -623,6 +631,10 @@ def storage_identity(t: torch.Tensor, lazy: bool) -> tuple[Any, ...] | None:
 
     ``lazy``: meta tensors from a zip file, whose storage is known by its offset in the file.
     None for a tensor with no storage to compare (sparse, empty).
+
+    >>> w = torch.zeros(4, 2)
+    >>> storage_identity(w, False) == storage_identity(w.view(4, 2), False), storage_identity(w, False) == storage_identity(w.t(), False)
+    (True, False)
     """
     if t.layout != torch.strided or t.numel() == 0:
         return None
@@ -660,7 +672,14 @@ def untie(tensors: dict[str, torch.Tensor], lazy: bool = False) -> dict[str, tor
 
 
 def note_tied(tied: list[tuple[str, str]], limit: int = 3) -> None:
-    """Say which names were tied to which (one note each, or one summary for many)."""
+    """Say which names were tied to which (one note each, or one summary for many).
+
+    >>> from auditclip.notices import collect
+    >>> with collect() as notes:
+    ...     note_tied([("lm_head.weight", "wte.weight")])
+    >>> notes
+    ['lm_head.weight is tied to wte.weight (same storage); counted once']
+    """
     if len(tied) <= limit:
         for name, to in tied:
             note(f"{name} is tied to {to} (same storage); counted once")
