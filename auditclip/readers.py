@@ -13,7 +13,10 @@ A :class:`TensorReader` gives one checkpoint's tensors by name, one at a time:
   device, which records where each storage lies in the file and reads no data;
   each tensor is then read with ``pread`` like a safetensors one. Code in a
   pickle is never run: ``weights_only=True`` refuses any global that is not a
-  plain tensor type.
+  plain tensor type; a zip-format file it refuses is read again with the gated
+  unpickler of :mod:`auditclip.safe_pickle` (foreign objects such as Lightning
+  hyper-parameters become inert placeholders; code-like globals are refused).
+  Tensors that are one region of one storage (tied weights) are listed once.
 
 Why ``pread`` and not a memory map: a mapped file that is truncated while it is
 read (``torch.save`` over an existing name during a live run does exactly that)
