@@ -3,7 +3,10 @@
 Output format = input format: safetensors stays safetensors (sharded stays
 sharded, with its index), a ``.pt/.ckpt/.bin`` container keeps every other
 entry (optimizer state, epoch, hyper-parameters) with only model tensors
-clipped. ``to="safetensors"`` converts. Inputs are only read; every output is
+clipped: a zip-format one is copied and only the storage records of clipped
+tensors are rewritten in place (``data.pkl`` byte for byte, tied storages shared),
+every copy of the weights (EMA and live) is clipped unless ``key`` names one.
+``to="safetensors"`` converts. Inputs are only read; every output is
 written to a temporary file and renamed into place.
 """
 
