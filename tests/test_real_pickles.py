@@ -435,3 +435,25 @@ def test_numpy_values_in_a_checkpoint_are_placeholders_not_refusals(tmp_path: Pa
     assert obj["state_dict"]["w"].tolist() == [1.0, 1.0]
     assert isinstance(obj["hp"]["lr"], Placeholder) and obj["hp"]["lr"].global_name.endswith("multiarray.scalar")
     assert isinstance(obj["hp"]["grid"], Placeholder)
+
+
+def test_zip_clip_clips_each_view_of_a_storage_and_nothing_else(tmp_path: Path) -> None:
+    # two tensors viewing parts of one storage (an offset slice, a transposed view); elements 0..1
+    # of the storage belong to no tensor and must come back as they were
+    base = torch.linspace(-3, 3, 10)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state_dict": {"head.weight": base[2:6], "tail.weight": base[6:].view(2, 2).t()}}, run / "step_1.pt")
+    result = _invoke("clip", str(run), "--max-abs", "1", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out" / "step_1.pt"
+    assert out.stat().st_size == (run / "step_1.pt").stat().st_size
+    _records(out)
+    for mmap in (False, True):
+        loaded = torch.load(out, weights_only=True, mmap=mmap)["state_dict"]
+        storage = torch.tensor([], dtype=torch.float32).set_(loaded["head.weight"].untyped_storage())
+        expected = base.numpy().copy()
+        expected[2:] = np.clip(expected[2:], -1, 1)
+        np.testing.assert_array_equal(storage.numpy(), expected)
+        np.testing.assert_array_equal(loaded["tail.weight"].numpy(), np.clip(base[6:].view(2, 2).t().numpy(), -1, 1))
+        assert loaded["tail.weight"].stride() == (1, 2)
