@@ -19,7 +19,8 @@ import auditclip
 from conftest import ROOT
 
 MODULES = sorted(
-    ["auditclip", *(f"auditclip.{m.name}" for m in pkgutil.iter_modules(auditclip.__path__) if not m.name.startswith("__"))]
+    ["auditclip", *(m.name for m in pkgutil.walk_packages(auditclip.__path__, "auditclip.")
+                    if not m.name.rsplit(".", 1)[-1].startswith("__"))]
 )
 
 #: Examples that do not run yet, in modules whose owners have still to make them run.
