@@ -19,7 +19,8 @@ be obtained through one gate, :meth:`Unpickler.find_class`:
   is a function's (lower case: ``make_thing``, ``partial``, ``attrgetter``...)
   refuses the file, since building data does not need a call to a foreign function;
   the few known data reconstructors in :data:`DATA_RECONSTRUCTORS` (numpy's scalar
-  and array rebuilders, ``copyreg._reconstructor``) are recorded like classes.
+  and array rebuilders, ``copyreg._reconstructor``, ``functools.partial`` of a
+  configured optimizer...) are recorded like classes.
 
 The unpickler is the pure-Python one (``pickle._Unpickler``) with every opcode that
 calls, builds or mutates an object replaced, so no path around the gate remains.
@@ -49,8 +50,8 @@ DENIED_MODULES = frozenset({
     "marshal", "pty", "code", "codeop", "webbrowser", "multiprocessing", "io", "_io", "signal", "pdb",
     "timeit", "trace", "cProfile", "profile", "asyncio", "threading", "_thread", "platform", "ssl",
     "http", "urllib", "ftplib", "smtplib", "xmlrpc", "zipimport", "pkgutil", "site", "sysconfig",
-    "tempfile", "glob", "pydoc", "dill", "cloudpickle", "types", "functools", "operator", "inspect",
-    "gc", "weakref", "setuptools", "pip", "distutils", "cffi", "_operator", "_functools", "posixshmem",
+    "tempfile", "glob", "pydoc", "dill", "cloudpickle", "types", "operator", "inspect",
+    "gc", "weakref", "setuptools", "pip", "distutils", "cffi", "_operator", "posixshmem",
     "resource", "fcntl", "mmap", "select", "selectors", "_socket", "_ssl", "_winapi", "msvcrt", "winreg",
 })
 
@@ -63,6 +64,9 @@ DATA_RECONSTRUCTORS = frozenset({
     "numpy.dtype", "numpy.ndarray",
     "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
     "collections.defaultdict", "collections.deque",
+    # LightningCLI / Hydra configs keep partial(torch.optim.Adam, lr=...) in hyper-parameters;
+    # a placeholder is never called, so recording it runs nothing
+    "functools.partial",
 })
 
 

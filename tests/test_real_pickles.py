@@ -331,7 +331,7 @@ class _Calls:
     (_Calls(make_config), "test_real_pickles.make_config"),
     (_Calls(eval, "1+1"), "builtins.eval"),
     (_Calls(getattr, torch.Tensor, "add"), "builtins.getattr"),
-    (_Calls(__import__("functools").partial, print), "functools.partial"),
+    (_Calls(__import__("functools").reduce, make_config, [1, 2]), "functools.reduce"),
     (_Calls(__import__("operator").attrgetter, "system"), "operator.attrgetter"),
     (_Calls(__import__("subprocess").Popen, ["true"]), "subprocess.Popen"),
 ])
@@ -435,6 +435,17 @@ def test_numpy_values_in_a_checkpoint_are_placeholders_not_refusals(tmp_path: Pa
     assert obj["state_dict"]["w"].tolist() == [1.0, 1.0]
     assert isinstance(obj["hp"]["lr"], Placeholder) and obj["hp"]["lr"].global_name.endswith("multiarray.scalar")
     assert isinstance(obj["hp"]["grid"], Placeholder)
+
+
+def test_a_configured_optimizer_partial_is_a_placeholder(tmp_path: Path) -> None:
+    import functools
+
+    path = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)},
+                "hyper_parameters": {"optimizer": functools.partial(torch.optim.Adam, lr=0.1)}}, path)
+    optimizer = load_torch_file(path)["hyper_parameters"]["optimizer"]
+    assert isinstance(optimizer, Placeholder) and optimizer.global_name == "functools.partial"
+    assert optimizer.args[0].global_name == "torch.optim.adam.Adam" and optimizer.state[2] == {"lr": 0.1}
 
 
 def test_zip_clip_clips_each_view_of_a_storage_and_nothing_else(tmp_path: Path) -> None:
