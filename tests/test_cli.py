@@ -15,7 +15,7 @@ from auditclip.analysis import DRIFT_COLUMNS, ERROR_COLUMNS
 from auditclip.cli import cli
 from auditclip.stats import STATS_COLUMNS
 
-from conftest import save_safetensors, state_dict
+from conftest import state_dict
 
 
 def invoke(*args: str) -> "CliRunner.invoke":  # type: ignore[valid-type]

@@ -11,7 +11,6 @@ numpy and scipy.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
