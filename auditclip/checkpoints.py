@@ -1140,6 +1140,25 @@ def _signature(members: list[Checkpoint], key: str | None) -> frozenset[tuple[st
     return None
 
 
+def _shown_to_be_one_run(counted: list[tuple[str, list[Checkpoint]]]) -> bool:
+    """Whether the files themselves show two name patterns to be one run, not just one architecture.
+
+    Two runs of one model saved flat into a folder (``a_step_*.pt``, ``b_step_*.pt``) hold the
+    same tensor names and shapes too, so that alone never joins patterns. Two Lightning
+    callbacks writing one run leave a trace: at a step both saved, their files hold the same
+    tensor bytes (one was folded into the other). And one run never holds two different
+    checkpoints at one step.
+    """
+    owner: dict[int, str] = {}
+    for pattern, members in counted:
+        for c in members:
+            if c.step is not None and owner.setdefault(c.step, pattern) != pattern:
+                return False
+    return any(fnmatch.fnmatchcase(dup, other)
+               for pattern, members in counted for c in members for dup in c.duplicates
+               for other, _ in counted if other != pattern)
+
+
 def _refuse_several_series(
     checkpoints: list[Checkpoint], inputs: Sequence[Any], root: Path, key: str | None = None,
 ) -> list[str]:
@@ -1149,7 +1168,8 @@ def _refuse_several_series(
     (``model_1.safetensors``) and the model beside it. A single unnumbered file beside a
     series (``final.pt``, ``best.ckpt``, a ``last.ckpt`` that copies nothing) belongs to the run.
     Name patterns whose checkpoints hold the same tensor names and shapes are one model
-    saved under two names (two Lightning callbacks): one run, and the note returned says so.
+    saved under two names (two Lightning callbacks) when the files show it (see
+    :func:`_shown_to_be_one_run`): one run, and the note returned says so.
     accelerate's several prepared models are always several series.
     """
     accelerate_dirs = {c.weights.parent for c in checkpoints if _ACCELERATE_EXTRA.match(c.weights.name)}
@@ -1158,7 +1178,7 @@ def _refuse_several_series(
                if len(members) >= 2 or any(c.weights.parent in accelerate_dirs for c in members)]
     if len(counted) < 2:
         return []
-    if not accelerate_dirs:
+    if not accelerate_dirs and _shown_to_be_one_run(counted):
         signatures = {_signature(members, key) for _, members in counted}
         if len(signatures) == 1 and None not in signatures:
             listing = ", ".join(f"{pattern}: {len(members)} files" for pattern, members in counted)

@@ -367,6 +367,28 @@ def test_two_model_indices_in_file_names_are_two_series(tmp_path: Path) -> None:
     assert open_run(tmp_path).labels == ["final.pt", "net1_epoch_0.pt", "net1_epoch_1.pt", "net1_epoch_2.pt"]
 
 
+def test_two_runs_of_one_architecture_in_one_folder_are_never_joined(tmp_path: Path) -> None:
+    """Same tensor names and shapes is no proof of one run: two seeds saved flat stay apart."""
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(4, 3, generator=g)
+        for step in (100, 200, 300):  # both runs saved at the same steps, with other weights
+            torch.save({"fc.weight": w + step / 1000}, tmp_path / f"seed{seed}_step_{step}.pt")
+    with pytest.raises(InputError, match=r"2 model series"):
+        open_run(tmp_path)
+    for f in tmp_path.glob("seed2_*"):  # disjoint steps and no shared save: still no proof
+        f.unlink()
+    for step in (150, 250):
+        torch.save({"fc.weight": torch.full((4, 3), step / 1000)}, tmp_path / f"other_step_{step}.pt")
+    with pytest.raises(InputError, match=r"2 model series"):
+        open_run(tmp_path)
+    # a save both patterns made at one step, with the same bytes, is the proof two callbacks leave
+    torch.save(torch.load(tmp_path / "seed1_step_300.pt"), tmp_path / "other_step_300.pt")
+    run = open_run(tmp_path)
+    assert [c.step for c in run] == [100, 150, 200, 250, 300]
+    assert any("same model" in n for n in run.notes)
+
+
 # --- accelerate ------------------------------------------------------------------------------------
 
 
