@@ -19,7 +19,7 @@ when discovery already knows it cannot be read: a broken or unsafe shard index,
 a directory named ``model.safetensors``, a broken symlink), or is listed:
 trainer state (``optimizer.pt``...) in :attr:`Run.ignored`, anything else in
 :attr:`Run.notes` with the reason. Shard names read from an index are resolved
-with :func:`auditclip.paths.member`, so a name leaving the index's folder is
+by :func:`auditclip.readers.read_shard_index` (through :func:`auditclip.paths.member`), so a name leaving the index's folder is
 never claimed nor followed. Steps outside the 64-bit range are unknown (with a
 note), and ``**`` globs expand each real directory once, so symlink loops end.
 """
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import CheckpointError, InputError, NoCheckpointsError
-from .paths import member
-from .readers import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata
+from .readers import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
+                      read_shard_index)
 
 #: File names a Hugging Face (or DeepSpeed) checkpoint folder keeps its model weights in,
 #: in order of preference when a folder holds more than one.
@@ -90,7 +90,6 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 STEP_MIN, STEP_MAX = -(2**63), 2**63 - 1
 
 _SHARD_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
-_WEIGHT_SUFFIXES = "(.safetensors, .bin, .pt, .pth, .ckpt)"
 
 
 @dataclass(frozen=True)
@@ -516,48 +515,8 @@ def _index_stem(name: str) -> str:
 
 def _read_index(index: Path) -> tuple[set[Path], tuple[str, str] | None]:
     """The shard files an index names inside its folder, and what is wrong with it, if anything."""
-    folder = index.parent
-    try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except Exception as exc:  # OSError, bad UTF-8 or JSON, nesting too deep (RecursionError)
-        return set(), ("unreadable", f"not a valid shard index: {_json_problem(exc)}")
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict):
-        what = "no weight_map object" if not isinstance(doc, dict) or "weight_map" not in doc \
-            else f"weight_map is a JSON {type(weight_map).__name__}, not an object"
-        return set(), ("unreadable", f"not a valid shard index: {what}")
-    shards: set[Path] = set()
-    unsafe: tuple[str, str] | None = None
-    invalid: list[str] = []
-    missing: list[str] = []
-    for name in dict.fromkeys(v if isinstance(v, str) else None for v in weight_map.values()):
-        if name is None:
-            bad = next(v for v in weight_map.values() if not isinstance(v, str))
-            invalid.append(f"a JSON {type(bad).__name__} where a shard file name belongs")
-            continue
-        try:
-            shard = member(folder, name, source=index, what="shard")
-        except CheckpointError as exc:
-            unsafe = unsafe or (exc.kind, exc.message)
-            continue
-        except (OSError, ValueError, RuntimeError) as exc:  # undecodable name, symlink loop...
-            invalid.append(f"the shard name {name!r} cannot be resolved ({type(exc).__name__})")
-            continue
-        if not name.lower().endswith(_SHARD_SUFFIXES):
-            invalid.append(f"{name!r}, which is not a weight file {_WEIGHT_SUFFIXES}")
-        elif shard.is_file():
-            shards.add(shard)
-        elif shard.exists() or shard.is_symlink():
-            invalid.append(f"{name!r}, which is not a regular file")
-        else:
-            missing.append(name)
-    if unsafe is not None:
-        return shards, unsafe
-    if invalid:
-        return shards, ("unreadable", "not a valid shard index: it names " + "; ".join(invalid[:3]))
-    if missing:
-        return shards, ("missing_shard", f"index names missing shard(s): {', '.join(sorted(missing))}")
-    return shards, None
+    read = read_shard_index(index, lenient=True)
+    return set(read.shards.values()), read.problem
 
 
 def _list(directory: Path) -> _Listing:

@@ -770,53 +770,104 @@ class ShardIndex:
     """A validated ``*.index.json``: which shard file holds each tensor.
 
     Every shard name stays inside the index's folder (else ``unsafe``), names a
-    weight file (``.safetensors``/``.bin``/``.pt``...) and exists (else ``missing_shard``).
+    weight file (``.safetensors``/``.bin``/``.pt``...) that is a regular file, and
+    exists (else ``missing_shard``). ``problem`` is ``(kind, message)`` of what is
+    wrong, only ever set by ``read_shard_index(..., lenient=True)``.
     """
 
     path: Path
     weight_map: dict[str, str]  # tensor name -> shard name as written in the index
-    shards: dict[str, Path]  # shard name -> its file
+    shards: dict[str, Path]  # shard name -> its file (lenient: the valid, existing ones)
     metadata: dict[str, str]
     doc: dict[str, Any]
+    problem: tuple[str, str] | None = None
 
 
-def read_shard_index(index: str | os.PathLike[str]) -> ShardIndex:
+def _index_doc_problem(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "not valid JSON: nested too deeply"
+    if isinstance(exc, OSError):
+        return f"cannot be read: {exc.strerror or exc}"
+    if isinstance(exc, UnicodeDecodeError | json.JSONDecodeError):
+        return f"not valid JSON: {_one_line(exc)[:200]}"
+    return _one_line(exc)[:200]
+
+
+def read_shard_index(index: str | os.PathLike[str], *, lenient: bool = False) -> ShardIndex:
     """Read and validate a shard index (see :class:`ShardIndex`).
+
+    Strict (the default): the first problem (an unsafe name first, then an invalid
+    one, then missing shards) is raised as a :class:`CheckpointError`. ``lenient``:
+    for listing a run, the problem is returned in :attr:`ShardIndex.problem` beside
+    the shards that are valid, so the files an index claims are known even when it
+    is broken; the checkpoint fails with that problem when it is opened.
 
     >>> read_shard_index("no/such/model.safetensors.index.json")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     auditclip.errors.CheckpointError: no/such/model.safetensors.index.json: not a valid shard index: ...
+    >>> read_shard_index("no/such/model.safetensors.index.json", lenient=True).problem[0]
+    'unreadable'
     """
     index = Path(index)
+
+    def done(shards: dict[str, Path], problem: tuple[str, str] | None, weight_map: dict[str, str] | None = None,
+             metadata: dict[str, str] | None = None, doc: dict[str, Any] | None = None) -> ShardIndex:
+        if problem is not None and not lenient:
+            raise CheckpointError(index, problem[1], kind=problem[0])
+        return ShardIndex(index, weight_map or {}, shards, metadata or {}, doc or {}, problem)
+
     try:
-        if index.stat().st_size > MAX_HEADER_BYTES:
-            raise ValueError(f"{index.stat().st_size} bytes is too large for an index")
+        size = index.stat().st_size
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"{size} bytes is too large for an index")
         doc = json.loads(index.read_bytes().decode("utf-8"))
         if not isinstance(doc, dict):
-            raise TypeError("the index is not a JSON object")
+            raise TypeError(f"it holds a JSON {type(doc).__name__}, not an object")
         weight_map = doc.get("weight_map")
         if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is missing or not an object")
-        if not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map values must be shard file names")
-        meta = doc.get("metadata") or {}
-        if not isinstance(meta, dict):
-            raise TypeError("metadata is not an object")
+            raise TypeError("no weight_map object" if "weight_map" not in doc
+                            else f"weight_map is a JSON {type(weight_map).__name__}, not an object")
     except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
-        raise CheckpointError(index, f"not a valid shard index: {_one_line(exc)[:200]}") from None
+        return done({}, ("unreadable", f"not a valid shard index: {_index_doc_problem(exc)}"))
+    meta = doc.get("metadata") or {}
     shards: dict[str, Path] = {}
-    for name in dict.fromkeys(weight_map.values()):
-        path = member(index.parent, name, source=index)
+    unsafe: tuple[str, str] | None = None
+    invalid: list[str] = []
+    missing: list[str] = []
+    if not isinstance(meta, dict):
+        invalid.append(f"metadata as a JSON {type(meta).__name__}, not an object")
+        meta = {}
+    for name in dict.fromkeys(v if isinstance(v, str) else None for v in weight_map.values()):
+        if name is None:
+            bad = next(v for v in weight_map.values() if not isinstance(v, str))
+            invalid.append(f"a JSON {type(bad).__name__} where a shard file name belongs")
+            continue
+        try:
+            path = member(index.parent, name, source=index, what="shard")
+        except CheckpointError as exc:
+            unsafe = unsafe or (exc.kind, exc.message)
+            continue
+        except (OSError, ValueError, RuntimeError) as exc:  # an undecodable name, a symlink loop...
+            invalid.append(f"the shard name {name!r} that cannot be resolved ({type(exc).__name__})")
+            continue
         if not name.lower().endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
-            raise CheckpointError(index, f"index names {name!r}, which is not a weight file "
-                                         "(.safetensors, .bin, .pt, .pth, .ckpt)")
-        shards[name] = path
-    missing = [n for n, p in shards.items() if not p.is_file()]
-    if missing:
-        raise CheckpointError(index, f"index names missing shard(s): {', '.join(missing)}", kind="missing_shard")
+            invalid.append(f"{name!r}, which is not a weight file (.safetensors, .bin, .pt, .pth, .ckpt)")
+        elif path.is_file():
+            shards[name] = path
+        elif path.exists() or path.is_symlink():
+            invalid.append(f"{name!r}, which is not a regular file")
+        else:
+            missing.append(name)
+    problem: tuple[str, str] | None = None
+    if unsafe is not None:
+        problem = unsafe
+    elif invalid:
+        problem = ("unreadable", "not a valid shard index: it names " + "; ".join(invalid[:3]))
+    elif missing:
+        problem = ("missing_shard", f"index names missing shard(s): {', '.join(sorted(missing))}")
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    return ShardIndex(index, {str(k): v for k, v in weight_map.items()}, shards, metadata, doc)
+    return done(shards, problem, {str(k): v for k, v in weight_map.items() if isinstance(v, str)}, metadata, doc)
 
 
 class _ShardedSource(_Source):
