@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import CheckpointError, InputError, NoCheckpointsError
+from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_object, read_dcp_tensor
 from .readers import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
                       read_shard_index)
 
@@ -82,6 +83,9 @@ SORT_MODES = ("step", "name", "mtime")
 FINAL_LABEL = "final"
 # accelerate's save_state() names the weights of its 2nd, 3rd... prepared model model_1.safetensors...
 _ACCELERATE_EXTRA = re.compile(r"^(?:model|pytorch_model)_(\d+)\.(?:safetensors|bin)$")
+# accelerate's save_state() with FSDP SHARDED_STATE_DICT: a DCP folder per model and per optimizer
+_ACCELERATE_FSDP = re.compile(r"^pytorch_model_fsdp_\d+$")
+_DCP_OPTIMIZER = re.compile(r"^optimizer(_\d+)?$")
 # Lightning's last.ckpt, last-v1.ckpt: a copy (or link) of another checkpoint, or one more save
 _LAST = re.compile(r"^last(?:-v\d+)?\.", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -129,6 +133,8 @@ class Checkpoint:
 
     @property
     def format(self) -> str:
+        if dcp_folder(self.weights) is not None:
+            return "dcp"
         name = self.weights.name.lower()
         kind = "safetensors" if ".safetensors" in name else "pytorch"
         return f"{kind} (sharded)" if name.endswith(".index.json") else kind
@@ -443,6 +449,8 @@ def _stored_step(weights: Path, notes: list[str]) -> tuple[int | None, str]:
     ``trainer_state.json`` beside Hugging Face weights, the ``step``/``global_step``
     safetensors metadata, or the top-level ``global_step`` of a pickled checkpoint.
     """
+    if dcp_folder(weights) is not None:
+        return _dcp_stored_step(weights)
     name = weights.name.lower()
     if name.endswith(TORCH_SUFFIXES):
         state = weights.parent / "trainer_state.json"
@@ -452,6 +460,37 @@ def _stored_step(weights: Path, notes: list[str]) -> tuple[int | None, str]:
     beside = weights.name in HF_WEIGHT_NAMES and (weights.parent / "trainer_state.json").is_file()
     where = "trainer_state.json" if beside else "its metadata"
     return _metadata_step(weights, notes), where
+
+
+#: Where a DCP checkpoint may store its step: top-level entries, and torchtitan's ``train_state``.
+_DCP_STEP_KEYS = ("global_step", "step", "train_state.step", "train_state.global_step")
+
+
+def _dcp_stored_step(folder: Path) -> tuple[int | None, str]:
+    """The step a DCP checkpoint stores: ``global_step`` in Lightning's ``meta.pt`` beside it
+    (read without unpickling), else a small ``step`` entry of the checkpoint itself.
+
+    Anything unreadable is None: a broken checkpoint is reported when it is opened.
+    """
+    meta = folder / "meta.pt"
+    if meta.is_file():
+        step, key = _torch_stored_step(meta)
+        if step is not None:
+            return step, f"{key} in meta.pt"
+    try:
+        index = read_dcp_index(folder)
+        for key in _DCP_STEP_KEYS:
+            value: object = None
+            if key in index.objects:
+                value = read_dcp_object(index, key)
+            elif key in index.tensors and index.tensors[key].numel == 1 and "int" in index.tensors[key].dtype:
+                value = read_dcp_tensor(index, key).item()
+            step = _as_step(value)[0] if isinstance(value, int) else None
+            if step is not None:
+                return step, f"{key} in the checkpoint"
+    except Exception:  # reported when the checkpoint is opened
+        pass
+    return None, ""
 
 
 def _json_problem(exc: Exception) -> str:
@@ -487,6 +526,7 @@ class _Listing:
 
     weights: list[Path] = field(default_factory=list)  # files (and broken links...) not claimed by an index
     weight_dirs: list[Path] = field(default_factory=list)  # directories named like weight files
+    dcp_dirs: list[Path] = field(default_factory=list)  # torch.distributed.checkpoint folders (any name)
     dirs: list[Path] = field(default_factory=list)  # every subdirectory
     problems: dict[Path, tuple[str, str]] = field(default_factory=dict)
     ignored: list[Path] = field(default_factory=list)  # trainer state
@@ -527,9 +567,13 @@ def _list(directory: Path) -> _Listing:
     out = _Listing()
     entries = sorted(directory.iterdir(), key=lambda p: natural_key(p.name))
     out.dirs = [p for p in entries if p.is_dir()]
+    # a DCP folder is a checkpoint whatever its name (Lightning's epoch=0-step=23.ckpt/ is one)
+    out.dcp_dirs = [p for p in out.dirs if dcp_folder(p) is not None]
     dirs = set(out.dirs)
     candidates = []
     for p in entries:
+        if p in out.dcp_dirs:
+            continue
         if _TRAINER_STATE.match(p.name):
             out.ignored.append(p)
         elif _is_weight_file(p):
@@ -586,10 +630,13 @@ def _expand_directory(
 ) -> tuple[list[_Found], list[Path], list[tuple[Path, str]]]:
     """The checkpoints in a directory the user named, the trainer state beside them, and notes.
 
-    The directory is one checkpoint folder when all its weight files are model
-    weights (``model.safetensors``...) and no subfolder is a checkpoint folder;
-    otherwise each ``checkpoint-*/``-like subfolder and each weight file is one.
+    The directory is one checkpoint folder when it is a DCP folder (``.metadata``),
+    or when all its weight files are model weights (``model.safetensors``...) and no
+    subfolder is a checkpoint folder; otherwise each ``checkpoint-*/``-like subfolder,
+    each DCP subfolder (``step-100/``, ``epoch=0-step=23.ckpt/``) and each weight file is one.
     """
+    if dcp_folder(directory) is not None:  # its other files (Lightning's meta.pt) are not weights
+        return [_Found(directory, directory)], [], []
     try:
         own = _list(directory)
     except OSError as exc:
@@ -601,6 +648,12 @@ def _expand_directory(
     for sub in own.dirs:
         if sub in own.weight_dirs:
             continue  # a directory named model.safetensors: decided below, with the files beside it
+        if sub in own.dcp_dirs:
+            if _DCP_OPTIMIZER.match(sub.name):
+                ignored.append(sub)  # accelerate's optimizer_0/: optimizer state only
+            else:
+                found.append(_Found(sub, sub))
+            continue
         there = _resolve(sub)
         if there is not None and here is not None and (there == here or there in here.parents):
             notes.append((sub, f"ignored: a link back to {'this folder' if there == here else 'a folder above it'}"))
@@ -611,7 +664,13 @@ def _expand_directory(
             notes.append((sub, f"ignored: cannot be listed: {exc.strerror or exc}"))
             continue
         weights, extra = _model_weights(listing)
-        if weights is not None:
+        fsdp = [d for d in listing.dcp_dirs if _ACCELERATE_FSDP.match(d.name)]
+        if weights is None and fsdp:  # accelerate FSDP: checkpoint_<i>/pytorch_model_fsdp_0/ holds the model
+            found.append(_Found(sub, fsdp[0]))
+            ignored += listing.ignored + [d for d in listing.dcp_dirs if _DCP_OPTIMIZER.match(d.name)]
+            notes += listing.notes + [(d, f"ignored: another model's DCP folder beside {fsdp[0].name}; audit it "
+                                          "on its own by passing the folder") for d in fsdp[1:]]
+        elif weights is not None:
             found.append(_Found(sub, weights, listing.problems.get(weights)))
             ignored += listing.ignored
             notes += listing.notes
@@ -626,6 +685,9 @@ def _expand_directory(
             notes.append((sub, f"ignored: not a checkpoint folder: its weight files ({names}{more}) have none of "
                                "the model weight names (model.safetensors, pytorch_model.bin, ...); "
                                "pass the files or a glob to audit them"))
+        elif listing.dcp_dirs:
+            names = ", ".join(d.name for d in listing.dcp_dirs[:3]) + (", ..." if len(listing.dcp_dirs) > 3 else "")
+            notes.append((sub, f"ignored: holds DCP checkpoint folders ({names}); pass {sub.name}/ to audit them"))
         elif parse_step(sub.name) is not None or (sub / "trainer_state.json").exists():
             notes.append((sub, "ignored: looks like a checkpoint folder but holds no model weights "
                                "(model.safetensors, pytorch_model.bin, ...)"))
@@ -642,10 +704,14 @@ def _expand_directory(
         notes += [(p, m) for p, m in own_extra if p.name in HF_WEIGHT_NAMES]
         own_entries = [p for p in own_entries if p.name not in HF_WEIGHT_NAMES]
     found += [_Found(p, p, own.problems.get(p)) for p in own_entries]
-    if not found and descend and (directory / "checkpoints").is_dir() and not (directory / "checkpoints").is_symlink():
-        # an accelerate project_dir: save_state() writes checkpoints/checkpoint_<i>/ under it
-        inner, inner_ignored, inner_notes = _expand_directory(directory / "checkpoints", descend=False)
-        return inner, ignored + own.ignored + inner_ignored, notes + own.notes + inner_notes
+    for inner_name in ("checkpoints", "checkpoint"):
+        inner_dir = directory / inner_name
+        if not found and descend and inner_dir.is_dir() and not inner_dir.is_symlink():
+            # an accelerate project_dir writes checkpoints/checkpoint_<i>/, torchtitan checkpoint/step-<n>/
+            inner, inner_ignored, inner_notes = _expand_directory(inner_dir, descend=False)
+            if inner or inner_name == "checkpoints":
+                notes = [(p, m) for p, m in notes if p != inner_dir]
+                return inner, ignored + own.ignored + inner_ignored, notes + own.notes + inner_notes
     return found, ignored + own.ignored, notes + own.notes
 
 
@@ -765,7 +831,8 @@ def _expand(
                     detail = "".join(f"; {_render(p, m, None)}" for p, m in why[:3])
                     raise NoCheckpointsError(
                         f"no checkpoints in {match} (looked for .safetensors, .pt, .pth, .bin, .ckpt, "
-                        f"*.index.json and checkpoint-*/ folders); pass the folder that holds them or a glob{detail}"
+                        f"*.index.json, checkpoint-*/ folders and DCP folders with a .metadata); pass the folder "
+                        f"that holds them or a glob{detail}"
                     )
                 if len(inputs) == 1 and len(matches) == 1 and entries[0].path != match:
                     root = match  # labels are relative to the run directory the user named
@@ -773,6 +840,8 @@ def _expand(
                 ignored += skipped
             elif _TRAINER_STATE.match(match.name):
                 ignored.append(match)  # optimizer.pt & co. from a glob such as checkpoint-*/*.pt
+            elif dcp_folder(match) is not None:  # a DCP folder's .metadata named: the folder is the checkpoint
+                found.append(_Found(match.parent, match.parent))
             else:
                 problem = _entry_problem(match)
                 if problem is None and match.name.lower().endswith(".index.json"):
@@ -949,8 +1018,8 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
     """
     by_size: dict[int, list[tuple[Checkpoint, os.stat_result]]] = {}
     for c in checkpoints:
-        if c.problem is not None or c.weights.name.lower().endswith(".index.json"):
-            continue
+        if c.problem is not None or c.weights.name.lower().endswith(".index.json") or c.weights.is_dir():
+            continue  # DCP folders: their .metadata match whenever two steps have one layout
         try:
             st = c.weights.stat()
         except OSError:

@@ -52,6 +52,7 @@ import torch
 
 from .dtypes import SAFETENSORS, dtype_name, is_float_dtype, torch_dtype
 from .errors import CheckpointError
+from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_tensor
 from .notices import note
 from .paths import member
 
@@ -914,7 +915,58 @@ class _ShardedSource(_Source):
         self._open = {}
 
 
+class _DcpSource(_Source):
+    """A ``torch.distributed.checkpoint`` folder (:mod:`auditclip.formats.dcp`): its model tensors.
+
+    The index comes from ``.metadata`` alone; each tensor is read when asked for,
+    chunk by chunk from the storage files, and assembled whole (memory: the largest
+    tensor plus one chunk). Optimizer state and training state (scheduler, dataloader,
+    ``train_state``...) are not weights: left out, with one note. ``key`` reads the
+    tensors under another top-level entry instead (``--key ema``).
+    """
+
+    def __init__(self, folder: Path, key: str | None = None) -> None:
+        self.path = folder
+        self.metadata: dict[str, str] = {}
+        self.index = read_dcp_index(folder)
+        tensors = list(self.index.tensors.values())
+        if key is not None:
+            self._where = {t.key[len(key) + 1:]: t.key for t in tensors if t.key.startswith(key + ".")}
+            if not self._where:
+                entries = ", ".join(dict.fromkeys(t.key.split(".", 1)[0] for t in tensors))
+                raise CheckpointError(folder, f"no tensors under the entry {key!r} of this DCP checkpoint "
+                                              f"(entries: {entries or 'none'}); pick one with --key")
+            return
+        self._where = {t.name: t.key for t in tensors if t.role == "model"}
+        left = sorted({t.key.split(".", 1)[0] + ".*" for t in tensors if t.role != "model"})
+        if not self._where:
+            raise CheckpointError(folder, "this DCP checkpoint holds no model tensors"
+                                          + (f", only {', '.join(left)} (optimizer or training state)" if left else "")
+                                          + "; pick an entry with --key")
+        if left:
+            note(f"DCP checkpoints: {', '.join(left)} (optimizer or training state, not weights) left out; "
+                 "the model's tensors are audited")
+
+    def raw_names(self) -> list[str]:
+        return list(self._where)
+
+    def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
+        t = self.index.tensors[self._where[raw]]
+        return t.dtype, t.shape
+
+    def raw_get(self, raw: str) -> torch.Tensor:
+        try:
+            return read_dcp_tensor(self.index, self._where[raw])
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {_one_line(exc)}") from exc
+
+
 def _open_source(path: Path, key: str | None) -> _Source:
+    folder = dcp_folder(path)
+    if folder is not None:
+        return _DcpSource(folder, key)
     name = path.name.lower()
     if name.endswith(".index.json"):
         return _ShardedSource(path, key)
@@ -1018,18 +1070,21 @@ class TensorReader:
 
 
 def open_checkpoint_file(path: str | Path, key: str | None = None) -> TensorReader:
-    """Open one checkpoint file (or shard index) for lazy reading.
+    """Open one checkpoint file (or shard index, or DCP folder) for lazy reading.
 
     ``key`` selects the entry of a PyTorch container holding the state dict
-    (for example ``ema``); without it the usual wrappers are searched.
+    (for example ``ema``); without it the usual wrappers are searched. A
+    ``torch.distributed.checkpoint`` folder (or its ``.metadata``) gives its model
+    tensors (:class:`_DcpSource`).
 
     >>> reader = open_checkpoint_file("run/step_100.safetensors")  # doctest: +SKIP
     >>> reader.names()[:2]  # doctest: +SKIP
     ['fc1.bias', 'fc1.weight']
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such file")
+    if dcp_folder(path) is None and not path.is_file():
+        what = "a folder, not a checkpoint file (nor a torch.distributed.checkpoint folder: no .metadata in it)"
+        raise CheckpointError(path, what if path.is_dir() else "no such file")
     return TensorReader(_open_source(path, key))
 
 

@@ -90,7 +90,7 @@ from auditclip.dtypes import dtype_name, torch_dtype
 from auditclip.errors import CheckpointError
 
 __all__ = [
-    "METADATA_FILE", "DcpChunk", "DcpIndex", "DcpObject", "DcpTensor", "is_dcp_folder",
+    "METADATA_FILE", "DcpChunk", "DcpIndex", "DcpObject", "DcpTensor", "dcp_folder", "is_dcp_folder",
     "iter_dcp_chunks", "read_dcp_index", "read_dcp_object", "read_dcp_tensor",
 ]
 
@@ -192,6 +192,29 @@ def is_dcp_folder(path: str | os.PathLike[str]) -> bool:
     False
     """
     return (Path(path) / METADATA_FILE).is_file()
+
+
+def dcp_folder(path: str | os.PathLike[str]) -> Path | None:
+    """The DCP folder ``path`` names, or None: the folder, or its ``.metadata`` file.
+
+    A folder holding only per-rank ``__<rank>.metadata`` files (``use_collectives=False``)
+    counts too, so that :func:`read_dcp_index` says by name why it is not read.
+    Only names are looked at; nothing is read.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> dcp_folder(folder) is None
+    True
+    >>> _ = (folder / ".metadata").write_bytes(b"")
+    >>> dcp_folder(folder) == folder == dcp_folder(folder / ".metadata")
+    True
+    """
+    path = Path(path)
+    if path.name == METADATA_FILE and path.is_file():
+        return path.parent
+    if path.is_dir() and (is_dcp_folder(path) or next(path.glob("__*.metadata"), None) is not None):
+        return path
+    return None
 
 
 # --------------------------------------------------------------------------- .metadata
