@@ -1,0 +1,290 @@
+"""Runs of torch.distributed.checkpoint folders, end to end through discovery, the reader and the CLI.
+
+The folders are written by ``torch.distributed.checkpoint.save`` itself (one process,
+no process group) and, for Lightning, by ``FSDPStrategy.save_checkpoint`` itself
+(sharded state dict: its CPU-only refusal is in ``setup``, not in the save). The
+same weights are saved as safetensors too: both runs must give the same statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from auditclip.analysis import analyze
+from auditclip.checkpoints import open_run
+from auditclip.cli import cli
+from auditclip.errors import CheckpointError
+from auditclip.readers import open_checkpoint_file
+from conftest import record_live_tensors, save_safetensors
+
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+
+STEPS = (10, 20, 30)
+MOMENTS = ("mean", "std", "abs_max", "l2_norm")
+
+
+def _save_dcp(state: dict[str, Any], folder: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=folder)
+    return folder
+
+
+def _net() -> nn.Module:
+    # 9 tensors: weights, biases, BatchNorm's running statistics and its int64 counter
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(8, 6)).pow(2).mean().backward()
+        opt.step()
+
+
+def _clone(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``step-10/ step-20/ step-30/`` DCP folders holding model + Adam state, the same weights as safetensors."""
+    base = tmp_path_factory.mktemp("dcp-runs")
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    done = 0
+    for step in STEPS:
+        _train(model, opt, step - done)
+        done = step
+        weights[step] = _clone(model)
+        _save_dcp({"model": model.state_dict(), "optim": opt.state_dict()}, base / "dcp" / f"step-{step}")
+        save_safetensors(base / "st" / f"step_{step}.safetensors", weights[step])
+    return {"dcp": base / "dcp", "st": base / "st", "weights": weights,
+            "parameters": [n for n, _ in model.named_parameters()]}
+
+
+def _cli(*args: str) -> Any:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    return result
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _by_step(rows: list[dict[str, str]]) -> dict[tuple[int, str], dict[str, str]]:
+    return {(int(r["step"]), r["tensor"]): r for r in rows}
+
+
+def _assert_same_stats(dcp_out: Path, st_out: Path) -> None:
+    got, want = _by_step(_rows(dcp_out / "stats.csv")), _by_step(_rows(st_out / "stats.csv"))
+    assert got.keys() == want.keys()
+    for where, row in want.items():
+        assert (got[where]["dtype"], got[where]["shape"]) == (row["dtype"], row["shape"]), where
+        for column in MOMENTS:
+            if row[column] == "":  # std of a one-element tensor
+                assert got[where][column] == "", (where, column)
+            else:
+                assert float(got[where][column]) == pytest.approx(float(row[column]), rel=1e-6, abs=1e-12), \
+                    (where, column)
+    got_drift, want_drift = _by_step(_rows(dcp_out / "drift.csv")), _by_step(_rows(st_out / "drift.csv"))
+    assert got_drift.keys() == want_drift.keys() and len(want_drift) > 0
+    for where, row in want_drift.items():
+        if row["rel_l2_change"]:
+            assert float(got_drift[where]["rel_l2_change"]) == pytest.approx(float(row["rel_l2_change"]), rel=1e-6)
+        else:
+            assert got_drift[where]["rel_l2_change"] == ""
+
+
+def test_drift_of_a_dcp_run_equals_the_same_weights_as_safetensors(runs: dict[str, Any], tmp_path: Path) -> None:
+    result = _cli("drift", str(runs["dcp"]), "--out", str(tmp_path / "dcp"))
+    assert result.exit_code == 0, result.output
+    assert _cli("drift", str(runs["st"]), "--out", str(tmp_path / "st")).exit_code == 0
+    _assert_same_stats(tmp_path / "dcp", tmp_path / "st")
+
+    rows = _rows(tmp_path / "dcp" / "stats.csv")
+    # the model's tensors only, under their own names: no optimizer state (exp_avg...), no "model." prefix
+    assert {r["tensor"] for r in rows} - {"__all__"} == set(runs["weights"][10])
+    assert [r["checkpoint"] for r in rows if r["tensor"] == "__all__"] == ["step-10", "step-20", "step-30"]
+    assert "note: DCP checkpoints: optim.* (optimizer or training state, not weights) left out" in result.output
+    # an independent check of the values: numpy on the weights that were saved
+    checked = 0
+    for r in rows:
+        saved = runs["weights"][int(r["step"])].get(r["tensor"])
+        if saved is not None and saved.is_floating_point():
+            checked += 1
+            a = saved.double().numpy()
+            assert float(r["abs_max"]) == pytest.approx(np.abs(a).max(), rel=1e-6)
+            assert float(r["l2_norm"]) == pytest.approx(np.sqrt((a * a).sum()), rel=1e-6)
+    assert checked == 3 * 8
+
+
+def test_discovery_lists_dcp_folders_and_the_reader_reads_no_data_until_asked(
+        runs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real_pread(fd, n, off))
+    run = open_run(runs["dcp"])
+    assert [(c.label, c.step, c.format) for c in run] == [(f"step-{s}", s, "dcp") for s in STEPS]
+    for c in run:
+        with c.open() as reader:
+            assert reader.names() == list(runs["weights"][c.step])
+            infos = {n: reader.info(n) for n in reader.names()}
+    assert reads == []  # names, dtypes and shapes come from .metadata alone
+    assert infos["1.running_var"].shape == (16,) and infos["1.num_batches_tracked"].dtype == "int64"
+
+    # the folder and its .metadata open the same checkpoint; a tensor is one record read
+    for given in (runs["dcp"] / "step-30", runs["dcp"] / "step-30" / ".metadata"):
+        with open_checkpoint_file(given) as reader:
+            got = reader.get("0.weight")
+        assert torch.equal(got, runs["weights"][30]["0.weight"])
+    assert len(reads) == 2
+    # --key reads another entry of the state dict: here, the optimizer's
+    with open_checkpoint_file(runs["dcp"] / "step-10", key="optim") as reader:
+        assert "state.0.exp_avg" in reader.names()
+    with pytest.raises(CheckpointError, match="no tensors under the entry 'ema'.*entries: model, optim"):
+        open_checkpoint_file(runs["dcp"] / "step-10", key="ema")
+
+
+def test_the_reader_holds_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    names = [f"layer.{i}.weight" for i in range(6)]  # above TINY_MAX: walked one name at a time
+    for step in (1, 2, 3, 4):
+        _save_dcp({"model": {n: torch.randn(40, 40, generator=g) for n in names},
+                   "optimizer": {"state": {n: {"exp_avg": torch.zeros(40, 40)} for n in names}}},
+                  tmp_path / f"step-{step}")
+    peak = record_live_tensors(monkeypatch)
+    result = analyze(tmp_path, workers=1)
+    assert len(result.stats) == 4 * (6 + 1)
+    # the reference, the previous and the current version of one tensor: never a checkpoint's 6 (or 12)
+    assert 1 <= peak["peak"] <= 3
+
+
+def test_flag_max_abs_on_a_dcp_run_flags_what_numpy_says(runs: dict[str, Any], tmp_path: Path) -> None:
+    values = np.concatenate([runs["weights"][s][n].abs().flatten().numpy() for s in STEPS for n in runs["parameters"]])
+    limit = float(np.quantile(values, 0.97))
+    result = _cli("flag", str(runs["dcp"]), "--max-abs", f"{limit:.6g}", "--out", str(tmp_path / "out"))
+    assert result.exit_code in (0, 1), result.output
+    limit = float(f"{limit:.6g}")
+    expected = {}
+    for s in STEPS:
+        for n in runs["parameters"]:
+            a = runs["weights"][s][n].double().numpy()
+            outside = np.abs(a) > limit
+            if outside.any():
+                expected[(s, n)] = (int(outside.sum()), float(a.flat[np.argmax(np.abs(a))]))
+    assert 2 <= len(expected) < 3 * len(runs["parameters"])  # some flagged, some not
+    flagged = {(int(r["step"]), r["tensor"]): (int(r["count"]), float(r["worst_value"]))
+               for r in _rows(tmp_path / "out" / "flags.csv") if r["rule"] == "range"}
+    assert flagged.keys() == expected.keys()
+    for where, (count, worst) in expected.items():
+        assert flagged[where][0] == count and flagged[where][1] == pytest.approx(worst, rel=1e-6)
+
+
+def test_a_truncated_storage_file_is_an_error_row_and_the_rest_is_audited(runs: dict[str, Any], tmp_path: Path) -> None:
+    run = shutil.copytree(runs["dcp"], tmp_path / "run")
+    storage = run / "step-20" / "__0_0.distcp"
+    storage.write_bytes(storage.read_bytes()[:-100])
+    result = _cli("drift", str(run), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    errors = _rows(tmp_path / "out" / "errors.csv")
+    assert [(r["checkpoint"], r["error"]) for r in errors] == [("step-20", "unreadable")]
+    assert "truncated" in errors[0]["message"]
+    stats = _rows(tmp_path / "out" / "stats.csv")
+    assert {(r["checkpoint"], r["tensor"]) for r in stats} == {
+        (f"step-{s}", n) for s in (10, 30) for n in [*runs["weights"][10], "__all__"]}
+
+
+def test_an_optimizer_only_folder_is_not_read_as_weights(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    folder = _save_dcp({"optimizer": opt.state_dict()}, tmp_path / "step-1")
+    with pytest.raises(CheckpointError, match="holds no model tensors, only optimizer.*"):
+        open_checkpoint_file(folder)
+
+
+# --------------------------------------------------------------------------- Lightning FSDP
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``epoch=E-step=N.ckpt/`` folders and a ``last.ckpt/`` written by Lightning's FSDPStrategy (sharded)."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    base = tmp_path_factory.mktemp("lightning-fsdp")
+    strategy = FSDPStrategy(state_dict_type="sharded")
+    torch.manual_seed(1)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+    done = 0
+    for epoch, (step, name) in enumerate([(4, "epoch=0-step=4.ckpt"), (8, "epoch=1-step=8.ckpt"),
+                                          (12, "epoch=2-step=12.ckpt"), (14, "last.ckpt")]):
+        _train(model, opt, step - done)
+        done = step
+        weights[step] = _clone(model)
+        # what Lightning's _CheckpointConnector.dump_checkpoint hands the strategy
+        checkpoint = {"epoch": epoch, "global_step": step, "pytorch-lightning_version": pl.__version__,
+                      "state_dict": model.state_dict(), "loops": {"fit_loop": {"epoch_progress": {}}},
+                      "callbacks": {}, "optimizer_states": [opt.state_dict()], "lr_schedulers": []}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            strategy.save_checkpoint(checkpoint, base / "run" / name)
+        save_safetensors(base / "st" / f"step_{step}.safetensors", weights[step])
+    return {"run": base / "run", "st": base / "st", "weights": weights}
+
+
+def test_a_lightning_fsdp_sharded_run_is_found_ordered_and_read(lightning_run: dict[str, Any], tmp_path: Path) -> None:
+    run_dir = lightning_run["run"]
+    first = run_dir / "epoch=0-step=4.ckpt"
+    assert sorted(os.listdir(first)) == [".metadata", "__0_0.distcp", "meta.pt"]  # the layout the issue names
+
+    run = open_run(run_dir)
+    # last.ckpt/ has no step in its name: the one in its meta.pt (global_step) orders it
+    assert [(c.label, c.step, c.format) for c in run] == [
+        ("epoch=0-step=4.ckpt", 4, "dcp"), ("epoch=1-step=8.ckpt", 8, "dcp"),
+        ("epoch=2-step=12.ckpt", 12, "dcp"), ("last.ckpt", 14, "dcp")]
+    assert run.notes == []
+    # one folder named on its own is one checkpoint, never "no tensors ... pick one with --key"
+    single = open_run(first)
+    assert [(c.label, c.step) for c in single] == [("epoch=0-step=4.ckpt", 4)]
+    with single[0].open() as reader:
+        assert reader.names() == list(lightning_run["weights"][4])
+
+    result = _cli("drift", str(run_dir), "--out", str(tmp_path / "dcp"))
+    assert result.exit_code == 0, result.output
+    assert "optimizer_0.* (optimizer or training state, not weights) left out" in result.output
+    assert _cli("drift", str(lightning_run["st"]), "--out", str(tmp_path / "st")).exit_code == 0
+    _assert_same_stats(tmp_path / "dcp", tmp_path / "st")
+
+
+def test_inspect_and_audit_read_a_dcp_folder(lightning_run: dict[str, Any], tmp_path: Path) -> None:
+    result = _cli("inspect", str(lightning_run["run"] / "epoch=1-step=8.ckpt"), "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = {r["tensor"]: r for r in csv.DictReader(line for line in result.output.splitlines()
+                                                   if not line.startswith("note:"))}
+    want = lightning_run["weights"][8]["3.weight"].double().numpy()
+    assert float(rows["3.weight"]["abs_max"]) == pytest.approx(np.abs(want).max(), rel=1e-6)
+
+    result = _cli("audit", str(lightning_run["run"]), "--out", str(tmp_path / "audit"))
+    assert result.exit_code == 0, result.output
+    summary = (tmp_path / "audit" / "summary.md").read_text(encoding="utf-8")
+    assert "- formats: dcp" in summary and "optimizer_0.*" in summary
