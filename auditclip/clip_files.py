@@ -393,6 +393,9 @@ def clip_checkpoint(
         specs = ClipSettings(spec=specs if isinstance(specs, ClipSpec) else ClipSpec.parse(specs))
     ckpt = src if isinstance(src, Checkpoint) else open_run(src, key=key)[0]
     ckpt.check()
+    if ckpt.format == "dcp":  # read by formats.dcp; no DCP writer yet (never a half-written folder)
+        raise CheckpointError(ckpt.weights, "clip does not write torch.distributed.checkpoint (DCP) folders yet; "
+                                            "drift, flag, audit and inspect read them", kind="unsupported")
     dst = Path(dst)
     clipper = _Clipper(specs, ckpt.label)
     weights = ckpt.weights

@@ -288,3 +288,12 @@ def test_inspect_and_audit_read_a_dcp_folder(lightning_run: dict[str, Any], tmp_
     assert result.exit_code == 0, result.output
     summary = (tmp_path / "audit" / "summary.md").read_text(encoding="utf-8")
     assert "- formats: dcp" in summary and "optimizer_0.*" in summary
+
+
+def test_clip_refuses_a_dcp_run_by_name_and_writes_nothing(runs: dict[str, Any], tmp_path: Path) -> None:
+    result = _cli("clip", str(runs["dcp"]), "--max-abs", "0.1", "--out", str(tmp_path / "out"))
+    assert "Traceback" not in result.output
+    errors = _rows(tmp_path / "out" / "errors.csv")
+    assert [(r["checkpoint"], r["error"]) for r in errors] == [(f"step-{s}", "unsupported") for s in STEPS]
+    assert all("does not write torch.distributed.checkpoint (DCP) folders" in r["message"] for r in errors)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_report.csv", "errors.csv"]
