@@ -65,6 +65,9 @@ BLOCK = 1 << 22
 #: reported residual is computed from the factors written either way.
 EXACT_SVD_MAX = 1024
 
+#: Largest update (elements) clipped and refactored in float64; above it, float32 (half the memory).
+EXACT_WORK_MAX = 1 << 24
+
 DELTA_STAT_COLUMNS: tuple[str, ...] = (
     "mean", "std", "min", "max", "abs_max", "l2_norm", "rms", "frac_zero", "n_nan", "n_inf",
     "spectral_norm", "stable_rank", "rank",
@@ -278,8 +281,7 @@ def clip_adapter_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, spec: C
     """Clip ΔW = scaling · B @ A element-wise to ``spec``, then refactor it into rank-r A', B'.
 
     ``spec`` is a clip spec as ``clip`` takes it (``max_abs=0.01``, ``range=-1:1``; a
-    ``percentile``/``sigma`` spec is taken over ΔW's values). ΔW is built once, in float32
-    (the memory of one base weight). When no element lies outside the bound, A and B are
+    ``percentile``/``sigma`` spec is taken over ΔW's values). When no element lies outside the bound, A and B are
     returned unchanged. Otherwise the clipped update ΔWc, of rank generally above r, is
     replaced by its best rank-r approximation (truncated SVD ``U S V^T``, split evenly:
     ``B' = U sqrt(S/|s|) sign(s)``, ``A' = sqrt(S/|s|) V^T``), and the residual is reported.
@@ -296,7 +298,15 @@ def clip_adapter_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, spec: C
         raise InputError(f"cannot refactor a clipped LoRA update with scaling {scaling}")
     a, b = as_matrices(A, B)
     r = a.shape[0]
-    delta = ((b @ a) * scaling).to(torch.float32) if a.numel() * b.numel() else (b @ a).to(torch.float32)
+    if not _finite(a, b):
+        raise InputError("the LoRA factors hold NaN or Inf, so their update cannot be clipped and refactored; "
+                         "clip the factors instead")
+    work = torch.float64 if b.shape[0] * a.shape[1] <= EXACT_WORK_MAX else torch.float32
+    delta = torch.empty(b.shape[0], a.shape[1], dtype=work)
+    start = 0
+    for block in _row_blocks(a, b, scaling):  # no float64 copy of the whole update
+        delta[start:start + block.shape[0]] = block
+        start += block.shape[0]
     numel = delta.numel()
     before = _abs_max(delta)
     if spec.kind == "none":
@@ -307,8 +317,7 @@ def clip_adapter_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, spec: C
     outside = int(((delta < lo) | (delta > hi)).sum())
     if not outside:
         return DeltaClip(A, B, lo, hi, 0, numel, before, before, r, 0.0, 0.0)
-    clipped = delta.clamp(lo, hi).to(torch.float64)
-    del delta
+    clipped = delta.clamp_(lo, hi)
     u, s, vh, found = _top_subspace(clipped, r)
     root = torch.sqrt(s / abs(scaling))
     b_new = (u * root) * math.copysign(1.0, scaling)
@@ -319,12 +328,16 @@ def clip_adapter_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, spec: C
     a_out = a_new.reshape(A.shape).to(A.dtype)
     b_out = b_new.reshape(B.shape).to(B.dtype)
     a_st, b_st = as_matrices(a_out, b_out)
-    refactored = (b_st @ a_st) * scaling
-    res = float(torch.linalg.matrix_norm(clipped - refactored))
-    total = float(torch.linalg.matrix_norm(clipped))
+    res_sq, total_sq, after, start = 0.0, 0.0, 0.0, 0
+    for block in _row_blocks(a_st, b_st, scaling):  # the stored factors' update, against the clipped one
+        target = clipped[start:start + block.shape[0]].to(torch.float64)
+        start += block.shape[0]
+        res_sq += float(((target - block) ** 2).sum())
+        total_sq += float((target ** 2).sum())
+        after = max(after, float(block.abs().max()))
+    res = math.sqrt(res_sq)
     rank = int((found > found[0] * max(clipped.shape) * torch.finfo(torch.float32).eps).sum()) if found.numel() else 0
-    return DeltaClip(a_out, b_out, lo, hi, outside, numel, before, _abs_max(refactored), rank,
-                     ratio(res, total), res)
+    return DeltaClip(a_out, b_out, lo, hi, outside, numel, before, after, rank, ratio(res, math.sqrt(total_sq)), res)
 
 
 @dataclass
@@ -388,51 +401,56 @@ def clip_adapter_folder(src: str | Path, dst: str | Path, spec: ClipSpec | str, 
         raise InputError(f"cannot create {dst}: {exc.strerror or exc}") from exc
     label = f"adapter {mode}: {spec}" + (f"; others: {other_spec}" if other_spec else "")
     rows: list[dict[str, Any]] = []
-    new: dict[str, torch.Tensor] = {}
+    factor_of = {n: m for m in index.modules for n in (m.a_name, m.b_name) if n is not None}
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # module -> factors clipped but not yet written
+
     with open_checkpoint_file(index.weights) as reader:
-        if mode == "delta":
-            for m in index.modules:
-                out = clip_adapter_delta(reader.get(m.a_name), reader.get(m.b_name), m.scaling, spec)
-                rows.append({"tensor": m.delta_name, "module": m.module, "mode": mode, "spec": str(spec),
-                             **out.report()})
-                if out.n_clipped:
-                    new[m.a_name], new[m.b_name] = out.A, out.B
-        factor_names = {n for m in index.modules for n in (m.a_name, m.b_name)}
-        for name in reader.names():
-            is_factor = name in factor_names
-            chosen = spec if (is_factor and mode == "factors") else other_spec if not is_factor else None
-            if chosen is None or not reader.info(name).is_float:
-                continue
+
+        def output(name: str) -> torch.Tensor | bytes:
+            """The tensor written under ``name``: clipped when it must be, else as stored."""
+            info = reader.info(name)
+            m = factor_of.get(name)
+            if m is not None and mode == "delta":
+                if m.module not in pending:  # one module in flight at a time: writers go in name order
+                    out = clip_adapter_delta(reader.get(m.a_name), reader.get(m.b_name), m.scaling, spec)
+                    rows.append({"tensor": m.delta_name, "module": m.module, "mode": mode, "spec": str(spec),
+                                 **out.report()})
+                    pending[m.module] = {m.a_name: out.A, m.b_name: out.B}
+                t = pending[m.module].pop(name)
+                if not pending[m.module]:
+                    del pending[m.module]
+                return t
+            chosen = spec if (m is not None and mode == "factors") else other_spec if m is None else None
+            if chosen is None or not info.is_float:
+                return reader.get(name) if info.is_float else reader.raw_bytes(name)
             t = reader.get(name)
             outcome = clip_tensor_outcome(t, chosen, name=name)
-            rows.append({"tensor": name, "module": index.module_of(name), "mode": mode if is_factor else "tensor",
+            rows.append({"tensor": name, "module": index.module_of(name), "mode": mode if m else "tensor",
                          "spec": str(chosen), **{k: v for k, v in outcome.report(t).items() if k != "n_protected"},
                          "rank": math.nan, "residual": math.nan, "residual_abs": math.nan})
-            if outcome.n_clipped:
-                new[name] = outcome.tensor
-        written = [_copy_bytes(index.config_path, dst / ADAPTER_CONFIG)]
+            return outcome.tensor if outcome.n_clipped else t
+
         meta = {"auditclip_source_sha256": sha256_file(index.weights), "auditclip_spec": label,
                 "auditclip_version": __version__}
         target = dst / index.weights.name
+        # the weights first, the config last: a half-written output is never an adapter folder
         if index.weights.name.endswith(".safetensors"):
             entries = [(reader.raw_name(n), reader.info(n).dtype, reader.info(n).shape) for n in reader.names()]
             clean_of = {reader.raw_name(n): n for n in reader.names()}
-
-            def produce(raw: str) -> torch.Tensor | bytes:
-                name = clean_of[raw]
-                if name in new:
-                    return new[name]
-                return reader.get(name) if reader.info(name).is_float else reader.raw_bytes(name)
-
-            written.append(write_safetensors(target, entries, produce, {**reader.metadata, **meta}))
+            written = [write_safetensors(target, entries, lambda raw: output(clean_of[raw]),
+                                         {**reader.metadata, **meta})]
         else:
-            state = {reader.raw_name(n): new.get(n, reader.get(n)).contiguous() for n in reader.names()}
-            written.append(save_torch(state, target))
+            state = {}
+            for n in reader.names():
+                t = output(n)
+                state[reader.raw_name(n)] = t.contiguous() if isinstance(t, torch.Tensor) else reader.get(n)
+            written = [save_torch(state, target)]
+    written.append(_copy_bytes(index.config_path, dst / ADAPTER_CONFIG))
     if mode == "delta" and any(r["residual"] > 0 for r in rows if r["mode"] == "delta"):
         worst = max(r["residual"] for r in rows if r["mode"] == "delta")
         note(f"clip: a clipped LoRA update has rank above r; it was refactored to rank r by truncated SVD "
              f"(largest relative residual {worst:.3g}, see the 'residual' column)")
-    report = pd.DataFrame(rows).reindex(columns=[*DELTA_CLIP_COLUMNS])
+    report = pd.DataFrame(sorted(rows, key=lambda row: row["tensor"])).reindex(columns=[*DELTA_CLIP_COLUMNS])
     return AdapterClipResult(report, written, index)
 
 

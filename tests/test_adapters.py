@@ -88,6 +88,16 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict:
         variant.save_pretrained(str(root / "variant_bin"), safe_serialization=False)
         out["variant"], out["variant_bin"], out["variant_model"] = root / "variant", root / "variant_bin", variant
 
+        emb = get_peft_model(_load_base(base), LoraConfig(r=2, lora_alpha=4, target_modules=["wte"],
+                                                          init_lora_weights=False))
+        emb.save_pretrained(str(root / "emb"))
+        out["emb"], out["emb_model"] = root / "emb", emb
+
+        tp = get_peft_model(_load_base(base), LoraConfig(r=2, target_modules=[], target_parameters=["mlp.c_fc.weight"],
+                                                         init_lora_weights=False))
+        tp.save_pretrained(str(root / "tp"))
+        out["tp"], out["tp_model"] = root / "tp", tp
+
         dora = get_peft_model(_load_base(base), LoraConfig(r=2, target_modules=["c_fc"], use_dora=True,
                                                            init_lora_weights=False))
         dora.save_pretrained(str(root / "dora"))
@@ -187,10 +197,10 @@ def _torch_stats(d: torch.Tensor) -> dict[str, float]:
             "min": float(d.min()), "max": float(d.max()), "rank": int(torch.linalg.matrix_rank(d.float()))}
 
 
-@pytest.mark.parametrize("which", ["run", "variant"])
+@pytest.mark.parametrize("which", ["run", "variant", "emb", "tp"])
 def test_delta_stats_equal_torch_on_peft_delta_weight(written: dict, which: str) -> None:
-    folder = written["run"] / "checkpoint-2" if which == "run" else written["variant"]
-    layers = _layers(written["model" if which == "run" else "variant_model"])
+    folder = written["run"] / "checkpoint-2" if which == "run" else written[which]
+    layers = _layers(written["model" if which == "run" else f"{which}_model"])
     rows = adapter_delta_rows(folder)
     assert len(rows) == len(layers)
     for row in rows:
@@ -200,17 +210,24 @@ def test_delta_stats_equal_torch_on_peft_delta_weight(written: dict, which: str)
             assert _close(row[key], value), (row["module"], key, row[key], value)
         assert _close(row["stable_rank"], want["l2_norm"] ** 2 / want["spectral_norm"] ** 2)
         assert row["n_nan"] == row["n_inf"] == 0
+    if which == "emb":
+        m = read_adapter_index(folder).modules[0]
+        assert m.embedding and m.a_name.endswith("wte.lora_embedding_A") and m.delta_shape == (32, 64)
+    if which == "tp":  # LoRA on a parameter (target_parameters)
+        assert [r["target"] for r in rows] == ["transformer.h.0.mlp.c_fc.weight"]
 
 
 def test_delta_stats_in_many_row_blocks_and_with_conv_factors(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(3, 5, 3, 3, generator=g), torch.randn(7, 3, 1, 1, generator=g)
+    B[2] = 0.0  # a row of ΔW that is zero
     whole = delta_stats(A, B, 0.7)
     monkeypatch.setattr(adapters, "BLOCK", 45)  # one row of 45 per block: 7 blocks
     blocked = delta_stats(A, B, 0.7)
     want = _torch_stats(materialise_delta(A, B, 0.7))
     for key, value in want.items():
         assert _close(blocked[key], value) and _close(whole[key], value), key
+    assert blocked["frac_zero"] == whole["frac_zero"] == 1 / 7
     B[0, 0] = math.nan
     broken = delta_stats(A, B, 0.7)
     assert broken["n_nan"] == 45 and math.isnan(broken["l2_norm"]) and math.isnan(broken["spectral_norm"])
@@ -311,6 +328,14 @@ def test_clip_of_a_bin_adapter_writes_bin_and_loads(written: dict, tmp_path: Pat
     merged = _merged_delta(written["base"], dst)
     for m in result.index.modules:
         assert float(merged[m.target].abs().max()) <= 0.1 + rows.loc[m.delta_name, "residual_abs"] + 1e-6
+
+
+def test_clipped_embedding_delta_loads(written: dict, tmp_path: Path) -> None:
+    result = clip_adapter_folder(written["emb"], tmp_path / "emb", "max_abs=0.2")
+    row = result.report.iloc[0]
+    assert row["n_clipped"] > 0
+    merged = _merged_delta(written["base"], tmp_path / "emb")["transformer.wte.weight"]
+    assert float(merged.abs().max()) <= 0.2 + row["residual_abs"] + 1e-6
 
 
 def test_dora_is_indexed_and_its_delta_clip_refused(written: dict, tmp_path: Path) -> None:

@@ -124,6 +124,7 @@ class LoraModule:
     magnitude_name: str | None = None
     variant: str | None = None
     problem: str | None = None
+    param: str = "weight"
 
     @property
     def delta_name(self) -> str:
@@ -132,7 +133,8 @@ class LoraModule:
 
     @property
     def target(self) -> str:
-        return f"{self.key}.weight"
+        """The base model's parameter the update adds to (``weight``, or a ``target_parameters`` name)."""
+        return f"{self.key}.{self.param}"
 
     @property
     def delta_shape(self) -> tuple[int, int]:
@@ -364,10 +366,16 @@ def read_adapter_index(folder: str | Path) -> AdapterIndex:
                        "(a rank_pattern this reading does not match, or experts stacked in one factor)")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
         embedding = (a or b or "").endswith(("lora_embedding_A", "lora_embedding_B"))
+        param = "weight"
+        for entry in config.get("target_parameters") or []:  # LoRA on a parameter: module.param
+            owner, _, name = str(entry).rpartition(".")
+            if owner and (key == owner or key.endswith("." + owner)):
+                param = name
         index.modules.append(LoraModule(
             module=module, key=key, a_name=a, b_name=b, rank=r, alpha=alpha, scaling=scaling, use_rslora=rslora,
             fan_in_fan_out=fan_in_fan_out, embedding=embedding, a_shape=a_shape, b_shape=b_shape,
-            bias_name=p.get("lora_bias"), magnitude_name=p.get("dora_magnitude"), variant=variant, problem=problem))
+            bias_name=p.get("lora_bias"), magnitude_name=p.get("dora_magnitude"), variant=variant, problem=problem,
+            param=param))
         if problem:
             _say(index, f"{weights}: {module}: {problem}; its LoRA tensors are audited as raw tensors, "
                         "without an effective update")
