@@ -2,7 +2,9 @@
 
 A run is given as a directory of checkpoint files, a directory of checkpoint
 folders (Hugging Face ``checkpoint-<step>/``, accelerate's ``checkpoints/checkpoint_<i>/``
-under a ``project_dir``), a glob, or explicit paths. Each checkpoint gets a ``label``
+under a ``project_dir``, ``torch.distributed.checkpoint`` folders of any name:
+``step-100/``, Lightning's sharded ``epoch=0-step=23.ckpt/``, torchtitan's
+``checkpoint/step-<n>/``), a glob, or explicit paths. Each checkpoint gets a ``label``
 (its path relative to the run; ``final`` for a Trainer's ``save_model()`` in the run
 root) and a ``step``: the one the file stores (``global_step`` in a pickled ``.ckpt``,
 read without unpickling; ``step``/``global_step`` in safetensors metadata;

@@ -297,3 +297,25 @@ def test_clip_refuses_a_dcp_run_by_name_and_writes_nothing(runs: dict[str, Any],
     assert [(r["checkpoint"], r["error"]) for r in errors] == [(f"step-{s}", "unsupported") for s in STEPS]
     assert all("does not write torch.distributed.checkpoint (DCP) folders" in r["message"] for r in errors)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_report.csv", "errors.csv"]
+
+
+def test_a_torchtitan_dump_folder_is_a_run_ordered_by_its_train_state(tmp_path: Path) -> None:
+    """torchtitan: model keys at the top level, ``train_state.step`` a tensor, under ``checkpoint/step-N/``."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(2)
+    model = _net()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for step, name in [(5, "step-5"), (10, "step-10"), (15, "latest")]:
+        _train(model, opt, 5)
+        msd, osd = get_state_dict(model, opt)
+        _save_dcp({**msd, "optimizer": osd, "lr_scheduler": {"last_epoch": torch.tensor(step)},
+                   "train_state": {"step": torch.tensor(step, dtype=torch.int32)}},
+                  tmp_path / "dump" / "checkpoint" / name)
+    run = open_run(tmp_path / "dump")
+    # latest/ has no step in its name: train_state.step puts it last, at 15
+    assert [(c.label, c.step, c.format) for c in run] == [
+        ("checkpoint/step-5", 5, "dcp"), ("checkpoint/step-10", 10, "dcp"), ("checkpoint/latest", 15, "dcp")]
+    with run[2].open() as reader:
+        assert reader.names() == list(model.state_dict())
+        assert torch.equal(reader.get("3.weight"), model.state_dict()["3.weight"])
