@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -197,15 +198,30 @@ def test_flag_max_abs_on_a_dcp_run_flags_what_numpy_says(runs: dict[str, Any], t
         assert flagged[where][0] == count and flagged[where][1] == pytest.approx(worst, rel=1e-6)
 
 
-def test_a_truncated_storage_file_is_an_error_row_and_the_rest_is_audited(runs: dict[str, Any], tmp_path: Path) -> None:
+class _System:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("damage", ["truncated storage", "hostile metadata"])
+def test_a_broken_dcp_folder_is_an_error_row_and_the_rest_is_audited(
+        damage: str, runs: dict[str, Any], tmp_path: Path) -> None:
     run = shutil.copytree(runs["dcp"], tmp_path / "run")
-    storage = run / "step-20" / "__0_0.distcp"
-    storage.write_bytes(storage.read_bytes()[:-100])
+    marker = tmp_path / "pwned"
+    if damage == "truncated storage":
+        storage = run / "step-20" / "__0_0.distcp"
+        storage.write_bytes(storage.read_bytes()[:-100])
+    else:  # listing the run (the stored step) and reading it both meet it: it never runs
+        (run / "step-20" / ".metadata").write_bytes(pickle.dumps(_System(f"touch {marker}")))
     result = _cli("drift", str(run), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1
     errors = _rows(tmp_path / "out" / "errors.csv")
-    assert [(r["checkpoint"], r["error"]) for r in errors] == [("step-20", "unreadable")]
-    assert "truncated" in errors[0]["message"]
+    kind, text = {"truncated storage": ("unreadable", "truncated"), "hostile metadata": ("unsafe", "refused")}[damage]
+    assert [(r["checkpoint"], r["error"]) for r in errors] == [("step-20", kind)]
+    assert text in errors[0]["message"] and not marker.exists()
     stats = _rows(tmp_path / "out" / "stats.csv")
     assert {(r["checkpoint"], r["tensor"]) for r in stats} == {
         (f"step-{s}", n) for s in (10, 30) for n in [*runs["weights"][10], "__all__"]}
