@@ -173,10 +173,7 @@ class AdapterIndex:
 
     def module_of(self, name: str) -> str | None:
         """The LoRA module a stored tensor belongs to, or None."""
-        for t in self.tensors:
-            if t.name == name:
-                return t.module
-        return None
+        return next((t.module for t in self.tensors if t.name == name), None)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per stored tensor: ``tensor``, ``kind`` (``adapter``), ``role``, ``module``."""
