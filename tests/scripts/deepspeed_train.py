@@ -66,6 +66,10 @@ def _train(deepspeed: object, rank: int, out: Path, stage: int, dtype: str) -> N
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage}, "bf16": {"enabled": dtype == "bf16"},
     }
+    if stage in (1, 2):
+        # per-parameter alignment padding in the flat groups, and parameters reordered across the
+        # ranks' partitions (round robin): what param_alignment_paddings / param_shapes record
+        config["zero_optimization"].update(parameter_alignment=True, round_robin_gradients=True)
     # torch's Adam: DeepSpeed's own Adam needs compiled ops
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)  # type: ignore[attr-defined]
