@@ -335,8 +335,8 @@ def read_adapter_index(folder: str | Path) -> AdapterIndex:
         kept = any(stem == m or stem.endswith("." + m) for m in save)
         roles[name] = ("modules_to_save" if kept else "other", None)
     if not lora:
-        _say(index, f"{folder}: a {peft_type} adapter; auditclip computes the effective update only for LORA "
-                    f"adapters, so its {len(infos)} tensor(s) are audited as raw tensors")
+        _say(index, f"{peft_type} adapters: auditclip computes the effective update only for LORA adapters; "
+                    "their tensors are audited as raw tensors")
     variant = _variant(config) if lora else None
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     rslora = bool(config.get("use_rslora"))
@@ -378,12 +378,12 @@ def read_adapter_index(folder: str | Path) -> AdapterIndex:
                         "without an effective update")
     index.tensors = [AdapterTensor(n, *roles[n], infos[n].dtype, infos[n].shape) for n in sorted(infos)]
     if lora and variant and index.modules:
-        _say(index, f"{folder}: the adapter uses {variant}; the update measured is scaling · B @ A only, "
+        _say(index, f"LoRA adapters with {variant}: the update measured is scaling · B @ A only, "
                     "not the merged change of the weights")
     init = config.get("init_lora_weights")
     if lora and isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        _say(index, f"{folder}: init_lora_weights={init} changed the base weights when the adapter was made; "
-                    "the update is relative to those changed weights, not to the base model")
+        _say(index, f"LoRA adapters with init_lora_weights={init} changed the base weights when they were made; "
+                    "their update is relative to those changed weights, not to the base model")
     if lora and not index.modules:
         _say(index, f"{weights}: a LORA adapter without lora_A/lora_B tensors")
     return index
