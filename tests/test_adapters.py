@@ -363,3 +363,16 @@ def test_refactoring_is_optimal_and_randomized_svd_close(monkeypatch: pytest.Mon
     approx = clip_adapter_delta(A, B, 1.5, f"max_abs={bound}")
     assert optimal <= approx.residual <= optimal * 1.01
     assert clip_adapter_delta(A, B, 1.5, f"max_abs={2 * float(delta.abs().max())}").A is A  # nothing outside
+
+
+def test_range_clip_of_bf16_factors_reports_the_residual_of_what_is_stored() -> None:
+    g = torch.Generator().manual_seed(7)
+    A, B = torch.randn(2, 24, generator=g).bfloat16(), torch.randn(20, 2, generator=g).bfloat16()
+    out = clip_adapter_delta(A, B, 0.5, "range=-0.3:0.6")
+    assert (out.A.dtype, out.B.dtype, out.A.shape, out.B.shape) == (A.dtype, B.dtype, A.shape, B.shape)
+    clipped = materialise_delta(A, B, 0.5).clamp(-0.3, 0.6)
+    stored = materialise_delta(out.A, out.B, 0.5)
+    res = float(torch.linalg.matrix_norm(clipped - stored))
+    assert (out.lo, out.hi) == (-0.3, 0.6) and out.n_clipped == int(((clipped == -0.3) | (clipped == 0.6)).sum())
+    assert _close(out.residual_abs, res, rel=1e-9) and _close(out.residual, res / float(torch.linalg.matrix_norm(clipped)))
+    assert -0.3 - res <= float(stored.min()) and float(stored.max()) <= 0.6 + res
