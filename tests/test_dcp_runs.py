@@ -335,3 +335,19 @@ def test_a_torchtitan_dump_folder_is_a_run_ordered_by_its_train_state(tmp_path: 
     with run[2].open() as reader:
         assert reader.names() == list(model.state_dict())
         assert torch.equal(reader.get("3.weight"), model.state_dict()["3.weight"])
+
+
+def test_an_accelerate_fsdp_sharded_project_is_a_run(runs: dict[str, Any], tmp_path: Path) -> None:
+    """accelerate's save_state() with FSDP SHARDED_STATE_DICT (accelerate/utils/fsdp_utils.py): per checkpoint
+    ``pytorch_model_fsdp_0/`` = dcp.save({"model": ...}) and ``optimizer_0/`` = dcp.save({"optimizer": ...})."""
+    for i, step in enumerate(STEPS):
+        folder = tmp_path / "project" / "checkpoints" / f"checkpoint_{i}"
+        _save_dcp({"model": runs["weights"][step]}, folder / "pytorch_model_fsdp_0")
+        _save_dcp({"optimizer": {"state": {"0.weight": {"exp_avg": torch.zeros(2)}}}}, folder / "optimizer_0")
+        torch.save({"step": step}, folder / "random_states_0.pkl")
+    run = open_run(tmp_path / "project")
+    assert [(c.label, c.step, c.format, c.weights.name) for c in run] == [
+        (f"checkpoints/checkpoint_{i}", i, "dcp", "pytorch_model_fsdp_0") for i in range(3)]
+    assert sorted(p.name for p in run.ignored) == ["optimizer_0"] * 3
+    with run[2].open() as reader:
+        assert torch.equal(reader.get("3.bias"), runs["weights"][30]["3.bias"])
