@@ -67,6 +67,8 @@ def test_layout_is_what_the_reader_expects(runs: Path) -> None:
     assert names["3_fp32"] == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                "zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert names["0_bf16"] == ["mp_rank_00_model_states.pt"]
+    assert all(ds.is_deepspeed_file(n) for names_ in names.values() for n in names_)
+    assert not ds.is_deepspeed_file(runs / "3_fp32" / "expected" / "global_step3.fp32.pt")
     for run in RUNS:
         assert (runs / run / "run" / "latest").read_text() == "global_step3"
         assert (runs / run / "run" / "zero_to_fp32.py").is_file() == (run != "0_bf16")
@@ -140,6 +142,8 @@ def test_zero3_reassembled_equals_zero_to_fp32_bit_for_bit(runs: Path) -> None:
             assert got.dtype == want.dtype and torch.equal(got, want), name
             assert torch.equal(got, gathered[name]), name
             assert got.abs().max() > 0
+        streamed = dict(ds.iter_deepspeed_tensors(index))
+        assert list(streamed) == list(index.tensors) and all(torch.equal(streamed[n], fp32[n]) for n in fp32)
         # the frozen 2.bias (3 elements) is split 2 + 1 (+1 padding) over the ranks' model states
         assert [(p.file, p.numel) for p in index.tensors["2.bias"].module] == [
             ("zero_pp_rank_0_mp_rank_00_model_states.pt", 2), ("zero_pp_rank_1_mp_rank_00_model_states.pt", 1)]

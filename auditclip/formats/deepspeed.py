@@ -58,6 +58,11 @@ tensor's bytes with ``pread``:
   frozen parameters have no master copy: they come from ``module`` (buffers) or the
   frozen fragments, in their saved dtype.
 
+:func:`iter_deepspeed_tensors` reads them all, one at a time. :func:`deepspeed_tags` lists a
+run's tags in step order; :func:`is_deepspeed_run`, :func:`is_deepspeed_tag_folder` and
+:func:`is_deepspeed_file` recognise the layout from names alone (for discovery: a file
+named like these is part of its tag folder and is never read alone).
+
 A ZeRO-3 parameter is reassembled from every rank's file without building the model:
 memory is the one parameter. The placeholders are never returned: a ZeRO-3 folder whose
 optimizer files are missing is refused (``missing_shard``) with the consolidation command.
@@ -87,7 +92,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +107,8 @@ from auditclip.safe_pickle import Placeholder
 
 __all__ = [
     "LATEST_FILE", "DeepSpeedIndex", "DeepSpeedPiece", "DeepSpeedTag", "DeepSpeedTensor",
-    "deepspeed_tags", "is_deepspeed_run", "is_deepspeed_tag_folder", "read_deepspeed_index",
-    "read_deepspeed_tensor",
+    "deepspeed_tags", "is_deepspeed_file", "is_deepspeed_run", "is_deepspeed_tag_folder", "iter_deepspeed_tensors",
+    "read_deepspeed_index", "read_deepspeed_tensor",
 ]
 
 #: The file in a run folder naming the tag last saved.
@@ -244,6 +249,20 @@ def is_deepspeed_run(path: str | os.PathLike[str]) -> bool:
     return (latest is not None and is_deepspeed_tag_folder(path / latest)) or bool(deepspeed_tags(path))
 
 
+def is_deepspeed_file(path: str | os.PathLike[str]) -> bool:
+    """True for a file named as DeepSpeed names its model or optimizer states (nothing is read).
+
+    Such a file is one part of its tag folder: read the folder with
+    :func:`read_deepspeed_index`, never the file alone (a ZeRO-3 model-states file holds
+    only empty placeholders).
+
+    >>> is_deepspeed_file("run/global_step3/zero_pp_rank_0_mp_rank_00_model_states.pt"), is_deepspeed_file("model.pt")
+    (True, False)
+    """
+    name = Path(path).name
+    return any(p.fullmatch(name) for p in (_MODEL_STATES, _ZERO3_MODEL_STATES, _OPTIM_STATES, _PIPELINE, _EXPERT))
+
+
 def _tag_step(name: str) -> int | None:
     m = _STEP_TAG.fullmatch(name)
     return int(m.group(1)) if m else None
@@ -364,6 +383,18 @@ def read_deepspeed_index(path: str | os.PathLike[str]) -> DeepSpeedIndex:
     >>> index = read_deepspeed_index(tag / "mp_rank_00_model_states.pt")
     >>> index.step, index.latest, index.tensors["w"].module_dtype, index.tensors["w"].master_dtype
     (2, None, 'bfloat16', None)
+
+    ZeRO-3 model states without their optimizer files hold only placeholders: refused.
+
+    >>> z3 = Path(tempfile.mkdtemp()) / "global_step4"
+    >>> z3.mkdir()
+    >>> torch.save({"module": {"w": torch.empty(0)}, "param_shapes": [{"w": torch.Size([8])}], "buffer_names": []},
+    ...            z3 / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    >>> try:
+    ...     read_deepspeed_index(z3)
+    ... except CheckpointError as exc:
+    ...     print(exc.kind, "placeholders" in exc.message, "zero_to_fp32.py" in exc.message)
+    missing_shard True True
     """
     run, folder, latest = _resolve(Path(path))
     tag = folder.name
@@ -501,13 +532,16 @@ def read_deepspeed_index(path: str | os.PathLike[str]) -> DeepSpeedIndex:
                     raise _bad(m.path, f"no frozen fragment of {name}")
                 t = fragments[name]
                 piece = m.piece(t, f"the frozen fragment of {name}")
-                if len(piece.shape) != 1 or piece.numel != math.ceil(math.prod(shape) / world):
-                    raise _bad(m.path, f"the frozen fragment of {name} has shape {list(piece.shape)}, not "
-                                       f"[{math.ceil(math.prod(shape) / world)}] (ceil({math.prod(shape)} / {world}))")
+                if len(piece.shape) != 1 or piece.stride is not None:
+                    raise _bad(m.path, f"the frozen fragment of {name} is not a flat 1-D tensor")
                 pieces.append(piece)
                 dtypes.add(t.dtype)
             if len(dtypes) != 1:
                 raise _bad(folder, f"the ranks' fragments of {name} differ in dtype")
+            # the fragments end to end, in rank order, are the parameter and its padding
+            if sum(p.numel for p in pieces) < math.prod(shape):
+                raise _bad(folder, f"the ranks' fragments of {name} hold {sum(p.numel for p in pieces)} elements, "
+                                   f"its shape {list(shape)} needs {math.prod(shape)}")
             frozen_pieces[name] = _trim(pieces, math.prod(shape))
             frozen_dtype[name] = dtype_name(dtypes.pop())
 
@@ -533,7 +567,8 @@ def read_deepspeed_index(path: str | os.PathLike[str]) -> DeepSpeedIndex:
                 continue
             if shape != full:
                 raise _bad(model.path, f"module entry {name} has shape {list(shape)}, param_shapes says {list(full)}")
-            tensors[name] = DeepSpeedTensor(name, role, shape, dtype_name(t.dtype), (model.piece(t, name),),
+            tensors[name] = DeepSpeedTensor(name, role, shape, dtype_name(t.dtype),
+                                            (model.piece(t, name),) if t.numel() else (),
                                             master_dtype.get(name), master.get(name, ()))
             continue
         if zero3 and not t.numel() and name not in buffers:
@@ -756,3 +791,23 @@ def _read_piece(index: DeepSpeedIndex, piece: DeepSpeedPiece, dtype: torch.dtype
         return read_strided(f, piece.storage, piece.storage_bytes, dtype, piece.shape, piece.stride, piece.start)
     finally:
         f.close()
+
+
+def iter_deepspeed_tensors(index: DeepSpeedIndex, source: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, in ``module`` order, read one at a time (see :func:`read_deepspeed_tensor`).
+
+    With ``source="master"``, trainable parameters come as their fp32 master copy and
+    buffers and frozen parameters as saved. Tied aliases are not repeated
+    (:attr:`DeepSpeedIndex.shared`).
+
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> tag = Path(tempfile.mkdtemp()) / "global_step1"
+    >>> tag.mkdir()
+    >>> torch.save({"module": {"a": torch.ones(2), "b": torch.zeros(1)}, "buffer_names": [], "param_shapes": None},
+    ...            tag / "mp_rank_00_model_states.pt")
+    >>> [(name, t.tolist()) for name, t in iter_deepspeed_tensors(read_deepspeed_index(tag))]
+    [('a', [1.0, 1.0]), ('b', [0.0])]
+    """
+    for name in index.tensors:
+        yield name, read_deepspeed_tensor(index, name, source)
