@@ -1,7 +1,7 @@
 """Read DeepSpeed checkpoints (ZeRO stages 0 to 3) lazily, one parameter at a time.
 
-What ``engine.save_checkpoint(run)`` writes (DeepSpeed 0.10 to 0.19, default torch checkpoint engine)
-------------------------------------------------------------------------------------------------------
+What ``engine.save_checkpoint(run)`` writes (verified with DeepSpeed 0.19.8, default torch checkpoint engine)
+--------------------------------------------------------------------------------------------------------------
 * ``run/latest``: a text file holding the tag last saved (``global_step3``).
 * ``run/<tag>/``: one folder per save; the tag defaults to ``global_step<N>``, N the
   engine's ``global_steps`` (a user may pass any tag).
@@ -28,9 +28,11 @@ In a tag folder (``mp_rank_00``: the tensor-parallel rank; only ``00`` is read h
   - ZeRO 1/2, ``single_partition_of_fp32_groups``: rank ``r``'s slice of each group;
     the ranks' slices of a group, concatenated in rank order, are the group's flat
     vector, in which the parameters of ``param_shapes[group]`` lie one after the other,
-    each followed by ``param_alignment_paddings[group][i]`` padding elements (none when
-    that entry is absent, before DeepSpeed 0.18); the vector ends with padding up to a
-    multiple of ``2 * world_size``.
+    each followed by ``param_alignment_paddings[group][i]`` padding elements (with
+    ``zero_optimization.parameter_alignment``; files without that entry, from older
+    DeepSpeed, are read with none, as ``zero_to_fp32.py`` reads them); the vector ends
+    with padding up to a multiple of ``2 * world_size``. ``param_shapes`` is already in
+    the flat order (``round_robin_gradients`` reorders it away from the module's).
   - ZeRO-3, ``fp32_flat_groups``: rank ``r``'s groups, concatenated, hold rank ``r``'s
     part of every parameter, in the order of ``param_shapes`` (all groups merged): a
     parameter of ``n`` elements takes ``ceil(n / world_size)`` elements on every rank,
