@@ -148,7 +148,10 @@ class DeepSpeedTensor:
     """One tensor of a DeepSpeed checkpoint and where its copies live; no data is held."""
 
     name: str                             #: the model's name (``encoder.layer.0.weight``)
-    role: str                             #: ``parameter``, ``frozen``, ``buffer`` or ``other``
+    #: ``parameter`` (in the optimizer's flat groups), ``frozen`` (listed in ``frozen_param_shapes``),
+    #: ``buffer`` (in ``buffer_names``) or ``other``: in ``module`` but listed nowhere, e.g. a frozen
+    #: parameter at ZeRO-1, which saves no ``frozen_param_shapes`` (``zero_to_fp32.py`` drops those)
+    role: str
     shape: tuple[int, ...]                #: the full (unpartitioned) shape
     module_dtype: str | None              #: dtype in ``module``; None where it is a placeholder (ZeRO-3)
     module: tuple[DeepSpeedPiece, ...]    #: the ``module`` copy, or the frozen fragments; empty if none
