@@ -936,7 +936,13 @@ def open_run(
         notes.append(printable(f"folded {len(duplicates)} duplicate(s) into the checkpoint they copy, "
                                f"audited once: {shown}{more}"))
     notes += _refuse_several_series(checkpoints, inputs, root, key)
+    _several_at_one_step(checkpoints)
     checkpoints.sort(key=_sort_key(sort))
+    unknown = [c.label for c in checkpoints if c.step is None and c.label != FINAL_LABEL]
+    if sort == "step" and len(checkpoints) > 1 and unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        notes.append(printable(f"no step stored in or named by {shown}: ordered by name after the checkpoints with "
+                               "steps; check the order (or pass --sort mtime)"))
     notes += _deleted_checkpoints_note(checkpoints)
     return Run(checkpoints=checkpoints, root=root, key=key, ignored=ignored, notes=list(dict.fromkeys(notes)),
                duplicates=duplicates)
@@ -1170,6 +1176,55 @@ def _signature(members: list[Checkpoint], key: str | None) -> frozenset[tuple[st
     return None
 
 
+def _other_models(series: list[tuple[str, list[Checkpoint]]], counted: list[tuple[str, list[Checkpoint]]],
+                  key: str | None) -> list[tuple[str, list[Checkpoint]]]:
+    """Single files that hold another model than the run beside them (``netG_epoch_2.pth`` beside
+    ``netD_epoch_*.pth``, or ``netD_epoch_0`` + ``netG_epoch_0``): series of their own.
+
+    A single file of the run's own model (``final.pt``, ``best.ckpt``) holds its tensor names and
+    shapes; one holding other tensors is never a later step of the run.
+    """
+    singles = [(pattern, members) for pattern, members in series
+               if len(members) == 1 and (pattern, members) not in counted]
+    if not singles:
+        return []
+    known = {_signature(members, key) for _, members in counted} - {None}
+    out: list[tuple[str, list[Checkpoint]]] = []
+    for pattern, members in singles:
+        signature = _signature(members, key)
+        if signature is None:
+            continue  # unreadable: an errors.csv row when the run is read
+        if known and signature not in known:
+            out.append((pattern, members))
+        elif not known:
+            known.add(signature)
+            out.append((pattern, members))
+    # with no series of two or more files, single files are separate models only when they differ
+    if not counted and len({_signature(m, key) for _, m in out}) < 2:
+        return []
+    return out
+
+
+def _several_at_one_step(checkpoints: list[Checkpoint]) -> None:
+    """Stop when two different checkpoints store one step: two runs written into one folder.
+
+    Lightning writes a second run into a taken folder as ``epoch=0-step=4-v1.ckpt``; byte- or
+    tensor-identical saves at one step were folded already, so what is left at one step
+    differs. Chaining them would compare one run's weights with the other's.
+    """
+    at: dict[int, list[str]] = {}
+    for c in checkpoints:
+        if c.step is not None and c.label != FINAL_LABEL and c.problem is None:
+            at.setdefault(c.step, []).append(c.label)
+    clashes = {step: labels for step, labels in at.items() if len(labels) > 1}
+    if clashes:
+        shown = "; ".join(f"step {step}: {', '.join(labels[:3])}" for step, labels in sorted(clashes.items())[:3])
+        raise InputError(printable(
+            f"{len(clashes)} step(s) each stored by two different checkpoints ({shown}): these files are more "
+            "than one run (a re-run into the same folder, as Lightning's -v1 names show); audit one run at a "
+            "time by naming its files or a glob"))
+
+
 def _shown_to_be_one_run(counted: list[tuple[str, list[Checkpoint]]]) -> bool:
     """Whether the files themselves show two name patterns to be one run, not just one architecture.
 
@@ -1206,6 +1261,7 @@ def _refuse_several_series(
     series = _series(checkpoints, accelerate_dirs)
     counted = [(pattern, members) for pattern, members in series
                if len(members) >= 2 or any(c.weights.parent in accelerate_dirs for c in members)]
+    counted += _other_models(series, counted, key)
     if len(counted) < 2:
         return []
     if not accelerate_dirs and _shown_to_be_one_run(counted):
@@ -1224,7 +1280,7 @@ def _refuse_several_series(
     globs = [(base.rstrip("/") + "/" + pattern if base != "." else pattern) for pattern, _ in counted]
     listing = ", ".join(f"{pattern}: {len(members)} file{'s' if len(members) != 1 else ''}"
                         for pattern, members in counted)
-    where = printable(os.fspath(inputs[0])) if len(inputs) == 1 else "the checkpoints given"
+    where = printable(os.fspath(inputs[0])) if len(inputs) == 1 else "the set of checkpoints given"
     picks = " or ".join(f"'{printable(g)}'" for g in globs[:3])
     raise InputError(f"{where} holds {len(counted)} model series ({printable(listing)}); they are never chained "
                      f"into one run: audit one at a time, e.g. auditclip drift {picks}")

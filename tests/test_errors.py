@@ -61,7 +61,7 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         save_file({"w": torch.tensor([1e300, step], dtype=torch.float64)}, f"huge64/step_{step}.safetensors")
     Path("twins").mkdir()
     torch.save({"w": torch.zeros(2)}, "twins/step_1.pt")
-    torch.save({"state_dict": {"w": torch.ones(2)}}, "twins/step_1.ckpt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 2}, "twins/step_1.ckpt")  # stored step 2: one run
     Path("gan").mkdir()
     for epoch in (1, 2):
         torch.save({"main.0.weight": torch.full((2, 2), float(epoch))}, f"gan/netD_epoch_{epoch}.pth")

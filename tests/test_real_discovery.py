@@ -163,12 +163,26 @@ def test_a_byte_identical_copy_is_folded(lightning_runs: dict[str, Path], tmp_pa
     run = open_run(folder)
     assert run.labels == open_run(lightning_runs["val_loss"]).labels
     assert ("backup.ckpt", first.label, "byte-identical to") in run.duplicates
-    # one weight changed in the copy (at the same global_step): a different checkpoint, it stays
+    # one weight changed in the copy (at the same global_step): another run's checkpoint, never chained
     ckpt = torch.load(folder / "backup.ckpt", weights_only=False)
     ckpt["state_dict"]["net.0.bias"][0] += 1
     torch.save(ckpt, folder / "backup.ckpt")
-    run = open_run(folder)
-    assert "backup.ckpt" in run.labels and [d for d, _, _ in run.duplicates] == ["last.ckpt"]
+    with pytest.raises(InputError, match=rf"step {first.step}: .*backup\.ckpt"):
+        open_run(folder)
+
+
+def test_a_second_lightning_run_into_the_same_folder_is_never_interleaved(tmp_path: Path) -> None:
+    """Lightning names the re-run's files ``...-v1.ckpt``: same steps, other weights."""
+    pytest.importorskip("lightning")
+    folder = tmp_path / "checkpoints"
+    realruns.fit_lightning(folder, filename="{epoch}-{step}", max_epochs=2, seed=0)
+    realruns.fit_lightning(folder, filename="{epoch}-{step}", max_epochs=2, seed=1)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "epoch=0-step=4-v1.ckpt", "epoch=0-step=4.ckpt", "epoch=1-step=8-v1.ckpt", "epoch=1-step=8.ckpt"]
+    with pytest.raises(InputError, match=r"2 step\(s\) each stored by two different checkpoints"):
+        open_run(folder)
+    result = _drift([str(folder)], tmp_path / "out")
+    assert result.exit_code == 2 and "-v1" in result.output and "Traceback" not in result.output
 
 
 def test_hard_links_and_last_v1_are_folded_and_lightning_logs_found_from_the_version_folder(
@@ -252,9 +266,10 @@ def test_a_resaved_last_ckpt_with_the_same_tensors_is_folded(tmp_path: Path) -> 
     run = open_run(tmp_path)
     assert run.labels == ["epoch=1-step=6.ckpt", "epoch=2-step=12.ckpt"]
     assert run.duplicates == [("last.ckpt", "epoch=2-step=12.ckpt", "the same step and tensor bytes as")]
-    # other tensors at the same step: both stay
+    # other tensors at the same step (a last.ckpt another run left behind): never chained, a clear stop
     torch.save({"global_step": 12, "state_dict": {"w": torch.arange(6.0) + 1, "b": torch.ones(2)}}, tmp_path / "last.ckpt")
-    assert open_run(tmp_path).labels == ["epoch=1-step=6.ckpt", "epoch=2-step=12.ckpt", "last.ckpt"]
+    with pytest.raises(InputError, match=r"step 12: epoch=2-step=12\.ckpt, last\.ckpt"):
+        open_run(tmp_path)
 
 
 # --- Hugging Face Trainer ------------------------------------------------------------------------
@@ -427,3 +442,31 @@ def test_an_accelerate_project_with_two_models_lists_both(accelerate_runs: dict[
     # one checkpoint folder of the two models is refused as well
     with pytest.raises(InputError, match="2 model series"):
         open_run(project / "checkpoints" / "checkpoint_0")
+
+
+def test_a_single_save_of_another_model_beside_a_series_is_never_a_later_step(tmp_path: Path) -> None:
+    """``netD_epoch_{0,1,2}`` + ``netG_epoch_2``, and ``netD_epoch_0`` + ``netG_epoch_0``: two models."""
+    critic = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    generator = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Linear(8, 4))
+    for epoch in range(3):
+        torch.save(critic.state_dict(), tmp_path / f"netD_epoch_{epoch}.pth")
+    torch.save(generator.state_dict(), tmp_path / "netG_epoch_2.pth")
+    with pytest.raises(InputError, match=r"2 model series .*netG_epoch_\*\.pth: 1 file"):
+        open_run(tmp_path)
+    for epoch in (1, 2):
+        (tmp_path / f"netD_epoch_{epoch}.pth").unlink()
+    (tmp_path / "netG_epoch_2.pth").rename(tmp_path / "netG_epoch_0.pth")
+    with pytest.raises(InputError, match=r"2 model series"):
+        open_run(tmp_path)
+    # a single file of the run's own model (a final save) stays in the run
+    (tmp_path / "netG_epoch_0.pth").unlink()
+    torch.save(critic.state_dict(), tmp_path / "netD_epoch_1.pth")
+    torch.save(critic.state_dict(), tmp_path / "final.pth")
+    assert len(open_run(tmp_path)) >= 1
+
+
+def test_files_without_a_step_are_ordered_by_name_with_a_note(tmp_path: Path) -> None:
+    for epoch, loss in ((0, 0.9), (1, 0.5), (2, 0.7)):
+        torch.save({"w": torch.full((2,), float(epoch))}, tmp_path / f"val_loss={loss:.3f}-epoch={epoch}.pt")
+    run = open_run(tmp_path)
+    assert any("no step stored in or named by" in n for n in run.notes)
