@@ -534,7 +534,9 @@ def _add_kind(frame: pd.DataFrame) -> None:
     """Insert the ``kind`` column after ``tensor``: parameter, buffer or unknown (empty for ``__all__``)."""
     from .kinds import tensor_kind
 
-    kinds = {name: ("" if name == ALL else tensor_kind(str(name))[0]) for name in frame["tensor"].unique()}
+    names = frame["tensor"].unique()
+    siblings = {str(n) for n in names}  # weight_v is told by what sits beside it (kinds.tensor_kind)
+    kinds = {name: ("" if name == ALL else tensor_kind(str(name), siblings=siblings)[0]) for name in names}
     frame.insert(frame.columns.get_loc("tensor") + 1, "kind", frame["tensor"].map(kinds).astype(object))
 
 

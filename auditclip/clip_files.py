@@ -70,15 +70,15 @@ def describe_settings(settings: ClipSettings) -> str:
 class _Clipper:
     """Applies the settings to tensors by clean name and collects report rows."""
 
-    def __init__(self, settings: ClipSettings, label: str) -> None:
-        self.settings, self.label = settings, label
+    def __init__(self, settings: ClipSettings, label: str, siblings: frozenset[str] = frozenset()) -> None:
+        self.settings, self.label, self.siblings = settings, label, siblings
         self.keep = name_filter(settings.include, settings.exclude)
         self.rows: list[dict[str, Any]] = []
 
     def __call__(self, name: str, t: torch.Tensor, copy: str | None = None) -> torch.Tensor:
         """Clip ``name`` as the settings select it; ``copy``: the container entry of a further
         copy of the weights (EMA, live weights), whose rows name the tensor ``COPY.name``."""
-        clipped, row = clip_selected(name, t, self.settings, self.keep)
+        clipped, row = clip_selected(name, t, self.settings, self.keep, siblings=self.siblings)
         if row is not None:
             if copy is not None:
                 row = {**row, "tensor": f"{copy}.{row['tensor']}"}
@@ -397,7 +397,9 @@ def clip_checkpoint(
         raise CheckpointError(ckpt.weights, "clip does not write torch.distributed.checkpoint (DCP) folders yet; "
                                             "drift, flag, audit and inspect read them", kind="unsupported")
     dst = Path(dst)
-    clipper = _Clipper(specs, ckpt.label)
+    with ckpt.open(key) as reader:  # the names beside each tensor decide what weight_v is (kinds.py)
+        siblings = frozenset(reader.names())
+    clipper = _Clipper(specs, ckpt.label, siblings)
     weights = ckpt.weights
     if weights.name.endswith(".index.json"):
         index = read_shard_index(weights)

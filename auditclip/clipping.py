@@ -9,6 +9,7 @@ stays bit-identical. NaN stays NaN; +-Inf is clipped to the bound.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -213,14 +214,14 @@ def clip_state_dict(
     out: dict[str, torch.Tensor] = {}
     report: list[dict[str, Any]] = []
     for name, t in state.items():
-        out[name], row = clip_selected(name, t, settings, keep, kinds)
+        out[name], row = clip_selected(name, t, settings, keep, kinds, siblings=state.keys())
         if row is not None:
             report.append(row)
     return out, report
 
 
-def clip_selected(name: str, t: Any, settings: ClipSettings,
-                  keep: Any = None, kinds: Kinds | None = None) -> tuple[Any, dict[str, Any] | None]:
+def clip_selected(name: str, t: Any, settings: ClipSettings, keep: Any = None, kinds: Kinds | None = None,
+                  siblings: Collection[str] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """Clip one named tensor as the settings select it: (the result, its report row or None).
 
     The one place that decides what clipping touches, for ``clip`` and for the clipped
@@ -245,7 +246,7 @@ def clip_selected(name: str, t: Any, settings: ClipSettings,
     spec = settings.spec_for(name) if keep(name) else None
     if spec is None or not isinstance(t, torch.Tensor) or not _analysed(t):
         return t, None
-    kind, rule = tensor_kind(name, *(kinds or (None, None)))
+    kind, rule = tensor_kind(name, *(kinds or (None, None)), siblings=siblings)
     if kind == "buffer" and not settings.buffers:
         n = t.numel()
         return t, {"tensor": name, "kind": kind, "kind_rule": rule, "spec": "none (buffer; --buffers clips it)",

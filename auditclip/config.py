@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -222,7 +222,7 @@ class FlagSettings:
     #: also act on buffers (BatchNorm running statistics...); parameters only by default
     buffers: bool = False
 
-    def rules_for(self, name: str) -> FlagRules:
+    def rules_for(self, name: str, siblings: Collection[str] | None = None) -> FlagRules:
         """The rules for one tensor: defaults, then every matching override in order.
 
         The range rule applies to parameters only unless ``buffers``: a WGAN gate on a
@@ -238,7 +238,7 @@ class FlagSettings:
         for patterns, changes in self.overrides:
             if any(fnmatchcase(name, p) for p in patterns):
                 rules = replace(rules, **changes)
-        if not self.buffers and rules.range is not None and is_buffer(name):
+        if not self.buffers and rules.range is not None and is_buffer(name, siblings):
             rules = replace(rules, off=rules.off | {"range"})
         return rules
 

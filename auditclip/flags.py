@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from .analysis import AnalysisResult, RunLike, analyze
+from .checkpoints import Run, open_run
 from .config import RULES, FlagRules, FlagSettings, flag_settings, severity_at_least
 from .dtypes import is_float_dtype
 from .errors import InputError
@@ -289,14 +290,17 @@ def bounds_of(settings: FlagSettings) -> Callable[[str], tuple[float, float] | N
     return bound
 
 
-def _rules_cache(settings: FlagSettings) -> Callable[[str], FlagRules]:
-    """``settings.rules_for``, once per tensor name (matching overrides is glob work)."""
+def _rules_cache(settings: FlagSettings, siblings: Collection[str] | None = None) -> Callable[[str], FlagRules]:
+    """``settings.rules_for``, once per tensor name (matching overrides is glob work).
+
+    ``siblings``: the run's tensor names, which tell what a ``weight_v`` is (kinds.tensor_kind).
+    """
     cache: dict[str, FlagRules] = {}
 
     def rules_for(name: str) -> FlagRules:
         rules = cache.get(name)
         if rules is None:
-            rules = cache[name] = settings.rules_for(name)
+            rules = cache[name] = settings.rules_for(name, siblings)
         return rules
 
     return rules_for
@@ -411,7 +415,8 @@ def flag(
 
     checked = [0]  # tensor versions with elements the rules looked at
 
-    rules_for = _rules_cache(settings)
+    run = open_run(run, sort=sort, key=key)
+    rules_for = _rules_cache(settings, _tensor_names(run))
 
     def visit(label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
         rules = rules_for(name)
@@ -442,6 +447,18 @@ def flag(
     flags["step"] = flags["step"].astype("Int64")
     flags["count"] = flags["count"].astype("Int64")
     return FlagResult(flags=flags, errors=result.errors, analysis=result, fail_on=settings.fail_on)
+
+
+def _tensor_names(run: Run) -> frozenset[str]:
+    """The tensor names of the run's first readable checkpoint (headers only), for the rules
+    that depend on what sits beside a tensor; empty when none opens (reported by the walk)."""
+    for ckpt in run:
+        try:
+            with ckpt.open(run.key) as reader:
+                return frozenset(reader.names())
+        except Exception:  # unreadable: the walk reports it in errors.csv
+            continue
+    return frozenset()
 
 
 def not_applied(result: AnalysisResult, rules_for: Callable[[str], FlagRules]) -> list[dict[str, Any]]:

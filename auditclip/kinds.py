@@ -23,13 +23,24 @@ BUFFER_NAMES = frozenset({
     "position_ids", "token_type_ids",  # transformers embeddings
     "inv_freq", "cos_cached", "sin_cached",  # rotary embeddings
     "relative_position_index",  # Swin
+    "weight_u",  # spectral_norm (torch.nn.utils.spectral_norm): the power-iteration vector u
+    "_u", "_v",  # spectral_norm as a parametrization: parametrizations.weight.0._u / ._v
 })
-PARAMETER_NAMES = frozenset({"weight", "bias"})
+PARAMETER_NAMES = frozenset({
+    "weight", "bias",
+    "weight_orig",  # spectral_norm: the trained weight it normalises
+    "weight_g",  # weight_norm: the magnitude
+    "original", "original0", "original1",  # torch.nn.utils.parametrize: the trained tensor(s)
+})
 
 
 def tensor_kind(name: str, parameters: Collection[str] | None = None,
-                buffers: Collection[str] | None = None) -> tuple[str, str]:
+                buffers: Collection[str] | None = None, siblings: Collection[str] | None = None) -> tuple[str, str]:
     """(kind, the rule that decided) for one tensor name.
+
+    ``siblings``: the other tensor names of the checkpoint, for the one name that needs
+    them: ``weight_v`` is spectral_norm's power-iteration buffer beside ``weight_u``, but
+    weight_norm's trained direction beside ``weight_g``. Without them it is ``unknown``.
 
     >>> tensor_kind("layer1.0.bn1.running_var")
     ('buffer', 'name: running_var is a buffer name')
@@ -39,12 +50,23 @@ def tensor_kind(name: str, parameters: Collection[str] | None = None,
     ('unknown', 'name: neither a known parameter nor buffer name (treated as a parameter)')
     >>> tensor_kind("cls_token", parameters={"cls_token"}, buffers=set())
     ('parameter', 'model: named_parameters()')
+    >>> tensor_kind("conv.weight_v", siblings={"conv.weight_orig", "conv.weight_u", "conv.weight_v"})[0]
+    'buffer'
+    >>> tensor_kind("conv.weight_v", siblings={"conv.weight_g", "conv.weight_v"})[0]
+    'parameter'
     """
     if buffers is not None and name in buffers:
         return "buffer", "model: named_buffers()"
     if parameters is not None and name in parameters:
         return "parameter", "model: named_parameters()"
-    last = name.rsplit(".", 1)[-1]
+    prefix, _, last = name.rpartition(".")
+    if last == "weight_v":
+        beside = f"{prefix}." if prefix else ""
+        if siblings is not None and f"{beside}weight_u" in siblings:
+            return "buffer", "name: weight_v beside weight_u is spectral_norm's power-iteration vector"
+        if siblings is not None and f"{beside}weight_g" in siblings:
+            return "parameter", "name: weight_v beside weight_g is weight_norm's direction"
+        return "unknown", "name: weight_v is weight_norm's direction or spectral_norm's vector (treated as a parameter)"
     if last in BUFFER_NAMES:
         return "buffer", f"name: {last} is a buffer name"
     if last in PARAMETER_NAMES:
@@ -52,10 +74,10 @@ def tensor_kind(name: str, parameters: Collection[str] | None = None,
     return "unknown", "name: neither a known parameter nor buffer name (treated as a parameter)"
 
 
-def is_buffer(name: str) -> bool:
+def is_buffer(name: str, siblings: Collection[str] | None = None) -> bool:
     """True when :func:`tensor_kind` calls the name a buffer.
 
     >>> is_buffer("bn.running_mean"), is_buffer("bn.weight")
     (True, False)
     """
-    return tensor_kind(name)[0] == "buffer"
+    return tensor_kind(name, siblings=siblings)[0] == "buffer"

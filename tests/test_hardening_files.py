@@ -126,7 +126,7 @@ def test_to_safetensors_collisions_are_refused_naming_both(tmp_path: Path) -> No
     run = tmp_path / "run"
     run.mkdir()
     torch.save(state_dict(1), run / "step_1.pt")
-    torch.save({"state_dict": state_dict(2)}, run / "step_1.ckpt")
+    torch.save({"state_dict": state_dict(2), "global_step": 2}, run / "step_1.ckpt")  # stored step 2: one run
     result = invoke("clip", run, "--max-abs", "1", "--to", "safetensors", "--out", tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert "step_1.ckpt and step_1.pt would both be written to" in result.output or \
