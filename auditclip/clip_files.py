@@ -327,7 +327,9 @@ def _output(ckpt: Checkpoint, out: Path, to: str | None, root: Path | None = Non
     folder = ckpt.path.is_dir()
     base = out / rel / weights.name if folder else out / rel
     if to == "safetensors" and not weights.name.endswith((".safetensors", ".index.json")):
-        base = base.with_name(Path(base.name).stem + ".safetensors")
+        # Hugging Face looks for model.safetensors, not pytorch_model.safetensors
+        stem = "model" if weights.name == "pytorch_model.bin" else Path(base.name).stem
+        base = base.with_name(stem + ".safetensors")
     return base
 
 

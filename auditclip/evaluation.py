@@ -151,7 +151,11 @@ def _variants(clips: Sequence[str | ClipSpec | ClipSettings],
     for c in clips:
         settings = c if isinstance(c, ClipSettings) else clip_variant(
             c, o.config, selection, o.overrides, search=o.search_config)
-        out.append((str(settings.spec) if settings.spec else "custom", settings))
+        name = str(settings.spec) if settings.spec else "custom"
+        if settings.spec and any(name == seen for seen, _ in out):  # the same variant twice: scored and written twice
+            note(f"clip variant {name} given more than once; evaluated once")
+            continue
+        out.append((name, settings))
     sources = {s.source for _, s in out if s.source}
     if sources:
         note(f"settings from {', '.join(sorted(sources))}")

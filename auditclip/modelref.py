@@ -173,7 +173,7 @@ class ModelLoader:
         if expected and 2 * loaded < len(expected):
             raise InputError(f"{checkpoint}: --no-strict would load only {loaded} of the model's {len(expected)} "
                              "tensors, leaving the rest at their initial values; the names do not line up "
-                             f"({_key_mismatch(checkpoint, missing, unexpected, expected, set(state)).split('; ', 1)[1]})")
+                             f"({_key_mismatch(checkpoint, missing, unexpected, expected, set(state), strict=False).split('; ', 1)[1]})")
         try:
             model.load_state_dict({raw_of[n]: t for n, t in state.items() if n in raw_of}, strict=False)
         except RuntimeError as exc:
@@ -205,7 +205,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def _key_mismatch(checkpoint: str, missing: list[str], unexpected: list[str], expected: set[str], given: set[str]) -> str:
+def _key_mismatch(checkpoint: str, missing: list[str], unexpected: list[str], expected: set[str], given: set[str],
+                  strict: bool = True) -> str:
     def show(names: list[str]) -> str:
         return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
@@ -217,7 +218,7 @@ def _key_mismatch(checkpoint: str, missing: list[str], unexpected: list[str], ex
     hint = suggest_prefix(expected, given)
     if hint:
         parts.append(f"try {hint}")
-    else:
+    elif strict:
         parts.append("use --no-strict to load what matches")
     return "; ".join(parts)
 

@@ -244,3 +244,10 @@ def test_audit_selection_overrides_and_notes_in_summary(scaled_run, tmp_path: Pa
     notes = summary.split("## Notes\n", 1)[1]
     assert "1 buffer(s) left unclipped (model rule; --buffers clips them): scale" in notes
     assert "- checkpoint-9/: ignored: looks like a checkpoint folder but holds no model weights" in notes
+
+
+def test_the_same_clip_variant_given_twice_is_evaluated_once() -> None:
+    from auditclip.evaluation import _variants
+
+    variants = _variants(["max_abs=0.5", "max_abs=0.5", "max_abs=1"])
+    assert [name for name, _ in variants] == ["max_abs=0.5", "max_abs=1"]

@@ -280,6 +280,22 @@ def test_clipped_gpt2_bin_keeps_its_size_and_loads_tied(gpt2_run: Path, tmp_path
         assert loaded["lm_head.weight"].data_ptr() == loaded["transformer.wte.weight"].data_ptr()
 
 
+def test_a_gpt2_bin_converted_to_safetensors_is_found_by_from_pretrained(gpt2_run: Path, tmp_path: Path) -> None:
+    """``--to safetensors`` names pytorch_model.bin's output model.safetensors, the name transformers reads."""
+    transformers = pytest.importorskip("transformers")
+    result = _invoke("clip", str(gpt2_run.parent), "--max-abs", "0.05", "--to", "safetensors",
+                     "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out" / gpt2_run.name
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.safetensors").exists()
+    report = pd.read_csv(tmp_path / "out" / "clip_report.csv")
+    original = torch.load(gpt2_run / "pytorch_model.bin", weights_only=True)
+    model = transformers.GPT2LMHeadModel.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    want = _clamped(original["transformer.wte.weight"].numpy(), report, "transformer.wte.weight")
+    np.testing.assert_array_equal(model.lm_head.weight.detach().numpy(), want)
+
+
 # --- (d) hostile pickles stay refused ----------------------------------------------------------
 
 @dataclasses.dataclass
