@@ -311,8 +311,10 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 @cli.command()
 @click.argument("src", nargs=-1, required=True)
 @use("out", "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "to", "buffers", "force", "dry_run",
-     "sort", "key", "include", "exclude", "override", "config",
+     "sort", "key", "include", "exclude", "override", "config", "model",
      help={"out": "Directory for the clipped checkpoints.", "range": "Clip every selected tensor to [LO, HI].",
+           "model": "module:factory or file.py:factory whose named_buffers() decide what a buffer is "
+                    "(default: the names).",
            "max_abs": "Clip to [-C, C].", "include": "Only clip tensors whose name matches (repeatable).",
            "exclude": "Never clip tensors whose name matches (repeatable).",
            "buffers": "Clip buffers too (BatchNorm running statistics...); parameters only by default.",
@@ -341,7 +343,7 @@ def clip(src: tuple[str, ...], out: str, to: str | None, force: bool, dry_run: b
     settings = clip_settings(config, options, overrides)
     _settings_note(settings)
     result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,
-                      force=force, dry_run=dry_run)
+                      force=force, dry_run=dry_run, model=kw.pop("model"))
     report = result.report
     written = list(result.written)
     if dry_run:

@@ -27,9 +27,10 @@ import torch
 
 from ._version import __version__
 from .checkpoints import HF_WEIGHT_NAMES, _TRAINER_STATE, Checkpoint, open_run
-from .clipping import CLIP_REPORT_COLUMNS, clip_selected
+from .clipping import CLIP_REPORT_COLUMNS, Kinds, clip_selected
 from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
+from .modelref import ModelLoader
 from .output import atomic_path
 from .paths import is_inside, member
 from .notices import note
@@ -70,15 +71,16 @@ def describe_settings(settings: ClipSettings) -> str:
 class _Clipper:
     """Applies the settings to tensors by clean name and collects report rows."""
 
-    def __init__(self, settings: ClipSettings, label: str, siblings: frozenset[str] = frozenset()) -> None:
-        self.settings, self.label, self.siblings = settings, label, siblings
+    def __init__(self, settings: ClipSettings, label: str, siblings: frozenset[str] = frozenset(),
+                 kinds: Kinds | None = None) -> None:
+        self.settings, self.label, self.siblings, self.kinds = settings, label, siblings, kinds
         self.keep = name_filter(settings.include, settings.exclude)
         self.rows: list[dict[str, Any]] = []
 
     def __call__(self, name: str, t: torch.Tensor, copy: str | None = None) -> torch.Tensor:
         """Clip ``name`` as the settings select it; ``copy``: the container entry of a further
         copy of the weights (EMA, live weights), whose rows name the tensor ``COPY.name``."""
-        clipped, row = clip_selected(name, t, self.settings, self.keep, siblings=self.siblings)
+        clipped, row = clip_selected(name, t, self.settings, self.keep, self.kinds, siblings=self.siblings)
         if row is not None:
             if copy is not None:
                 row = {**row, "tensor": f"{copy}.{row['tensor']}"}
@@ -377,8 +379,12 @@ def clip_checkpoint(
     to: str | None = None,
     key: str | None = None,
     dry_run: bool = False,
+    model: ModelLoader | None = None,
 ) -> pd.DataFrame:
     """Clip one checkpoint into ``dst`` (a file; a folder for a sharded checkpoint's index).
+
+    ``model``: a :class:`~auditclip.modelref.ModelLoader` whose ``named_buffers()`` decide
+    what a buffer is (``clip --model``), as for the clipped variants of ``evaluate``.
 
     Returns the ``clip_report.csv`` rows for it. A sharded checkpoint's shards are
     written beside ``dst`` under the names its index gives (which must stay in that folder).
@@ -401,7 +407,8 @@ def clip_checkpoint(
     dst = Path(dst)
     with ckpt.open(key) as reader:  # the names beside each tensor decide what weight_v is (kinds.py)
         siblings = frozenset(reader.names())
-    clipper = _Clipper(specs, ckpt.label, siblings)
+    kinds = model.kinds_at(sorted(siblings), str(ckpt.path)) if model is not None else None
+    clipper = _Clipper(specs, ckpt.label, siblings, kinds)
     weights = ckpt.weights
     if weights.name.endswith(".index.json"):
         index = read_shard_index(weights)
@@ -462,6 +469,7 @@ def clip_run(
     sort: str = "step",
     force: bool = False,
     dry_run: bool = False,
+    model: str | None = None,
 ) -> ClipResult:
     """Clip every checkpoint of a run into ``out``, mirroring the run's layout.
 
@@ -481,6 +489,8 @@ def clip_run(
     """
     if to not in (None, "safetensors"):
         raise InputError(f"--to {to!r}: only safetensors is supported")
+    # with a model, its named_buffers() decide what clipping leaves alone, as in evaluate
+    loader = ModelLoader(model) if model else None
     run = open_run(src, sort=sort, key=key)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -519,7 +529,7 @@ def clip_run(
     skipped_state: set[str] = set()
     for ckpt, dst in plans:
         try:
-            reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run))
+            reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run, model=loader))
             extras, notes = _extras(ckpt)
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))

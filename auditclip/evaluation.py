@@ -183,7 +183,7 @@ def _say_buffers(report: list[dict[str, Any]]) -> None:
               and (r["kind"] == "buffer") != (tensor_kind(r["tensor"])[0] == "buffer")]
     if differ:
         note(f"the model's named_buffers() and the name rule disagree on {_names(differ)}; the clipped variants "
-             "follow the model, clip (which has no model) follows the names: use --include/--exclude there "
+             "follow the model; clip follows the names unless given the same --model, so pass it --model "
              "to write the same file")
 
 

@@ -131,6 +131,13 @@ class ModelLoader:
     def _rename(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self._rename_one(name): t for name, t in state.items()}
 
+    def kinds_at(self, names: list[str], path: str) -> tuple[frozenset[str], frozenset[str]]:
+        """:meth:`kinds` for the checkpoint at ``path``, building the model first if no load did
+        (``clip --model``: the model decides what a buffer is, as in ``evaluate``)."""
+        if self._model is None or self._per_checkpoint:
+            self._model = self._build(path)
+        return self.kinds(names)
+
     def kinds(self, names: list[str]) -> tuple[frozenset[str], frozenset[str]]:
         """(parameters, buffers) among the checkpoint's tensor ``names``, as the model says.
 

@@ -167,6 +167,27 @@ def test_the_model_says_what_a_buffer_is(scaled_run, tmp_path: Path, factory: st
     assert with_buffers.loss == pytest.approx(_scaled_scores(clipped_all, data)[1], rel=1e-5)
 
 
+def test_clip_with_the_model_writes_the_file_evaluate_scored(scaled_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """clip --model: named_buffers() decide for clip as for evaluate, so the scored variant is clip's file."""
+    run, model_file, data, state = scaled_run
+    result = invoke("clip", run, "--max-abs", 1.0, "--model", f"{model_file}:make", "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    report = pd.read_csv(tmp_path / "c" / "clip_report.csv").set_index("tensor")
+    assert report.loc["scale", "kind"] == "buffer" and report.loc["scale", "kind_rule"] == "model: named_buffers()"
+    clipped = torch.load(tmp_path / "c" / "step_1.pt", weights_only=True)
+    assert torch.equal(clipped["scale"], state["scale"])  # the custom buffer is left alone
+    ev = invoke("evaluate", run, "--model", f"{model_file}:make", "--data", data, "--clip", "max_abs=1",
+                "--out", tmp_path / "e")
+    assert ev.exit_code == 0, ev.output
+    row = pd.read_csv(tmp_path / "e" / "evaluation.csv").set_index("variant").loc["max_abs=1"]
+    assert row.n_clipped == report.n_clipped.sum()
+    assert row.accuracy == pytest.approx(_scaled_scores(clipped, data)[0], abs=1e-9)
+    assert row.loss == pytest.approx(_scaled_scores(clipped, data)[1], rel=1e-5)
+    without = invoke("clip", run, "--max-abs", 1.0, "--out", tmp_path / "n")  # the names alone clip it
+    assert without.exit_code == 0
+    assert pd.read_csv(tmp_path / "n" / "clip_report.csv").set_index("tensor").loc["scale", "n_clipped"] == 3
+
+
 def test_a_compiled_factory_is_a_real_compiled_module(scaled_run) -> None:  # type: ignore[no-untyped-def]
     """The fixture's compiled factory really returns torch.compile's wrapper, prefixes and all."""
     _, model_file, _, _ = scaled_run
