@@ -311,7 +311,7 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 @cli.command()
 @click.argument("src", nargs=-1, required=True)
 @use("out", "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "to", "buffers", "force", "dry_run",
-     "sort", "key", "include", "exclude", "override", "config", "model",
+     "drop_trainer_state", "sort", "key", "include", "exclude", "override", "config", "model",
      help={"out": "Directory for the clipped checkpoints.", "range": "Clip every selected tensor to [LO, HI].",
            "model": "module:factory or file.py:factory whose named_buffers() decide what a buffer is "
                     "(default: the names).",
@@ -325,7 +325,9 @@ def clip(src: tuple[str, ...], out: str, to: str | None, force: bool, dry_run: b
     """Clip checkpoints after the fact into new files, in the input's format.
 
     SRC is one checkpoint or a run; the output mirrors the run's layout under OUT.
-    Only selected floating tensors change; everything else is copied bit for bit.
+    Only selected floating tensors change; everything else is copied bit for bit,
+    the optimizer, scheduler and RNG states of checkpoint folders included, so the
+    clipped run resumes (Trainer, accelerate); --drop-trainer-state leaves them out.
     Writes OUT/clip_report.csv (not with --dry-run).
 
     \b
@@ -343,7 +345,8 @@ def clip(src: tuple[str, ...], out: str, to: str | None, force: bool, dry_run: b
     settings = clip_settings(config, options, overrides)
     _settings_note(settings)
     result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,
-                      force=force, dry_run=dry_run, model=kw.pop("model"))
+                      force=force, dry_run=dry_run, model=kw.pop("model"),
+                      drop_trainer_state=kw.pop("drop_trainer_state"))
     report = result.report
     written = list(result.written)
     if dry_run:

@@ -13,6 +13,7 @@ written to a temporary file and renamed into place.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import zipfile
@@ -335,36 +336,84 @@ def _output(ckpt: Checkpoint, out: Path, to: str | None, root: Path | None = Non
     return base
 
 
-def _extras(ckpt: Checkpoint) -> tuple[list[Path], list[str]]:
-    """Files of a checkpoint folder copied beside the clipped weights, and notes on those that are not.
+#: What accelerate's ``save_state`` writes beside the weights that the trainer-state pattern of
+#: discovery does not name: RNG states per process, ``register_for_checkpointing`` objects, the
+#: dataloaders' states; and the Trainer's optimizer saved per rank (``rank0-of-2-optimizer.pt``).
+_RESUME_STATE = re.compile(r"^(random_states|custom_checkpoint)_\d+\.pkl$|^dl_state_dict(_\d+)?\.bin$"
+                           r"|^rank\d+-of-\d+-optimizer\.pt$", re.IGNORECASE)
+#: DeepSpeed's optimizer partitions: they hold the fp32 master weights, which a resume loads over
+#: the module's weights, so a copy beside clipped weights would silently undo the clip.
+_MASTER_WEIGHTS = re.compile(r"optim_states\.pt$", re.IGNORECASE)
 
-    Trainer state (optimizer, scheduler, RNG) describes the unclipped weights and is
-    left out; a symlink pointing outside the folder is never copied as content.
+_COPIED_NOTE = ("optimizer/scheduler state copied as is ({}): it describes the unclipped weights (Adam moments "
+                "stay valid as statistics); --drop-trainer-state leaves it out")
+_DROPPED_NOTE = ("--drop-trainer-state: not copied: {} (resuming from the clipped run starts the optimizer, "
+                 "scheduler and RNG afresh; trainer_state.json, the run's record, is kept)")
+_MASTER_NOTE = ("not copied: {} (DeepSpeed optimizer partitions hold the fp32 master weights, which a resume "
+                "would load over the clipped weights)")
+
+
+def is_trainer_state(name: str) -> bool:
+    """True for a file a trainer saves beside the weights to resume (optimizer, scheduler, RNG, sampler...).
+
+    Hugging Face ``Trainer`` (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``,
+    ``training_args.bin``), accelerate's ``save_state`` (``optimizer*.bin``, ``scheduler*.bin``,
+    ``sampler*.bin``, ``dl_state_dict*.bin``, ``random_states_<i>.pkl``, ``custom_checkpoint_<i>.pkl``)
+    and DeepSpeed's ``*optim_states.pt``. ``trainer_state.json`` is the run's record (steps, logs) and
+    is not counted: ``clip`` always keeps it.
+
+    >>> [is_trainer_state(n) for n in ("optimizer.pt", "random_states_0.pkl", "trainer_state.json", "config.json")]
+    [True, True, False, False]
     """
+    return bool(_TRAINER_STATE.match(name) or _RESUME_STATE.match(name))
+
+
+class _Extras(NamedTuple):
+    """The other files of a checkpoint folder, as :func:`_extras` sorts them."""
+
+    copy: list[Path]  # copied byte for byte beside the clipped weights
+    state: list[Path]  # trainer state among ``copy``
+    left: list[Path]  # trainer state left out (--drop-trainer-state, DeepSpeed master weights)
+    notes: list[str]  # files not copied for another reason (a symlink out of the folder)
+
+
+def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
+    """The files of a checkpoint folder copied beside the clipped weights, and those that are not.
+
+    Trainer state (optimizer, scheduler, RNG...: :func:`is_trainer_state`) is copied unless
+    ``drop_state``; DeepSpeed's optimizer partitions never are (they would restore the
+    unclipped master weights). A symlink pointing outside the folder is never copied as content.
+    """
+    found = _Extras([], [], [], [])
     if not ckpt.path.is_dir():
-        return [], []
+        return found
     shards: set[str] = set()
     if ckpt.weights.name.endswith(".index.json"):
         shards = set(read_shard_index(ckpt.weights).shards)
-    copy, notes = [], []
     for extra in sorted(p for p in ckpt.path.iterdir() if p.is_file()):
-        if _TRAINER_STATE.match(extra.name) or extra.name in HF_WEIGHT_NAMES or extra.name in shards:
+        if extra.name in HF_WEIGHT_NAMES or extra.name in shards:
+            continue
+        state = is_trainer_state(extra.name)
+        if state and (drop_state or _MASTER_WEIGHTS.search(extra.name)):
+            found.left.append(extra)
             continue
         if extra.is_symlink() and not is_inside(extra, ckpt.path):
-            notes.append(f"not copied: {ckpt.label}/{extra.name} is a symlink pointing outside the checkpoint")
+            found.notes.append(f"not copied: {ckpt.label}/{extra.name} is a symlink pointing outside the checkpoint")
             continue
-        copy.append(extra)
-    return copy, notes
+        found.copy.append(extra)
+        if state:
+            found.state.append(extra)
+    return found
 
 
-def _planned_files(ckpt: Checkpoint, dst: Path, out: Path) -> list[Path]:
+def _planned_files(ckpt: Checkpoint, dst: Path, out: Path, drop_state: bool = False) -> list[Path]:
     """Every file clipping ``ckpt`` into ``dst`` writes; each must lie inside ``out``."""
     ckpt.check()  # what listing the run already found wrong (a broken or unsafe index...)
     files = [dst]
     if ckpt.weights.name.endswith(".index.json"):
         index = read_shard_index(ckpt.weights)
         files += [member(dst.parent, shard, source=ckpt.weights, what="output shard") for shard in sorted(index.shards)]
-    files += [dst.parent / extra.name for extra in _extras(ckpt)[0]]
+    files += [dst.parent / extra.name for extra in _extras(ckpt, drop_state).copy]
     for path in files:
         if not is_inside(path, out):
             raise CheckpointError(ckpt.path, f"refused: its output {path} would lie outside --out {out}", kind="unsafe")
@@ -470,12 +519,18 @@ def clip_run(
     force: bool = False,
     dry_run: bool = False,
     model: str | None = None,
+    drop_trainer_state: bool = False,
 ) -> ClipResult:
     """Clip every checkpoint of a run into ``out``, mirroring the run's layout.
 
-    In Hugging Face folders the files a loader needs (config, tokenizer...) are
-    copied; optimizer, scheduler and RNG states are not (they describe the
-    unclipped weights). Unreadable checkpoints, and those whose files name paths
+    The other files of a checkpoint folder (Hugging Face's config and tokenizer,
+    ``trainer_state.json``) are copied byte for byte, and so is the trainer state
+    (:func:`is_trainer_state`: optimizer, scheduler, RNG, sampler...), so the clipped
+    folder resumes with ``Trainer.train(resume_from_checkpoint=...)`` or
+    ``Accelerator.load_state``; a note says the optimizer state describes the
+    unclipped weights. ``drop_trainer_state`` leaves that state out, and DeepSpeed's
+    optimizer partitions (fp32 master weights a resume would load over the clipped
+    weights) are never copied. Unreadable checkpoints, and those whose files name paths
     outside their folder, are listed in ``errors`` and skipped. Every file written
     lies inside ``out``; none exists already unless ``force``; no two checkpoints
     write the same file.
@@ -506,7 +561,7 @@ def clip_run(
     for ckpt in run:
         dst = _output(ckpt, out, to, run.root)
         try:
-            files = _planned_files(ckpt, dst, out)
+            files = _planned_files(ckpt, dst, out, drop_trainer_state)
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
             continue
@@ -526,30 +581,36 @@ def clip_run(
         raise InputError(f"{existing[0]} already exists; pass --force to overwrite")
     reports: list[pd.DataFrame] = []
     result = ClipResult(report=pd.DataFrame(), errors=pd.DataFrame(), notes=list(run.notes))
-    skipped_state: set[str] = set()
+    copied_state: set[str] = set()
+    dropped_state: set[str] = set()
+    master_weights: set[str] = set()
     for ckpt, dst in plans:
         try:
             reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run, model=loader))
-            extras, notes = _extras(ckpt)
+            extras = _extras(ckpt, drop_trainer_state)
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
             continue
-        result.notes += [n for n in notes if n not in result.notes]
+        result.notes += [n for n in extras.notes if n not in result.notes]
+        copied_state.update(p.name for p in extras.state)
+        for p in extras.left:
+            (master_weights if _MASTER_WEIGHTS.search(p.name) else dropped_state).add(p.name)
         if not dry_run:
             result.written.append(dst)
-        if ckpt.path.is_dir():
-            skipped_state.update(p.name for p in ckpt.path.iterdir() if p.is_file() and _TRAINER_STATE.match(p.name))
-            for extra in extras:
-                if dry_run:
-                    continue
-                target = dst.parent / extra.name
-                with atomic_path(target) as tmp:
-                    shutil.copyfile(extra, tmp)
-                    shutil.copystat(extra, tmp, follow_symlinks=True)
-                result.written.append(target)
-    if skipped_state:
-        result.notes.append(
-            "not copied (they describe the unclipped weights): " + ", ".join(sorted(skipped_state)))
+        for extra in extras.copy:
+            if dry_run:
+                continue
+            # byte for byte, streamed, through a temporary file renamed into place like every output
+            target = dst.parent / extra.name
+            with atomic_path(target) as tmp:
+                shutil.copyfile(extra, tmp)
+                shutil.copystat(extra, tmp, follow_symlinks=True)
+            result.written.append(target)
+    # one note per kind for the whole run, not one per checkpoint
+    for template, names in ((_COPIED_NOTE, copied_state), (_DROPPED_NOTE, dropped_state),
+                            (_MASTER_NOTE, master_weights)):
+        if names:
+            note(template.format(", ".join(sorted(names))))
     frames = [r for r in reports if len(r)]
     result.report = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CLIP_REPORT_COLUMNS))
     order = {c.label: i for i, c in enumerate(run)}

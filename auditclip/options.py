@@ -80,6 +80,10 @@ OPTIONS: dict[str, Option] = {
     "to": _o("--to", type=click.Choice(["safetensors"]), help="Convert .pt/.ckpt/.bin to safetensors."),
     "force": _o("--force", is_flag=True, help="Overwrite existing outputs."),
     "dry_run": _o("--dry-run", is_flag=True, help="Report what would change; write nothing."),
+    "drop_trainer_state": _o("--drop-trainer-state", is_flag=True,
+                             help="Leave out the optimizer, scheduler, RNG and sampler states of checkpoint folders "
+                                  "(copied as is by default, so the clipped run resumes; they describe the unclipped "
+                                  "weights)."),
     # evaluation
     "clip": _o("--clip", "clips", multiple=True, metavar="SPEC",
                help="Also evaluate a clipped variant: max_abs=C, range=LO:HI, percentile=P, sigma=K (repeatable); "
