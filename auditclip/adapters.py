@@ -48,7 +48,7 @@ import torch
 from ._version import __version__
 from .clipping import bounds, clip_tensor_outcome
 from .config import ClipSpec
-from .distances import ratio
+from .distances import DRIFT_METRICS, ratio
 from .dtypes import dtype_name
 from .errors import InputError
 from .formats.peft import ADAPTER_CONFIG, AdapterIndex, LoraModule, read_adapter_index
@@ -199,6 +199,9 @@ def delta_drift(prev: tuple[torch.Tensor, torch.Tensor, float],
     >>> d = delta_drift((A, B, 1.0), (A, B, 1.5))
     >>> d["rel_l2_change"], d["cosine"], d["max_abs_change"]
     (0.5, 1.0, 1.0)
+    >>> same = delta_drift((A, B, 1.5), (A.clone(), B.clone(), 1.5))
+    >>> same["rel_l2_change"], same["cosine"], same["max_abs_change"]
+    (0.0, 1.0, 0.0)
     """
     (a1, b1), s1 = as_matrices(*prev[:2]), float(prev[2])
     (a2, b2), s2 = as_matrices(*cur[:2]), float(cur[2])
@@ -206,10 +209,11 @@ def delta_drift(prev: tuple[torch.Tensor, torch.Tensor, float],
     out = dict.fromkeys(keys, math.nan)
     if (b1.shape[0], a1.shape[1]) != (b2.shape[0], a2.shape[1]):
         return out
+    same = s1 == s2 and torch.equal(a1, a2) and torch.equal(b1, b2) and _finite(a1, b1)
     b_diff = torch.cat([b2 * s2, -b1 * s1], dim=1)
     a_diff = torch.cat([a2, a1], dim=0)
     top = 0.0
-    for block in _row_blocks(a_diff, b_diff, 1.0):
+    for block in () if same else _row_blocks(a_diff, b_diff, 1.0):
         block_max = float(block.abs().max()) if block.numel() else 0.0
         top = math.nan if math.isnan(block_max) or math.isnan(top) else max(top, block_max)
     out["max_abs_change"] = top if b1.shape[0] * a1.shape[1] else math.nan
@@ -219,11 +223,14 @@ def delta_drift(prev: tuple[torch.Tensor, torch.Tensor, float],
     def sq(a: torch.Tensor, b: torch.Tensor) -> float:
         return float(torch.linalg.matrix_norm(_core(a, b))) ** 2 if a.numel() and b.numel() else 0.0
 
-    out["delta_sq"] = sq(a_diff, b_diff)
     out["base_sq"] = sq(a1, b1) * s1 * s1
-    out["cur_sq"] = sq(a2, b2) * s2 * s2
-    # <ΔW2, ΔW1> = s1 s2 tr(A2^T B2^T B1 A1) = s1 s2 Σ (B2^T B1) ∘ (A2 A1^T)
-    out["dot"] = float(((b2.T @ b1) * (a2 @ a1.T)).sum()) * s1 * s2
+    if same:  # the same update: exactly no change (the stacked factors would give ~1e-16, not 0)
+        out.update(delta_sq=0.0, cur_sq=out["base_sq"], dot=out["base_sq"])
+    else:
+        out["delta_sq"] = sq(a_diff, b_diff)
+        out["cur_sq"] = sq(a2, b2) * s2 * s2
+        # <ΔW2, ΔW1> = s1 s2 tr(A2^T B2^T B1 A1) = s1 s2 Σ (B2^T B1) ∘ (A2 A1^T)
+        out["dot"] = float(((b2.T @ b1) * (a2 @ a1.T)).sum()) * s1 * s2
     out["rel_l2_change"] = ratio(math.sqrt(out["delta_sq"]), math.sqrt(out["base_sq"]))
     den = math.sqrt(out["cur_sq"] * out["base_sq"])
     out["cosine"] = out["dot"] / den if den > 0 else math.nan
@@ -458,6 +465,77 @@ def _copy_bytes(src: Path, dst: Path) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return dst
+
+
+@dataclass
+class DeltaVersion:
+    """One checkpoint's version of one module's update: its factors, scaling and :func:`delta_stats`.
+
+    What :func:`auditclip.analysis.analyze` keeps per module while it walks a run: the two
+    thin factors (``r x (in + out)`` elements), never ΔW itself.
+    """
+
+    module: LoraModule
+    dtype: str
+    A: torch.Tensor
+    B: torch.Tensor
+    stats: dict[str, float]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.module.delta_shape)  # type: ignore[return-value]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def read_delta(reader: Any, m: LoraModule) -> DeltaVersion:
+    """Read one module's factors from an open reader and describe its update.
+
+    ``reader``: a :class:`auditclip.readers.TensorReader` of the adapter's weights file.
+
+    >>> import json, tempfile
+    >>> from safetensors.torch import save_file
+    >>> d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2}))
+    >>> save_file({"base_model.model.fc.lora_A.weight": torch.tensor([[1.0, 1.0]]),
+    ...            "base_model.model.fc.lora_B.weight": torch.tensor([[1.0], [4.0]])},
+    ...           str(d / "adapter_model.safetensors"))
+    >>> index = read_adapter_index(d)
+    >>> with open_checkpoint_file(index.weights) as reader:
+    ...     v = read_delta(reader, index.modules[0])
+    >>> v.shape, v.dtype, v.stats["abs_max"]
+    ((2, 2), 'float32', 8.0)
+    """
+    A, B = reader.get(m.a_name), reader.get(m.b_name)
+    return DeltaVersion(m, dtype_name(A.dtype), A, B, delta_stats(A, B, m.scaling))
+
+
+def compare_deltas(cur: DeltaVersion, base: DeltaVersion) -> tuple[str, dict[str, float]]:
+    """(status, metrics) of one module's update against a baseline's, as drift.csv reports a tensor.
+
+    ``ok``: ``rel_l2_change``, ``cosine``, ``max_abs_change`` from :func:`delta_drift` (from
+    the factors); ``mean_shift`` and ``std_ratio`` from the two versions' statistics.
+    ``shape_changed`` when the updates differ in shape (statistics only). ``ks`` and
+    ``wasserstein`` need every value of both updates sorted: NaN.
+
+    >>> A = torch.tensor([[1.0, 0.0]]); B = torch.tensor([[2.0]])
+    >>> m = LoraModule("fc", "fc", "a", "b", 1, 1.0, 1.0, a_shape=(1, 2), b_shape=(1, 1))
+    >>> status, d = compare_deltas(DeltaVersion(m, "float32", A, 1.5 * B, delta_stats(A, 1.5 * B, 1.0)),
+    ...                            DeltaVersion(m, "float32", A, B, delta_stats(A, B, 1.0)))
+    >>> status, d["rel_l2_change"], d["std_ratio"], math.isnan(d["ks"])
+    ('ok', 0.5, 1.5, True)
+    """
+    out = dict.fromkeys(DRIFT_METRICS, math.nan)
+    out["mean_shift"] = cur.stats["mean"] - base.stats["mean"]
+    out["std_ratio"] = ratio(cur.stats["std"], base.stats["std"])
+    if cur.shape != base.shape:
+        return "shape_changed", out
+    d = delta_drift((base.A, base.B, base.module.scaling), (cur.A, cur.B, cur.module.scaling))
+    out.update(rel_l2_change=d["rel_l2_change"], cosine=d["cosine"], max_abs_change=d["max_abs_change"])
+    return "ok", out
+
 
 
 def adapter_delta_rows(folder: str | Path) -> list[dict[str, Any]]:

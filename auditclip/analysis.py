@@ -35,9 +35,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .adapters import DeltaVersion, compare_deltas, read_delta
 from .checkpoints import Checkpoint, Run, natural_key, open_run
 from .distances import DRIFT_METRICS, compare_values, cosine, rel_change
 from .errors import CheckpointError, InputError
+from .formats.peft import AdapterIndex, adapter_index_for
+from .notices import note
 from .readers import TensorInfo, TensorReader, is_float_dtype
 from .selection import name_filter
 from .stats import STAT_COLUMNS, STATS_COLUMNS, TINY_MAX, TensorSummary, count_at_bound, describe, describe_many, shape_text
@@ -145,16 +148,31 @@ def _accumulate(acc: dict[str, float], found: list[tuple[float, ...]]) -> None:
 
 
 def _open_readers(
-    checkpoints: Sequence[Checkpoint], key: str | None, errors: list[dict[str, str]], raise_errors: bool = False
+    checkpoints: Sequence[Checkpoint], key: str | None, errors: list[dict[str, str]], raise_errors: bool = False,
+    adapters: dict[str, AdapterIndex] | None = None,
 ) -> list[tuple[Checkpoint, TensorReader]]:
+    """Open each checkpoint; ``adapters`` receives the index of each that is a PEFT adapter folder
+    (a folder whose adapter config cannot be read is unreadable as a whole: its factors mean nothing alone)."""
     readers: list[tuple[Checkpoint, TensorReader]] = []
     for ckpt in checkpoints:
         try:
-            readers.append((ckpt, ckpt.open(key)))
+            reader = ckpt.open(key)
         except CheckpointError as exc:
             if raise_errors:  # a run of one: its error is the answer, not a line in a report
                 raise
             errors.append(exc.row(ckpt.label))
+            continue
+        try:
+            index = adapter_index_for(ckpt.weights)
+        except CheckpointError as exc:
+            reader.close()
+            if raise_errors:
+                raise
+            errors.append(exc.row(ckpt.label))
+            continue
+        if index is not None and adapters is not None:
+            adapters[ckpt.label] = index
+        readers.append((ckpt, reader))
     return readers
 
 
@@ -218,7 +236,8 @@ def analyze(
     run = open_run(run, sort=sort, key=key)
     key = key if key is not None else run.key
     errors: list[dict[str, str]] = []
-    readers = _open_readers(run.checkpoints, key, errors)
+    adapters: dict[str, AdapterIndex] = {}  # label -> index, for the checkpoints that are PEFT adapter folders
+    readers = _open_readers(run.checkpoints, key, errors, adapters=adapters)
     if not readers and len(run) == 1:
         readers = _open_readers(run.checkpoints, key, [], raise_errors=True)
     if not readers:
@@ -227,6 +246,12 @@ def analyze(
             + "; ".join(f"{e['checkpoint']}: {e['message']}" for e in errors)
         )
     ref_index, ref_ckpt, ref_reader = _resolve_reference(reference, readers, key) if drift else (0, None, None)
+    ref_adapter = adapters.get(ref_ckpt.label) if ref_ckpt is not None and ref_index is not None else None
+    if ref_ckpt is not None and ref_index is None:
+        try:
+            ref_adapter = adapter_index_for(ref_ckpt.weights)
+        except CheckpointError as exc:
+            raise InputError(f"cannot read the reference checkpoint: {exc}") from exc
     keep = name_filter(include, exclude) if include or exclude else None
     found = {n for _, r in readers for n in r.names()}
     if ref_reader is not None and ref_index is None:
@@ -494,6 +519,10 @@ def analyze(
                 base_label = labels[i - 1] if baseline == "previous" else ref_label
                 drift_tables[i].add(ALL, baseline, base_label, (
                     "ok", rel_change(sums), cosine(sums), sums["max_abs"], *(math.nan,) * (len(DRIFT_METRICS) - 3)))
+    delta_rows: tuple[list[dict], list[dict]] = ([], [])
+    if adapters or ref_adapter is not None:  # each adapted module's update ΔW, beside its factors
+        delta_rows = _delta_rows(readers, [adapters.get(c.label) for c, _ in readers], keep, drift, ref_index,
+                                 (ref_ckpt, ref_reader, ref_adapter), record)
     for pair in readers:
         pair[1].close()
     if ref_index is None and ref_reader is not None:
@@ -508,8 +537,13 @@ def analyze(
     stats_tables.clear()
     drift_frame = _DriftTable.frame(ckpts, drift_tables)
     drift_tables.clear()
-    _add_kind(stats_frame)
-    _add_kind(drift_frame)
+    if adapters or ref_adapter is not None:
+        stats_frame = _with_rows(stats_frame, delta_rows[0], ckpts)
+        drift_frame = _with_rows(drift_frame, delta_rows[1], ckpts)
+    adapter_kinds = {n: k for index in (*adapters.values(), ref_adapter) if index is not None
+                     for n, k in index.kinds().items()}
+    _add_kind(stats_frame, adapter_kinds)
+    _add_kind(drift_frame, adapter_kinds)
     if bounds is not None:
         _add_frac_at_bound(stats_frame, {c.label: counts for c, counts in zip(ckpts, at_bound)})
     return AnalysisResult(
@@ -530,14 +564,114 @@ def _without_kind(columns: Sequence[str]) -> tuple[str, ...]:
     return tuple(c for c in columns if c != "kind")
 
 
-def _add_kind(frame: pd.DataFrame) -> None:
-    """Insert the ``kind`` column after ``tensor``: parameter, buffer or unknown (empty for ``__all__``)."""
+def _add_kind(frame: pd.DataFrame, adapter: dict[str, tuple[str, str]] | None = None) -> None:
+    """Insert the ``kind`` column after ``tensor``: parameter, buffer or unknown (empty for ``__all__``);
+    ``adapter`` and ``adapter_delta`` where a PEFT adapter's config decides (``adapter``: its kinds by name)."""
     from .kinds import tensor_kind
 
     names = frame["tensor"].unique()
     siblings = {str(n) for n in names}  # weight_v is told by what sits beside it (kinds.tensor_kind)
-    kinds = {name: ("" if name == ALL else tensor_kind(str(name), siblings=siblings)[0]) for name in names}
+    kinds = {name: ("" if name == ALL else tensor_kind(str(name), siblings=siblings, adapter=adapter)[0])
+             for name in names}
     frame.insert(frame.columns.get_loc("tensor") + 1, "kind", frame["tensor"].map(kinds).astype(object))
+
+
+def _delta_rows(
+    readers: list[tuple[Checkpoint, TensorReader]], indexes: list[AdapterIndex | None], keep: Callable[[str], bool] | None,
+    drift: bool, ref_index: int | None, ref: tuple[Checkpoint | None, TensorReader | None, AdapterIndex | None],
+    record: Callable[[int, Checkpoint, CheckpointError], None],
+) -> tuple[list[dict], list[dict]]:
+    """The ``adapter_delta`` rows of a run with PEFT LoRA checkpoints: ΔW's statistics and drift.
+
+    Walked one module at a time, checkpoint by checkpoint, as :func:`analyze` walks a
+    tensor: three versions of one module's factors are alive at once (reference,
+    previous, current), and ΔW itself is never built whole (:mod:`auditclip.adapters`).
+    A module is matched across checkpoints by its name; one a checkpoint lacks is
+    ``added``/``removed`` as a tensor would be. Returns (stats rows, drift rows), each
+    with the index of its checkpoint in ``_i`` (-1: none, for an outside reference).
+    """
+    ref_ckpt, ref_reader, ref_index_of = ref
+    outside = drift and ref_index is None and ref_index_of is not None
+    modules: dict[str, str] = {}  # stored module prefix -> its ΔW row name
+    for index in (*indexes, ref_index_of if outside else None):
+        for m in index.modules if index is not None else ():
+            if m.problem is None and (keep is None or keep(m.delta_name)):
+                modules[m.module] = m.delta_name
+    if not modules:
+        return [], []
+    lora = sum(index is not None and index.peft_type == "LORA" for index in indexes)
+    note(f"{lora} of {len(readers)} checkpoint(s) are PEFT LoRA adapter folders: their lora_A/lora_B rows have kind "
+         "'adapter'; each adapted module's update ΔW = scaling · B @ A (scaling = lora_alpha / r, or / sqrt(r) with "
+         "rslora) has a row '<module>.delta_weight' of kind 'adapter_delta' in stats.csv and drift.csv, left out of "
+         "'__all__'; its skew, kurtosis, percentiles, ks and wasserstein are empty (they need every value of ΔW)")
+    labels = [c.label for c, _ in readers]
+    ref_label = labels[ref_index] if ref_index is not None else (ref_ckpt.label if ref_ckpt is not None else None)
+    stats_rows: list[dict] = []
+    drift_rows: list[dict] = []
+
+    def version(i: int, ckpt: Checkpoint, reader: TensorReader, index: AdapterIndex | None,
+                module: str) -> DeltaVersion | None:
+        m = next((m for m in index.modules if m.module == module and m.problem is None), None) if index else None
+        if m is None:
+            return None
+        try:
+            return read_delta(reader, m)
+        except CheckpointError as exc:
+            record(i, ckpt, exc)
+            return None
+
+    for module in _natural_sorted(modules):
+        name = modules[module]
+        ref_version = version(-1, ref_ckpt, ref_reader, ref_index_of, module) if outside else None
+        prev: DeltaVersion | None = None
+        done: dict[tuple[int, int], tuple] = {}
+        for i, (ckpt, reader) in enumerate(readers):
+            cur = ref_version if i == ref_index and ref_version is not None else \
+                version(i, ckpt, reader, indexes[i], module)
+            if i == ref_index:
+                ref_version = cur
+            if cur is not None:
+                stats_rows.append({"_i": i, "tensor": name, "dtype": cur.dtype, "shape": _shape_text(cur.shape),
+                                   "numel": cur.numel, **{k: cur.stats.get(k, math.nan) for k in STAT_COLUMNS}})
+            if drift:
+                if ref_version is None and ref_index is not None and ref_index > i:
+                    ref_version = version(ref_index, *readers[ref_index], indexes[ref_index], module)
+                for baseline, base, base_label in (("previous", prev, labels[i - 1] if i else None),
+                                                   ("reference", ref_version, ref_label)):
+                    if baseline == "previous" and i == 0:
+                        continue
+                    if cur is None and base is None:
+                        continue
+                    pair = (id(cur), id(base))
+                    if pair not in done:  # previous and reference are the same checkpoint: measure once
+                        done = {pair: (("added", dict.fromkeys(DRIFT_METRICS, math.nan)) if base is None else
+                                       ("removed", dict.fromkeys(DRIFT_METRICS, math.nan)) if cur is None else
+                                       compare_deltas(cur, base))}
+                    status, metrics = done[pair]
+                    drift_rows.append({"_i": i, "tensor": name, "baseline": baseline, "baseline_checkpoint": base_label,
+                                       "status": status, **metrics})
+            prev = cur
+    return stats_rows, drift_rows
+
+
+def _with_rows(frame: pd.DataFrame, rows: list[dict], ckpts: Sequence[Checkpoint]) -> pd.DataFrame:
+    """``frame`` with ``rows`` (each naming its checkpoint by index in ``_i``) added, every checkpoint's
+    rows in natural name order (``__all__`` last), a tensor's baselines in the order they came."""
+    if not rows:
+        return frame
+    extra = pd.DataFrame(rows)
+    position = extra.pop("_i").to_numpy()
+    extra.insert(0, "checkpoint", [ckpts[i].label for i in position])
+    extra.insert(1, "step", [ckpts[i].step for i in position])
+    extra = extra.reindex(columns=frame.columns)
+    for column in frame.columns:  # the table's own dtypes (Int64 steps and counts, float64 numbers)
+        extra[column] = extra[column].astype(frame[column].dtype)
+    whole = pd.concat([frame, extra], ignore_index=True) if len(frame) else extra.reset_index(drop=True)
+    order = {c.label: i for i, c in enumerate(ckpts)}
+    rank = {n: k for k, n in enumerate(_natural_sorted(str(t) for t in whole["tensor"].unique()))}
+    keys = (np.arange(len(whole)), whole["tensor"].map(lambda t: rank[str(t)]).to_numpy(),
+            (whole["tensor"] == ALL).to_numpy(), whole["checkpoint"].map(order).to_numpy())
+    return whole.iloc[np.lexsort(keys)].reset_index(drop=True)
 
 
 def _add_frac_at_bound(frame: pd.DataFrame, at_bound: dict[str, dict[str, int]]) -> None:

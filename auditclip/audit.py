@@ -160,7 +160,8 @@ def _top_tensors(drift: pd.DataFrame, n: int) -> pd.DataFrame:
 
 def _pictures(analysis: Any, result: AuditResult, out: Path, key: str | None, metric: str, top: int) -> list[Path]:
     files = [drift_heatmap(analysis.drift, out / "drift_heatmap.png")]
-    top_names = _top_tensors(analysis.drift, min(top, 4)).tensor.tolist()
+    stored = analysis.drift[analysis.drift.kind != "adapter_delta"]  # a LoRA update ΔW has no stored values to draw
+    top_names = _top_tensors(stored, min(top, 4)).tensor.tolist()
     if top_names:
         files.append(histograms(analysis.run, top_names, out / "histograms.png", key))
     if result.evaluation is not None and (result.evaluation.variant != "original").any():

@@ -9,13 +9,19 @@ Without the model, the name decides: the last segment ``weight``/``bias`` is a
 parameter, a well-known buffer name is a buffer, anything else is ``unknown``
 (treated like a parameter, and said so). With a model, ``named_buffers()`` and
 ``named_parameters()`` decide.
+
+In a PEFT adapter folder the adapter config decides (:meth:`auditclip.formats.peft.AdapterIndex.kinds`):
+its LoRA factors are ``adapter`` (trained tensors of the adapter, which clipping and the
+range rule treat as parameters), and the update ΔW = scaling · B @ A that analysis adds
+for each adapted module, a row named ``<module>.delta_weight``, is ``adapter_delta``
+(never stored, so never clipped or range-checked element by element).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
-KINDS = ("parameter", "buffer", "unknown")
+KINDS = ("parameter", "buffer", "unknown", "adapter", "adapter_delta")
 
 #: Last name segments that are buffers in torch, torchvision and transformers models.
 BUFFER_NAMES = frozenset({
@@ -35,8 +41,12 @@ PARAMETER_NAMES = frozenset({
 
 
 def tensor_kind(name: str, parameters: Collection[str] | None = None,
-                buffers: Collection[str] | None = None, siblings: Collection[str] | None = None) -> tuple[str, str]:
+                buffers: Collection[str] | None = None, siblings: Collection[str] | None = None,
+                adapter: Mapping[str, tuple[str, str]] | None = None) -> tuple[str, str]:
     """(kind, the rule that decided) for one tensor name.
+
+    ``adapter``: ``(kind, rule)`` by name from a PEFT adapter's config
+    (:meth:`auditclip.formats.peft.AdapterIndex.kinds`); it decides the names it holds.
 
     ``siblings``: the other tensor names of the checkpoint, for the one name that needs
     them: ``weight_v`` is spectral_norm's power-iteration buffer beside ``weight_u``, but
@@ -54,7 +64,11 @@ def tensor_kind(name: str, parameters: Collection[str] | None = None,
     'buffer'
     >>> tensor_kind("conv.weight_v", siblings={"conv.weight_g", "conv.weight_v"})[0]
     'parameter'
+    >>> tensor_kind("q.lora_A.weight", adapter={"q.lora_A.weight": ("adapter", "adapter_config.json: lora_A of q")})
+    ('adapter', 'adapter_config.json: lora_A of q')
     """
+    if adapter is not None and name in adapter:
+        return adapter[name]
     if buffers is not None and name in buffers:
         return "buffer", "model: named_buffers()"
     if parameters is not None and name in parameters:

@@ -217,3 +217,43 @@ def write_accelerate_project(project_dir: str | os.PathLike[str], *, models: int
         accelerator.save_state()
     accelerator.end_training()
     return project_dir
+
+
+def fit_peft_trainer(
+    root: str | os.PathLike[str], *, max_steps: int = 2, save_steps: int = 1, modules_to_save: Sequence[str] = (),
+    seed: int = 0,
+) -> tuple[Path, Path, Any]:
+    """A LoRA (r=4, alpha=8, on ``c_attn``) tiny GPT-2 trained by a real ``transformers.Trainer`` with peft.
+
+    Saves the base model with ``save_pretrained`` to ``root/base`` (what
+    ``PeftModel.from_pretrained`` loads the checkpoints onto), then trains ``max_steps``
+    steps at a high learning rate, saving ``root/run/checkpoint-<step>/`` (adapter weights
+    only: ``save_only_model``) every ``save_steps``. Returns (base folder, run folder, the
+    live PeftModel after training).
+    """
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            x = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": x, "labels": x}
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        str(root / "base"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(GPT2LMHeadModel.from_pretrained(str(root / "base")), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, modules_to_save=list(modules_to_save)))
+        args = TrainingArguments(output_dir=str(root / "run"), per_device_train_batch_size=4, max_steps=max_steps,
+                                 save_steps=save_steps, learning_rate=5e-2, report_to=[], use_cpu=True,
+                                 logging_steps=100, save_only_model=True, disable_tqdm=True, seed=seed)
+        Trainer(model=model, args=args, train_dataset=Tokens()).train()
+    return root / "base", root / "run", model

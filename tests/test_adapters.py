@@ -24,6 +24,7 @@ from auditclip.adapters import (adapter_delta_drift, adapter_delta_rows, clip_ad
 from auditclip.errors import CheckpointError, InputError
 from auditclip.formats.peft import adapter_folders, is_adapter_folder, read_adapter_index
 from auditclip.notices import collect
+from realruns import fit_peft_trainer
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -35,28 +36,10 @@ def _close(got: float, want: float, rel: float = REL, abs_: float = 1e-9) -> boo
     return math.isclose(got, want, rel_tol=rel, abs_tol=abs_)
 
 
-def _base(folder: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
-    GPT2LMHeadModel(cfg).save_pretrained(str(folder))
-    return folder
-
-
 def _load_base(base: Path):  # noqa: ANN202 - a transformers model
     from transformers import GPT2LMHeadModel
 
     return GPT2LMHeadModel.from_pretrained(str(base))
-
-
-class _Tokens(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
-        return {"input_ids": x, "labels": x}
 
 
 @pytest.fixture(scope="module")
@@ -64,21 +47,12 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 2-step Trainer run of a LoRA GPT-2 (checkpoint-1, checkpoint-2), an rslora/rank_pattern
     adapter saved as .bin, and a DoRA adapter; with the live peft models for reference."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
 
     root = tmp_path_factory.mktemp("peft")
-    base = _base(root / "base")
-    out: dict = {"base": base}
+    base, run, model = fit_peft_trainer(root, max_steps=2, save_steps=1, modules_to_save=["ln_f"])
+    out: dict = {"base": base, "run": run, "model": model}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(_load_base(base), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
-                                                            lora_dropout=0.0, modules_to_save=["ln_f"]))
-        args = TrainingArguments(output_dir=str(root / "run"), per_device_train_batch_size=4, max_steps=2,
-                                 save_steps=1, learning_rate=5e-2, report_to=[], use_cpu=True, logging_steps=100,
-                                 save_only_model=True)
-        Trainer(model=model, args=args, train_dataset=_Tokens()).train()
-        out["run"], out["model"] = root / "run", model
-
         torch.manual_seed(1)
         variant = get_peft_model(_load_base(base), LoraConfig(
             r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], use_rslora=True,

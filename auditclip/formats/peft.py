@@ -175,9 +175,41 @@ class AdapterIndex:
         """The LoRA module a stored tensor belongs to, or None."""
         return next((t.module for t in self.tensors if t.name == name), None)
 
+    def kinds(self) -> dict[str, tuple[str, str]]:
+        """``(kind, kind_rule)`` of every stored tensor and of every ΔW row, as stats.csv and clip report them.
+
+        A stored tensor is ``adapter``: a trained tensor of the adapter, which ``clip`` and the
+        range rule treat as a parameter; except one the name rule calls a buffer (a
+        ``modules_to_save`` copy of a BatchNorm's ``running_var``), which stays ``buffer``.
+        The ``<module>.delta_weight`` row of each module whose update is computed is
+        ``adapter_delta``. The rule names the adapter config that decided.
+
+        >>> index = AdapterIndex(Path("a"), Path("a/adapter_config.json"), Path("a/adapter_model.safetensors"),
+        ...                      {}, "LORA", tensors=[AdapterTensor("m.lora_A.weight", "lora_A", "m", "float32", (2, 3))],
+        ...                      modules=[LoraModule("m", "m", "m.lora_A.weight", None, 2, 2.0, 1.0, problem="x")])
+        >>> index.kinds()
+        {'m.lora_A.weight': ('adapter', 'adapter_config.json: lora_A of LoRA module m')}
+        """
+        from ..kinds import tensor_kind  # the name rule, for what an adapter folder stores beside its factors
+
+        siblings = {t.name for t in self.tensors}
+        out: dict[str, tuple[str, str]] = {}
+        for t in self.tensors:
+            if t.module is not None:
+                out[t.name] = ("adapter", f"{ADAPTER_CONFIG}: {t.role} of LoRA module {t.module}")
+                continue
+            kind, rule = tensor_kind(t.name, siblings=siblings)
+            what = "a modules_to_save copy" if t.role == "modules_to_save" else f"a {self.peft_type} adapter tensor"
+            out[t.name] = (kind, f"{rule} ({what})") if kind == "buffer" else ("adapter", f"{ADAPTER_CONFIG}: {what}")
+        for m in self.modules:
+            if m.problem is None:
+                out[m.delta_name] = ("adapter_delta", f"{ADAPTER_CONFIG}: scaling · B @ A of LoRA module {m.module}")
+        return out
+
     def rows(self) -> list[dict[str, Any]]:
-        """One row per stored tensor: ``tensor``, ``kind`` (``adapter``), ``role``, ``module``."""
-        return [{"tensor": t.name, "kind": "adapter", "role": t.role, "module": t.module} for t in self.tensors]
+        """One row per stored tensor: ``tensor``, ``kind`` (see :meth:`kinds`), ``role``, ``module``."""
+        kinds = self.kinds()
+        return [{"tensor": t.name, "kind": kinds[t.name][0], "role": t.role, "module": t.module} for t in self.tensors]
 
 
 def adapter_weights_file(folder: str | Path) -> Path | None:
@@ -215,6 +247,25 @@ def adapter_folders(folder: str | Path) -> list[tuple[str, Path]]:
     if folder.is_dir():
         found += [(sub.name, sub) for sub in sorted(folder.iterdir()) if is_adapter_folder(sub)]
     return found
+
+
+def adapter_index_for(weights: str | Path) -> AdapterIndex | None:
+    """The index of the adapter folder whose weights file is ``weights``, or None when it is no adapter's.
+
+    What run discovery opens for a ``checkpoint-<step>/`` of a PEFT ``Trainer`` is the
+    folder's ``adapter_model.safetensors``: this tells analysis it holds LoRA factors.
+    A weights file beside which peft would read another one (``.bin`` beside
+    ``.safetensors``) is not taken for that adapter's.
+
+    >>> adapter_index_for("sample_checkpoints/high_lr/epoch_01.safetensors") is None
+    True
+    """
+    weights = Path(weights)
+    if weights.name not in ADAPTER_WEIGHTS or not (weights.parent / ADAPTER_CONFIG).is_file():
+        return None
+    if adapter_weights_file(weights.parent) != weights:
+        return None
+    return read_adapter_index(weights.parent)
 
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
