@@ -31,6 +31,7 @@ from .checkpoints import HF_WEIGHT_NAMES, _TRAINER_STATE, Checkpoint, open_run
 from .clipping import CLIP_REPORT_COLUMNS, Kinds, clip_selected
 from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
+from .formats.deepspeed import is_deepspeed_file, is_deepspeed_tag_folder
 from .modelref import ModelLoader
 from .output import atomic_path
 from .paths import is_inside, member
@@ -406,6 +407,25 @@ def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
     return found
 
 
+#: Why clip refuses DeepSpeed checkpoints rather than write one whose resume undoes the clip.
+_DEEPSPEED_REFUSED = (
+    "clip does not write DeepSpeed checkpoints: engine.load_checkpoint restores the fp32 master weights from the "
+    "optimizer states (zero_pp_rank_*_optim_states.pt; the optimizer entry at ZeRO-0 in bf16/fp16; at ZeRO-3 the "
+    "only copy of the weights), so clipped module weights would be silently overwritten on resume; "
+    "consolidate it with DeepSpeed's own script, saved in the run folder: cd {run} && python zero_to_fp32.py . "
+    "OUTPUT_DIR --tag {tag}, then clip OUTPUT_DIR")
+
+
+def _deepspeed_tag(ckpt: Checkpoint) -> Path | None:
+    """The DeepSpeed tag folder ``ckpt`` is (or lies in), by the names :mod:`auditclip.formats.deepspeed` knows; else None."""
+    for path in (ckpt.path, ckpt.weights):
+        if path.is_dir() and is_deepspeed_tag_folder(path):
+            return path
+        if is_deepspeed_file(path):
+            return path.parent
+    return None
+
+
 def _planned_files(ckpt: Checkpoint, dst: Path, out: Path, drop_state: bool = False) -> list[Path]:
     """Every file clipping ``ckpt`` into ``dst`` writes; each must lie inside ``out``."""
     ckpt.check()  # what listing the run already found wrong (a broken or unsafe index...)
@@ -453,6 +473,9 @@ def clip_checkpoint(
     if ckpt.format == "dcp":  # read by formats.dcp; no DCP writer yet (never a half-written folder)
         raise CheckpointError(ckpt.weights, "clip does not write torch.distributed.checkpoint (DCP) folders yet; "
                                             "drift, flag, audit and inspect read them", kind="unsupported")
+    tag = _deepspeed_tag(ckpt)
+    if tag is not None:
+        raise CheckpointError(tag, _DEEPSPEED_REFUSED.format(run=tag.parent, tag=tag.name), kind="unsupported")
     dst = Path(dst)
     with ckpt.open(key) as reader:  # the names beside each tensor decide what weight_v is (kinds.py)
         siblings = frozenset(reader.names())
