@@ -4,7 +4,8 @@ A run is given as a directory of checkpoint files, a directory of checkpoint
 folders (Hugging Face ``checkpoint-<step>/``, accelerate's ``checkpoints/checkpoint_<i>/``
 under a ``project_dir``, ``torch.distributed.checkpoint`` folders of any name:
 ``step-100/``, Lightning's sharded ``epoch=0-step=23.ckpt/``, torchtitan's
-``checkpoint/step-<n>/``), a glob, or explicit paths. Each checkpoint gets a ``label``
+``checkpoint/step-<n>/``; DeepSpeed tag folders ``global_step<N>/`` of a run folder
+with ``latest``), a glob, or explicit paths. Each checkpoint gets a ``label``
 (its path relative to the run; ``final`` for a Trainer's ``save_model()`` in the run
 root) and a ``step``: the one the file stores (``global_step`` in a pickled ``.ckpt``,
 read without unpickling; ``step``/``global_step`` in safetensors metadata;
@@ -46,6 +47,9 @@ from .errors import CheckpointError, InputError, NoCheckpointsError
 from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_object, read_dcp_tensor
 from .readers import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
                       read_shard_index)
+# after .readers: formats.deepspeed reads its files through it
+from .formats.deepspeed import (deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_file,
+                                is_deepspeed_tag_folder, latest_tag)
 
 #: File names a Hugging Face (or DeepSpeed) checkpoint folder keeps its model weights in,
 #: in order of preference when a folder holds more than one.
@@ -137,6 +141,8 @@ class Checkpoint:
     def format(self) -> str:
         if dcp_folder(self.weights) is not None:
             return "dcp"
+        if is_deepspeed_tag_folder(self.weights) if self.weights.is_dir() else is_deepspeed_file(self.weights):
+            return "deepspeed"
         name = self.weights.name.lower()
         kind = "safetensors" if ".safetensors" in name else "pytorch"
         return f"{kind} (sharded)" if name.endswith(".index.json") else kind
@@ -453,6 +459,9 @@ def _stored_step(weights: Path, notes: list[str]) -> tuple[int | None, str]:
     """
     if dcp_folder(weights) is not None:
         return _dcp_stored_step(weights)
+    if is_deepspeed_file(weights) or (weights.is_dir() and is_deepspeed_tag_folder(weights)):
+        # global_step<N> is DeepSpeed's own tag; another tag: the global_steps its model states store
+        return deepspeed_step(weights if weights.is_dir() else weights.parent), "global_steps in its model states"
     name = weights.name.lower()
     if name.endswith(TORCH_SUFFIXES):
         state = weights.parent / "trainer_state.json"
@@ -529,6 +538,7 @@ class _Listing:
     weights: list[Path] = field(default_factory=list)  # files (and broken links...) not claimed by an index
     weight_dirs: list[Path] = field(default_factory=list)  # directories named like weight files
     dcp_dirs: list[Path] = field(default_factory=list)  # torch.distributed.checkpoint folders (any name)
+    ds_dirs: list[Path] = field(default_factory=list)  # DeepSpeed tag folders (global_step<N>/, or any tag)
     dirs: list[Path] = field(default_factory=list)  # every subdirectory
     problems: dict[Path, tuple[str, str]] = field(default_factory=dict)
     ignored: list[Path] = field(default_factory=list)  # trainer state
@@ -571,6 +581,7 @@ def _list(directory: Path) -> _Listing:
     out.dirs = [p for p in entries if p.is_dir()]
     # a DCP folder is a checkpoint whatever its name (Lightning's epoch=0-step=23.ckpt/ is one)
     out.dcp_dirs = [p for p in out.dirs if dcp_folder(p) is not None]
+    out.ds_dirs = [p for p in out.dirs if p not in out.dcp_dirs and is_deepspeed_tag_folder(p)]
     dirs = set(out.dirs)
     candidates = []
     for p in entries:
@@ -639,6 +650,8 @@ def _expand_directory(
     """
     if dcp_folder(directory) is not None:  # its other files (Lightning's meta.pt) are not weights
         return [_Found(directory, directory)], [], []
+    if is_deepspeed_tag_folder(directory):  # its model and optimizer states are one checkpoint
+        return [_deepspeed_found(directory)], [], []
     try:
         own = _list(directory)
     except OSError as exc:
@@ -655,6 +668,9 @@ def _expand_directory(
                 ignored.append(sub)  # accelerate's optimizer_0/: optimizer state only
             else:
                 found.append(_Found(sub, sub))
+            continue
+        if sub in own.ds_dirs:  # a DeepSpeed tag folder: one checkpoint, read by formats.deepspeed
+            found.append(_deepspeed_found(sub))
             continue
         there = _resolve(sub)
         if there is not None and here is not None and (there == here or there in here.parents):
@@ -690,9 +706,15 @@ def _expand_directory(
         elif listing.dcp_dirs:
             names = ", ".join(d.name for d in listing.dcp_dirs[:3]) + (", ..." if len(listing.dcp_dirs) > 3 else "")
             notes.append((sub, f"ignored: holds DCP checkpoint folders ({names}); pass {sub.name}/ to audit them"))
+        elif listing.ds_dirs:
+            names = ", ".join(d.name for d in listing.ds_dirs[:3]) + (", ..." if len(listing.ds_dirs) > 3 else "")
+            notes.append((sub, f"ignored: holds DeepSpeed checkpoint folders ({names}); pass {sub.name}/ to audit "
+                               "them"))
         elif parse_step(sub.name) is not None or (sub / "trainer_state.json").exists():
             notes.append((sub, "ignored: looks like a checkpoint folder but holds no model weights "
                                "(model.safetensors, pytorch_model.bin, ...)"))
+    if own.ds_dirs:
+        notes += _latest_notes(directory, own.ds_dirs)
     own_weights, own_extra = _model_weights(own)
     all_model = all(p.name in HF_WEIGHT_NAMES for p in own.weights + own.weight_dirs)
     if not found and own_weights is not None and all_model:  # the directory is itself one checkpoint folder
@@ -715,6 +737,35 @@ def _expand_directory(
                 notes = [(p, m) for p, m in notes if p != inner_dir]
                 return inner, ignored + own.ignored + inner_ignored, notes + own.notes + inner_notes
     return found, ignored + own.ignored, notes + own.notes
+
+
+def _deepspeed_found(tag: Path) -> _Found:
+    """A DeepSpeed tag folder as a checkpoint: the folder, known by its (rank 0) model-states file.
+
+    The file is what clip edits at ZeRO 0-2 (its ``module`` entry); opening it reads the
+    whole tag folder (:class:`auditclip.readers._DeepSpeedSource`), never the file alone.
+    A folder without rank 0's model states is opened as is: the reader says what is missing.
+    """
+    return _Found(tag, deepspeed_model_states(tag) or tag)
+
+
+def _latest_notes(run: Path, tag_dirs: list[Path]) -> list[tuple[Path, str]]:
+    """A note when a DeepSpeed run's ``latest`` names another tag than the one with the highest step.
+
+    ``engine.load_checkpoint(run)`` resumes from the tag ``latest`` names; every tag is
+    audited in step order all the same, so a ``latest`` that points back (a resumed run
+    that saved under an older tag, a hand edit) or at nothing is said, not followed.
+    """
+    latest = latest_tag(run)
+    tags = [t for t in deepspeed_tags(run) if t.folder in tag_dirs]
+    if latest is None or not tags or latest == tags[-1].name:
+        return []
+    if not any(t.name == latest for t in tags):
+        return [(run / "latest", f"names the tag {latest!r}, which is no DeepSpeed checkpoint folder here; "
+                                 f"the tags found ({', '.join(t.name for t in tags[:3])}"
+                                 f"{', ...' if len(tags) > 3 else ''}) are audited in step order")]
+    return [(run / "latest", f"names {latest}, not {tags[-1].name} (the tag with the highest step): DeepSpeed "
+                             f"resumes from {latest}; every tag is audited in step order")]
 
 
 def _resolve(path: Path) -> Path | None:
@@ -833,13 +884,18 @@ def _expand(
                     detail = "".join(f"; {_render(p, m, None)}" for p, m in why[:3])
                     raise NoCheckpointsError(
                         f"no checkpoints in {match} (looked for .safetensors, .pt, .pth, .bin, .ckpt, "
-                        f"*.index.json, checkpoint-*/ folders and DCP folders with a .metadata); pass the folder "
+                        f"*.index.json, checkpoint-*/ folders, DCP folders with a .metadata and DeepSpeed "
+                        f"global_step*/ folders); pass the folder "
                         f"that holds them or a glob{detail}"
                     )
                 if len(inputs) == 1 and len(matches) == 1 and entries[0].path != match:
                     root = match  # labels are relative to the run directory the user named
                 found += entries
                 ignored += skipped
+            elif is_deepspeed_file(match):
+                # a model- or optimizer-states file is one part of its tag folder (ZeRO-3's model states hold
+                # only placeholders): the folder is the checkpoint, found once however many files matched
+                found.append(_deepspeed_found(match.parent))
             elif _TRAINER_STATE.match(match.name):
                 ignored.append(match)  # optimizer.pt & co. from a glob such as checkpoint-*/*.pt
             elif dcp_folder(match) is not None:  # a DCP folder's .metadata named: the folder is the checkpoint
@@ -1026,8 +1082,10 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
     """
     by_size: dict[int, list[tuple[Checkpoint, os.stat_result]]] = {}
     for c in checkpoints:
-        if c.problem is not None or c.weights.name.lower().endswith(".index.json") or c.weights.is_dir():
-            continue  # DCP folders: their .metadata match whenever two steps have one layout
+        if c.problem is not None or c.weights.name.lower().endswith(".index.json") or c.weights.is_dir() \
+                or is_deepspeed_file(c.weights):
+            continue  # DCP folders: their .metadata match whenever two steps have one layout; DeepSpeed's
+            # model states are one file of many (ZeRO-3's weights are all in the optimizer files)
         try:
             st = c.weights.stat()
         except OSError:

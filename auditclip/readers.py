@@ -17,6 +17,10 @@ A :class:`TensorReader` gives one checkpoint's tensors by name, one at a time:
   unpickler of :mod:`auditclip.safe_pickle` (foreign objects such as Lightning
   hyper-parameters become inert placeholders; code-like globals are refused).
   Tensors that are one region of one storage (tied weights) are listed once.
+  A dict carrying DeepSpeed's ``param_shapes``/``ds_config`` whose parameters are
+  empty (a ZeRO-3 model-states file out of its folder) is refused: placeholders;
+* ``torch.distributed.checkpoint`` folders and DeepSpeed checkpoints (a tag folder, a
+  file of one, a run folder with ``latest``) through :mod:`auditclip.formats`.
 
 Why ``pread`` and not a memory map: a mapped file that is truncated while it is
 read (``torch.save`` over an existing name during a live run does exactly that)
@@ -331,6 +335,7 @@ class _TorchSource(_Source):
             obj, self._lazy = _load_torch(self._file)
             state = find_state_dict(obj, path, key)
             tensors = tensors_of(state, path)
+            _refuse_deepspeed_placeholders(obj, tensors, path)
             self._tensors = untie(tensors, self._lazy)
             #: stored name left out as a tied copy -> the stored name it is tied to
             self.tied = _tied_to(tensors, self._tensors, self._lazy)
@@ -380,6 +385,39 @@ class _TorchSource(_Source):
     def close(self) -> None:
         self._tensors = {}
         self._file.close()
+
+
+def _refuse_deepspeed_placeholders(obj: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse a DeepSpeed ZeRO-3 model-states dict read as a plain state dict: its parameters are placeholders.
+
+    Files named as DeepSpeed names them go to :class:`_DeepSpeedSource`; this catches one
+    renamed or copied out of its tag folder. A dict carrying DeepSpeed's ``param_shapes`` or
+    ``ds_config`` whose float tensors (buffers aside) are all empty, or where one is empty
+    that ``param_shapes`` gives a size, holds no weights: auditing it would pass any gate.
+    """
+    if not isinstance(obj, Mapping) or not ("param_shapes" in obj or "ds_config" in obj):
+        return
+    names = obj.get("buffer_names")
+    buffers = set(names) if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names) else set()
+    floats = {n: t for n, t in tensors.items() if t.is_floating_point() and n not in buffers}
+    empty = [n for n, t in floats.items() if t.numel() == 0]
+    if not empty:
+        return
+    sized: set[str] = set()
+    groups = obj.get("param_shapes")
+    for group in groups if isinstance(groups, list | tuple) else []:
+        if isinstance(group, Mapping):
+            sized |= {str(n) for n, shape in group.items()
+                      if isinstance(shape, torch.Size | tuple | list) and math.prod(shape) > 0}
+    if len(empty) < len(floats) and not sized & set(empty):
+        return
+    raise CheckpointError(path, f"a DeepSpeed ZeRO-3 model-states file: its parameters ({', '.join(empty[:3])}"
+                                f"{', ...' if len(empty) > 3 else ''}) are empty placeholders of shape [0]; the "
+                                "weights live in the zero_pp_rank_*_mp_rank_00_optim_states.pt files of its "
+                                "global_step<N>/ tag folder. Audit the tag folder (or the run folder holding "
+                                "`latest`) with this file in it under its DeepSpeed name, or consolidate the weights "
+                                "with DeepSpeed's own script, saved in the run folder: python zero_to_fp32.py "
+                                "RUN_DIR OUTPUT_DIR --tag global_step<N>, then audit OUTPUT_DIR", kind="unsupported")
 
 
 def _zip_byteorder(f: PinnedFile) -> str | None:
@@ -963,10 +1001,101 @@ class _DcpSource(_Source):
             raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {_one_line(exc)}") from exc
 
 
+class _DeepSpeedSource(_Source):
+    """A DeepSpeed checkpoint (:mod:`auditclip.formats.deepspeed`): a tag folder, a file in one, or a run folder.
+
+    The model's parameters and buffers with their full shapes, read one at a time:
+    at ZeRO 0-2 the ``module`` weights (what the model runs with, bf16/fp16 in mixed
+    precision), at ZeRO-3 the fp32 master copy reassembled from every rank's optimizer
+    file (the module states hold only empty placeholders, never read). ``key``:
+    ``master`` reads the fp32 master copy at ZeRO 1-2 too, ``module`` insists on the
+    module weights (refused at ZeRO-3). One note names the copy read.
+    """
+
+    KEYS = ("module", "master")
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
+        # imported here: formats.deepspeed reads its files through this module's PinnedFile
+        from .formats.deepspeed import read_deepspeed_index
+
+        if key is not None and key not in self.KEYS:
+            raise CheckpointError(path, f"a DeepSpeed checkpoint has no entry {key!r} to pick: --key module reads "
+                                        "the weights the model runs with, --key master the fp32 master copy of "
+                                        "the optimizer files (ZeRO 1-3)", kind="unsupported")
+        self.index = read_deepspeed_index(path)
+        self.path = self.index.folder
+        self.metadata: dict[str, str] = {}
+        self.tied = dict(self.index.shared)
+        index = self.index
+        self._source = key or index.default_source
+        params = [e for e in index.tensors.values() if e.role == "parameter"]
+        if self._source == "master":
+            lacking = [e.name for e in params if not e.master_dtype]
+            if lacking:
+                raise CheckpointError(index.folder, f"--key master: {lacking[0]} has no fp32 master copy here (ZeRO "
+                                                    f"stage {index.zero_stage}, {index.world_size} optimizer "
+                                                    "file(s)): "
+                                                    + ("ZeRO-0 saves it as a list without names"
+                                                       if index.zero_stage == 0 else "the optimizer files are missing")
+                                                    + "; read the module weights (no --key)", kind="unsupported")
+        elif index.zero_stage == 3 and params:
+            raise CheckpointError(index.folder, "--key module: the module states of a ZeRO-3 checkpoint hold only "
+                                                "empty placeholders; its weights are the fp32 master copy (no --key)",
+                                  kind="unsupported")
+        note(self._which_copy())
+
+    def _which_copy(self) -> str:
+        """One note for every checkpoint of a run (no path in it): which copy of the weights was read."""
+        index = self.index
+        stage = f"DeepSpeed ZeRO-{index.zero_stage} checkpoints"
+        if self._source == "master":
+            how = ("reassembled from every rank's zero_pp_rank_*_optim_states.pt partitions"
+                   if index.zero_stage == 3 else "from the zero_pp_rank_*_optim_states.pt files (--key master)")
+            return (f"{stage}: the parameters are the fp32 master copy {how}, as zero_to_fp32.py gives them; "
+                    "buffers and frozen parameters as saved")
+        dtypes = sorted({e.module_dtype for e in index.tensors.values() if e.role == "parameter" and e.module_dtype})
+        more = "; --key master reads the fp32 master copy" if index.zero_stage in (1, 2) else ""
+        return (f"{stage}: the module weights are read (what the model runs with, "
+                f"{'/'.join(dtypes) or 'as saved'}){more}")
+
+    def _master(self, raw: str) -> bool:
+        entry = self.index.tensor(raw)
+        return self._source == "master" and entry.role == "parameter"
+
+    def raw_names(self) -> list[str]:
+        return list(self.index.tensors)
+
+    def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
+        entry = self.index.tensor(raw)
+        dtype = entry.master_dtype if self._master(raw) else entry.module_dtype
+        return dtype or "unknown", entry.shape
+
+    def raw_get(self, raw: str) -> torch.Tensor:
+        from .formats.deepspeed import read_deepspeed_tensor
+
+        try:
+            return read_deepspeed_tensor(self.index, raw, self._source)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {_one_line(exc)}") from exc
+
+
+def _is_deepspeed(path: Path) -> bool:
+    """A DeepSpeed checkpoint by its names: a model/optimizer-states file, a tag folder, a run folder."""
+    from .formats.deepspeed import is_deepspeed_file, is_deepspeed_run, is_deepspeed_tag_folder
+
+    if path.is_dir():
+        return is_deepspeed_tag_folder(path) or is_deepspeed_run(path)
+    return is_deepspeed_file(path)
+
+
 def _open_source(path: Path, key: str | None) -> _Source:
     folder = dcp_folder(path)
     if folder is not None:
         return _DcpSource(folder, key)
+    if _is_deepspeed(path):  # never the model-states file alone: ZeRO-3's holds only placeholders
+        return _DeepSpeedSource(path, key)
     name = path.name.lower()
     if name.endswith(".index.json"):
         return _ShardedSource(path, key)
@@ -1075,15 +1204,19 @@ def open_checkpoint_file(path: str | Path, key: str | None = None) -> TensorRead
     ``key`` selects the entry of a PyTorch container holding the state dict
     (for example ``ema``); without it the usual wrappers are searched. A
     ``torch.distributed.checkpoint`` folder (or its ``.metadata``) gives its model
-    tensors (:class:`_DcpSource`).
+    tensors (:class:`_DcpSource`). A DeepSpeed tag folder (``global_step<N>/``), a
+    ``*model_states.pt``/``*optim_states.pt`` file in one, or a run folder with
+    ``latest`` gives the model's tensors of that tag (:class:`_DeepSpeedSource`;
+    ``key``: ``module`` or ``master``).
 
     >>> reader = open_checkpoint_file("run/step_100.safetensors")  # doctest: +SKIP
     >>> reader.names()[:2]  # doctest: +SKIP
     ['fc1.bias', 'fc1.weight']
     """
     path = Path(path)
-    if dcp_folder(path) is None and not path.is_file():
-        what = "a folder, not a checkpoint file (nor a torch.distributed.checkpoint folder: no .metadata in it)"
+    if dcp_folder(path) is None and not path.is_file() and not (path.is_dir() and _is_deepspeed(path)):
+        what = ("a folder, not a checkpoint file (nor a torch.distributed.checkpoint folder: no .metadata in it; "
+                "nor a DeepSpeed one: no latest file, no *model_states.pt)")
         raise CheckpointError(path, what if path.is_dir() else "no such file")
     return TensorReader(_open_source(path, key))
 

@@ -10,12 +10,9 @@ consolidation, ``get_fp32_state_dict_from_zero_checkpoint``.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +22,16 @@ import torch
 from auditclip.errors import CheckpointError
 from auditclip.formats import deepspeed as ds
 from auditclip.formats.deepspeed import deepspeed_tags, read_deepspeed_index, read_deepspeed_tensor
+from deepspeed_runs import deepspeed_runs
 
-SCRIPT = Path(__file__).parent / "scripts" / "deepspeed_train.py"
 TAGS = ["global_step2", "global_step3"]
 RUNS = ["2_bf16", "3_fp32", "0_bf16"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # find_spec, not importorskip: importing deepspeed here would set up its accelerator in this process
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed")
-    out = tmp_path_factory.mktemp("deepspeed")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "2", *(r.replace("_", ":") for r in RUNS)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    skip = [line for line in proc.stdout.splitlines() if line.startswith("SKIP ")]
-    if skip:
-        pytest.skip(skip[0][5:])
-    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out
+    # trained once per session (tests/deepspeed_runs.py), shared with tests/test_deepspeed_runs.py
+    return deepspeed_runs(tmp_path_factory, tuple(r.replace("_", ":") for r in RUNS))
 
 
 def _expected(runs: Path, run: str, tag: str, kind: str) -> dict[str, torch.Tensor]:

@@ -108,9 +108,9 @@ from auditclip.readers import PinnedFile, _load_torch, read_strided
 from auditclip.safe_pickle import Placeholder
 
 __all__ = [
-    "LATEST_FILE", "DeepSpeedIndex", "DeepSpeedPiece", "DeepSpeedTag", "DeepSpeedTensor",
-    "deepspeed_tags", "is_deepspeed_file", "is_deepspeed_run", "is_deepspeed_tag_folder", "iter_deepspeed_tensors",
-    "read_deepspeed_index", "read_deepspeed_tensor",
+    "LATEST_FILE", "DeepSpeedIndex", "DeepSpeedPiece", "DeepSpeedTag", "DeepSpeedTensor", "consolidate_command",
+    "deepspeed_model_states", "deepspeed_step", "deepspeed_tags", "is_deepspeed_file", "is_deepspeed_optim_file", "is_deepspeed_run",
+    "is_deepspeed_tag_folder", "iter_deepspeed_tensors", "latest_tag", "read_deepspeed_index", "read_deepspeed_tensor",
 ]
 
 #: The file in a run folder naming the tag last saved.
@@ -266,6 +266,92 @@ def is_deepspeed_file(path: str | os.PathLike[str]) -> bool:
     """
     name = Path(path).name
     return any(p.fullmatch(name) for p in (_MODEL_STATES, _ZERO3_MODEL_STATES, _OPTIM_STATES, _PIPELINE, _EXPERT))
+
+
+def is_deepspeed_optim_file(path: str | os.PathLike[str]) -> bool:
+    """True for a file named as DeepSpeed names a rank's optimizer states (nothing is read).
+
+    >>> is_deepspeed_optim_file("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    True
+    >>> is_deepspeed_optim_file("zero_pp_rank_1_mp_rank_00_model_states.pt")
+    False
+    """
+    return bool(_OPTIM_STATES.fullmatch(Path(path).name))
+
+
+def latest_tag(run: str | os.PathLike[str]) -> str | None:
+    """The tag a run folder's ``latest`` file names (what ``engine.load_checkpoint(run)`` resumes from), or None.
+
+    None when there is no such file, or it does not hold one plausible tag (a name
+    inside the run; it is not checked to exist).
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> run = Path(tempfile.mkdtemp())
+    >>> latest_tag(run)
+    >>> _ = (run / "latest").write_text("global_step7")
+    >>> latest_tag(run)
+    'global_step7'
+    """
+    return _read_latest(Path(run))
+
+
+def deepspeed_model_states(folder: str | os.PathLike[str]) -> Path | None:
+    """The model-states file a tag folder is known by: ``mp_rank_00_model_states.pt`` (ZeRO 0-2), else
+    rank 0's ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (ZeRO-3); None if it has neither (names only).
+
+    The file names the checkpoint; reading it alone is never right at ZeRO-3 (placeholders):
+    :func:`read_deepspeed_index` takes it and reads its whole tag folder.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> tag = Path(tempfile.mkdtemp())
+    >>> _ = (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    >>> deepspeed_model_states(tag).name
+    'zero_pp_rank_0_mp_rank_00_model_states.pt'
+    """
+    folder = Path(folder)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def deepspeed_step(folder: str | os.PathLike[str]) -> int | None:
+    """The step of a tag folder: from its name (``global_step<N>``), else the ``global_steps`` its model states store.
+
+    Only the pickle of the model-states file is read (onto the meta device: no
+    tensor data); anything unreadable gives None (it is reported when the tag is read).
+
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> tag = Path(tempfile.mkdtemp()) / "best"
+    >>> tag.mkdir()
+    >>> torch.save({"module": {}, "global_steps": 40}, tag / "mp_rank_00_model_states.pt")
+    >>> deepspeed_step(tag), deepspeed_step(tag.parent / "global_step12")
+    (40, 12)
+    """
+    folder = Path(folder)
+    step = _tag_step(folder.name)
+    if step is not None:
+        return step
+    try:
+        model = deepspeed_model_states(folder)
+        if model is None:
+            return None
+        saved = _Loaded(folder, model.name).obj.get("global_steps")
+    except Exception:  # a broken file: reported when the tag is read
+        return None
+    return saved if isinstance(saved, int) and not isinstance(saved, bool) and saved >= 0 else None
+
+
+def consolidate_command(run: str | os.PathLike[str], tag: str) -> str:
+    """What to do with a DeepSpeed checkpoint auditclip does not read: DeepSpeed's own consolidation command.
+
+    >>> print(consolidate_command("out/run", "global_step3"))
+    consolidate it with DeepSpeed's own script, saved in the run folder: cd out/run && python zero_to_fp32.py . OUTPUT_DIR --tag global_step3, then audit OUTPUT_DIR
+    """
+    return _consolidate(Path(run), tag)
 
 
 def _tag_step(name: str) -> int | None:
@@ -484,8 +570,9 @@ def read_deepspeed_index(path: str | os.PathLike[str]) -> DeepSpeedIndex:
         extra = sorted(set(optim) - set(range(world)))
         if missing or extra:
             prefix = "bf16_" if True in prefixes else ""
-            raise CheckpointError(folder / f"{prefix}zero_pp_rank_{(missing or extra)[0]}_mp_rank_00_optim_states.pt",
-                                  f"{'missing' if missing else 'unexpected'}: the checkpoint is partitioned over "
+            name = f"{prefix}zero_pp_rank_{(missing or extra)[0]}_mp_rank_00_optim_states.pt"
+            raise CheckpointError(folder / name,  # named in the message too: errors.csv has no path column
+                                  f"{name} {'missing' if missing else 'unexpected'}: the checkpoint is partitioned over "
                                   f"{world} rank(s) and {len(optim)} optimizer file(s) are here (rank(s) "
                                   f"{missing or extra} {'absent' if missing else 'beyond them'}): a rank did not "
                                   "finish saving, or an older save was overwritten", kind="missing_shard")

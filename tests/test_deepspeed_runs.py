@@ -1,0 +1,239 @@
+"""DeepSpeed runs written by DeepSpeed itself, end to end through discovery, the reader and the CLI.
+
+The runs (``tests/deepspeed_runs.py``: two data-parallel ranks on CPU, ZeRO-2 in bf16 and
+ZeRO-3 in fp32, saves at steps 2 and 3) come with what DeepSpeed itself says the weights
+are: ``get_fp32_state_dict_from_zero_checkpoint`` (its ``zero_to_fp32.py`` consolidation)
+and the engine's own ``module.state_dict()`` at save time. Those are saved here as
+safetensors and audited too: the statistics of the DeepSpeed run must equal them.
+
+Which copy is compared: at ZeRO-3 the fp32 master copy (the only one: the model-states
+files hold shape-[0] placeholders) against DeepSpeed's fp32 consolidation; at ZeRO-2 the
+default module weights (bf16, what the model runs with) against the engine's
+``module.state_dict()``, and ``--key master`` against the fp32 consolidation.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from auditclip.checkpoints import open_run
+from auditclip.cli import cli
+from auditclip.errors import CheckpointError
+from auditclip.kinds import tensor_kind
+from auditclip.readers import open_checkpoint_file
+from conftest import save_safetensors
+from deepspeed_runs import deepspeed_runs
+
+STEPS = (2, 3)
+MOMENTS = ("mean", "std", "abs_max", "l2_norm")
+ZERO3_RANK0 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The DeepSpeed runs, and DeepSpeed's own view of their weights as safetensors runs."""
+    out = deepspeed_runs(tmp_path_factory)
+    base = tmp_path_factory.mktemp("deepspeed-expected")
+    expected: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
+    for run, kind in (("3_fp32", "fp32"), ("2_bf16", "fp32"), ("2_bf16", "module")):
+        expected[run, kind] = {}
+        for step in STEPS:
+            saved = torch.load(out / run / "expected" / f"global_step{step}.{kind}.pt", weights_only=True)
+            sd = {k: v.detach() for k, v in saved.items()}  # zero_to_fp32 hands back Parameters
+            expected[run, kind][step] = sd
+            save_safetensors(base / f"{run}-{kind}" / f"global_step{step}.safetensors", sd)
+    return {"out": out, "zero3": out / "3_fp32" / "run", "zero2": out / "2_bf16" / "run", "base": base,
+            "expected": expected}
+
+
+def _cli(*args: str) -> Any:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    return result
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _by_step(rows: list[dict[str, str]]) -> dict[tuple[int, str], dict[str, str]]:
+    return {(int(r["step"]), r["tensor"]): r for r in rows}
+
+
+def _assert_same_stats(got_out: Path, want_out: Path) -> None:
+    got, want = _by_step(_rows(got_out / "stats.csv")), _by_step(_rows(want_out / "stats.csv"))
+    assert got.keys() == want.keys() and len(want) > 2
+    for where, row in want.items():
+        assert (got[where]["dtype"], got[where]["shape"]) == (row["dtype"], row["shape"]), where
+        for column in MOMENTS:
+            if row[column] == "":
+                assert got[where][column] == "", (where, column)
+            else:
+                assert float(got[where][column]) == pytest.approx(float(row[column]), rel=1e-6, abs=1e-12), \
+                    (where, column)
+    got_drift, want_drift = _by_step(_rows(got_out / "drift.csv")), _by_step(_rows(want_out / "drift.csv"))
+    assert got_drift.keys() == want_drift.keys() and len(want_drift) > 0
+    for where, row in want_drift.items():
+        if row["rel_l2_change"]:
+            assert float(got_drift[where]["rel_l2_change"]) == pytest.approx(float(row["rel_l2_change"]), rel=1e-6)
+
+
+# --- discovery --------------------------------------------------------------------------------
+
+def test_a_run_folder_is_its_tags_in_step_order(runs: dict[str, Any]) -> None:
+    for key in ("zero2", "zero3"):
+        run = open_run(runs[key])
+        assert [(c.label, c.step, c.format) for c in run] == [("global_step2", 2, "deepspeed"),
+                                                              ("global_step3", 3, "deepspeed")]
+        assert run.notes == [] and run.ignored == []  # latest names the last tag; optimizer files are read
+        # a tag folder alone is one checkpoint
+        assert [(c.label, c.step) for c in open_run(runs[key] / "global_step2")] == [("global_step2", 2)]
+    # any file of a ZeRO-3 tag, given or globbed, is its tag folder (rank 1's model states, optimizer files...)
+    one = open_run(runs["zero3"] / "global_step3" / "zero_pp_rank_1_mp_rank_00_model_states.pt")
+    assert [(c.label, c.step, c.format, c.path.name) for c in one] == [("global_step3", 3, "deepspeed", "global_step3")]
+    globbed = open_run(str(runs["zero3"] / "*" / "*.pt"))
+    assert [(c.label, c.step) for c in globbed] == [("global_step2", 2), ("global_step3", 3)]
+
+
+def test_the_reader_lists_full_shapes_never_placeholders(runs: dict[str, Any]) -> None:
+    fp32 = runs["expected"]["3_fp32", "fp32"][3]
+    with open_checkpoint_file(runs["zero3"] / "global_step3" / ZERO3_RANK0) as reader:
+        infos = {n: reader.info(n) for n in reader.names()}
+        assert {n: tuple(i.shape) for n, i in infos.items()} == {n: tuple(t.shape) for n, t in fp32.items()}
+        assert all(i.numel > 0 for i in infos.values())
+        assert all(torch.equal(reader.get(n), fp32[n]) for n in fp32)
+    # --key picks the copy; other entries are refused by name
+    with pytest.raises(CheckpointError, match="placeholders") as err:
+        open_checkpoint_file(runs["zero3"], key="module")
+    assert err.value.kind == "unsupported"
+    with pytest.raises(CheckpointError, match="--key module .* --key master"):
+        open_checkpoint_file(runs["zero2"], key="ema")
+
+
+# --- drift: the statistics DeepSpeed's own consolidation gives ---------------------------------
+
+def test_drift_of_a_zero3_run_equals_zero_to_fp32(runs: dict[str, Any], tmp_path: Path) -> None:
+    result = _cli("drift", str(runs["zero3"]), "--out", str(tmp_path / "ds"))
+    assert result.exit_code == 0, result.output
+    assert "ZeRO-3 checkpoints: the parameters are the fp32 master copy reassembled" in result.output
+    assert _cli("drift", str(runs["base"] / "3_fp32-fp32"), "--out", str(tmp_path / "st")).exit_code == 0
+    _assert_same_stats(tmp_path / "ds", tmp_path / "st")
+    rows = _rows(tmp_path / "ds" / "stats.csv")
+    assert [r["checkpoint"] for r in rows if r["tensor"] == "__all__"] == ["global_step2", "global_step3"]
+    # an independent check of the values: numpy on DeepSpeed's consolidated weights
+    for r in rows:
+        if r["tensor"] != "__all__":
+            a = runs["expected"]["3_fp32", "fp32"][int(r["step"])][r["tensor"]].double().numpy()
+            assert a.size > 0 and float(r["abs_max"]) == pytest.approx(np.abs(a).max(), rel=1e-6)
+            assert float(r["l2_norm"]) == pytest.approx(np.sqrt((a * a).sum()), rel=1e-6)
+
+
+def test_drift_of_a_zero2_run_reads_the_module_weights_and_key_master_the_fp32_copy(
+        runs: dict[str, Any], tmp_path: Path) -> None:
+    result = _cli("drift", str(runs["zero2"]), "--out", str(tmp_path / "ds"))
+    assert result.exit_code == 0, result.output
+    assert "ZeRO-2 checkpoints: the module weights are read (what the model runs with, bfloat16)" in result.output
+    # the bf16 weights the engine's module held at save time
+    assert _cli("drift", str(runs["base"] / "2_bf16-module"), "--out", str(tmp_path / "st")).exit_code == 0
+    _assert_same_stats(tmp_path / "ds", tmp_path / "st")
+    assert {r["dtype"] for r in _rows(tmp_path / "ds" / "stats.csv") if r["tensor"].endswith("weight")} == {"bfloat16"}
+
+    result = _cli("drift", str(runs["zero2"]), "--key", "master", "--out", str(tmp_path / "master"))
+    assert result.exit_code == 0, result.output
+    assert "fp32 master copy from the zero_pp_rank_*_optim_states.pt files (--key master)" in result.output
+    assert _cli("drift", str(runs["base"] / "2_bf16-fp32"), "--out", str(tmp_path / "fp32")).exit_code == 0
+    _assert_same_stats(tmp_path / "master", tmp_path / "fp32")
+
+
+# --- flag: a gate never passes on placeholders --------------------------------------------------
+
+def test_flag_max_abs_on_a_zero3_run_flags_what_numpy_says(runs: dict[str, Any], tmp_path: Path) -> None:
+    fp32 = runs["expected"]["3_fp32", "fp32"]
+    gated = [n for n in fp32[3] if tensor_kind(n)[0] != "buffer"]  # no buffer names here: every tensor
+    values = np.concatenate([fp32[s][n].abs().flatten().numpy() for s in STEPS for n in gated])
+    limit = float(f"{float(np.quantile(values, 0.9)):.6g}")
+    result = _cli("flag", str(runs["zero3"]), "--max-abs", f"{limit}", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1, result.output
+    expected = {}
+    for s in STEPS:
+        for n in gated:
+            a = fp32[s][n].double().numpy()
+            if (np.abs(a) > limit).any():
+                expected[(s, n)] = (int((np.abs(a) > limit).sum()), float(a.flat[np.argmax(np.abs(a))]))
+    assert 2 <= len(expected) < 2 * len(gated)  # some flagged, some not
+    flagged = {(int(r["step"]), r["tensor"]): (int(r["count"]), float(r["worst_value"]))
+               for r in _rows(tmp_path / "out" / "flags.csv") if r["rule"] == "range"}
+    assert flagged.keys() == expected.keys()
+    for where, (count, worst) in expected.items():
+        assert flagged[where][0] == count and flagged[where][1] == pytest.approx(worst, rel=1e-6)
+
+
+def test_flag_on_a_zero3_model_states_file_alone_never_passes(runs: dict[str, Any], tmp_path: Path) -> None:
+    # the file given on its own: its tag folder is read, and every real value beyond 1e-9 is flagged
+    given = runs["zero3"] / "global_step3" / ZERO3_RANK0
+    result = _cli("flag", str(given), "--max-abs", "1e-9", "--out", str(tmp_path / "given"))
+    assert result.exit_code == 1, result.output
+    fp32 = runs["expected"]["3_fp32", "fp32"][3]
+    flagged = {r["tensor"]: int(r["count"]) for r in _rows(tmp_path / "given" / "flags.csv") if r["rule"] == "range"}
+    assert flagged == {n: int((t.abs() > 1e-9).sum()) for n, t in fp32.items()} and sum(flagged.values()) > 100
+
+    # without the optimizer files nothing holds the weights: an error naming the consolidation, never exit 0
+    tag = shutil.copytree(runs["zero3"] / "global_step3", tmp_path / "run" / "global_step3")
+    for p in tag.glob("*optim_states.pt"):
+        p.unlink()
+    # (no checkpoint of the run is readable: the CLI stops with the error, exit 2)
+    result = _cli("flag", str(tag / ZERO3_RANK0), "--max-abs", "1e-9", "--out", str(tmp_path / "alone"))
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "ZeRO-3 checkpoint without its zero_pp_rank_*_optim_states.pt files" in message
+    assert "placeholders" in message and "python zero_to_fp32.py . OUTPUT_DIR --tag global_step3" in message
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint_file(tag / ZERO3_RANK0)
+    assert err.value.kind == "missing_shard"
+
+    # renamed out of its DeepSpeed name, the generic reader sees param_shapes and empty tensors: refused
+    renamed = shutil.copy(given, tmp_path / "step3.pt")
+    result = _cli("flag", str(renamed), "--max-abs", "1e-9", "--out", str(tmp_path / "renamed"))
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "a DeepSpeed ZeRO-3 model-states file" in message and "python zero_to_fp32.py" in message
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint_file(renamed)
+    assert err.value.kind == "unsupported" and "empty placeholders of shape [0]" in err.value.message
+
+
+# --- broken and odd runs ---------------------------------------------------------------------------
+
+def test_a_missing_rank_file_is_an_error_row_and_the_other_tags_are_audited(
+        runs: dict[str, Any], tmp_path: Path) -> None:
+    run = shutil.copytree(runs["zero3"], tmp_path / "run")
+    (run / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    result = _cli("drift", str(run), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1, result.output
+    errors = _rows(tmp_path / "out" / "errors.csv")
+    assert [(r["checkpoint"], r["error"]) for r in errors] == [("global_step2", "missing_shard")]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in errors[0]["message"] and "2 rank(s)" in errors[0]["message"]
+    stats = _rows(tmp_path / "out" / "stats.csv")
+    assert {r["checkpoint"] for r in stats} == {"global_step3"}
+    assert {r["tensor"] for r in stats} == {*runs["expected"]["3_fp32", "fp32"][3], "__all__"}
+
+
+def test_latest_naming_an_older_tag_is_noted(runs: dict[str, Any], tmp_path: Path) -> None:
+    run = shutil.copytree(runs["zero2"], tmp_path / "run")
+    (run / "latest").write_text("global_step2")
+    listed = open_run(run)
+    assert [c.label for c in listed] == ["global_step2", "global_step3"]  # every tag, in step order
+    assert any("latest: names global_step2, not global_step3" in n for n in listed.notes), listed.notes
+    (run / "latest").write_text("global_step9")
+    assert any("names the tag 'global_step9', which is no DeepSpeed checkpoint folder" in n
+               for n in open_run(run).notes)
