@@ -35,8 +35,10 @@ is :mod:`auditclip.formats.peft`'s business.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +49,11 @@ import torch
 
 from ._version import __version__
 from .clipping import bounds, clip_tensor_outcome
-from .config import ClipSpec
+from .config import ClipSettings, ClipSpec
 from .distances import DRIFT_METRICS, ratio
 from .dtypes import dtype_name
 from .errors import InputError
-from .formats.peft import ADAPTER_CONFIG, AdapterIndex, LoraModule, read_adapter_index
+from .formats.peft import ADAPTER_CONFIG, AdapterIndex, LoraModule, adapter_weights_file, read_adapter_index
 from .notices import note
 from .output import atomic_path
 from .readers import open_checkpoint_file
@@ -409,6 +411,7 @@ def clip_adapter_folder(src: str | Path, dst: str | Path, spec: ClipSpec | str, 
     label = f"adapter {mode}: {spec}" + (f"; others: {other_spec}" if other_spec else "")
     rows: list[dict[str, Any]] = []
     factor_of = {n: m for m in index.modules for n in (m.a_name, m.b_name) if n is not None}
+    kinds = index.kinds()
     pending: dict[str, dict[str, torch.Tensor]] = {}  # module -> factors clipped but not yet written
 
     with open_checkpoint_file(index.weights) as reader:
@@ -428,6 +431,8 @@ def clip_adapter_folder(src: str | Path, dst: str | Path, spec: ClipSpec | str, 
                     del pending[m.module]
                 return t
             chosen = spec if (m is not None and mode == "factors") else other_spec if m is None else None
+            if m is None and kinds.get(name, ("",))[0] == "buffer":
+                chosen = None  # a buffer a modules_to_save copy holds: left alone, as clip leaves buffers
             if chosen is None or not info.is_float:
                 return reader.get(name) if info.is_float else reader.raw_bytes(name)
             t = reader.get(name)
@@ -456,9 +461,59 @@ def clip_adapter_folder(src: str | Path, dst: str | Path, spec: ClipSpec | str, 
     if mode == "delta" and any(r["residual"] > 0 for r in rows if r["mode"] == "delta"):
         worst = max(r["residual"] for r in rows if r["mode"] == "delta")
         note(f"clip: a clipped LoRA update has rank above r; it was refactored to rank r by truncated SVD "
-             f"(largest relative residual {worst:.3g}, see the 'residual' column)")
+             f"(largest relative residual {worst:.3g}; each module's is in the clip report)")
     report = pd.DataFrame(sorted(rows, key=lambda row: row["tensor"])).reindex(columns=[*DELTA_CLIP_COLUMNS])
     return AdapterClipResult(report, written, index)
+
+
+def clip_adapter_checkpoint(folder: str | Path, dst: str | Path, settings: ClipSettings, *, label: str = "",
+                            dry_run: bool = False) -> pd.DataFrame:
+    """``clip --adapter-mode delta`` of one adapter folder: the ``clip_report.csv`` rows.
+
+    Each LoRA module's update ΔW is clipped to ``settings.spec`` and refactored into rank-r
+    factors (:func:`clip_adapter_folder`, ``mode="delta"``); other stored tensors
+    (``modules_to_save`` copies, ``lora_B`` biases) are clipped to the same spec as
+    ordinary tensors, buffers left alone. ``dst``: the output weights file; its folder
+    receives the weights and ``adapter_config.json``. One spec for every update: per-pattern
+    overrides, ``--include``/``--exclude`` and ``--protect`` are refused (:class:`InputError`),
+    since an update is no stored tensor they could name element by element. A ΔW row's
+    ``spec`` gives the relative residual of the refactoring (``on ΔW, residual 0.012``).
+
+    >>> import json, tempfile
+    >>> from safetensors.torch import save_file
+    >>> src = Path(tempfile.mkdtemp())
+    >>> _ = (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2}))
+    >>> save_file({"base_model.model.fc.lora_A.weight": torch.tensor([[1.0, 1.0]]),
+    ...            "base_model.model.fc.lora_B.weight": torch.tensor([[1.0], [4.0]])},
+    ...           str(src / "adapter_model.safetensors"))
+    >>> out = Path(tempfile.mkdtemp()) / "adapter_model.safetensors"
+    >>> row = clip_adapter_checkpoint(src, out, ClipSettings(ClipSpec.parse("max_abs=4"))).iloc[0]
+    >>> row["kind"], row["spec"].split(",")[0], int(row["n_clipped"]), round(float(row["abs_max_after"]), 6)
+    ('adapter_delta', 'max_abs=4 on ΔW', 2, 4.0)
+    """
+    from .clipping import CLIP_REPORT_COLUMNS
+
+    if settings.spec is None or settings.overrides or settings.include or settings.exclude or settings.protect \
+            or settings.protect_top:
+        raise InputError("--adapter-mode delta clips every LoRA module's update ΔW to one spec (--max-abs, --range, "
+                         "--percentile or --sigma); per-pattern overrides, --include/--exclude and --protect name "
+                         "stored tensors, which ΔW is not: use --adapter-mode factors with them")
+    dst = Path(dst)
+    weights = adapter_weights_file(folder)
+    if weights is not None and dst.name != weights.name:
+        raise InputError(f"--adapter-mode delta writes the adapter as peft saved it ({weights.name}); "
+                         f"it cannot write {dst.name} (leave out --to)")
+    with contextlib.ExitStack() as stack:
+        target = Path(stack.enter_context(tempfile.TemporaryDirectory())) if dry_run else dst.parent
+        result = clip_adapter_folder(folder, target, settings.spec, mode="delta",
+                                     others=None if settings.spec.kind == "none" else settings.spec)
+    kinds = result.index.kinds() if result.index is not None else {}
+    rows = []
+    for r in result.report.to_dict("records"):
+        kind, rule = kinds.get(r["tensor"], ("adapter", ADAPTER_CONFIG))
+        spec = f"{r['spec']} on ΔW, residual {r['residual']:.3g}" if r["mode"] == "delta" else r["spec"]
+        rows.append({**r, "checkpoint": label, "kind": kind, "kind_rule": rule, "spec": spec, "n_protected": 0})
+    return pd.DataFrame(rows, columns=list(CLIP_REPORT_COLUMNS))
 
 
 def _copy_bytes(src: Path, dst: Path) -> Path:

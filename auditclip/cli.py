@@ -311,7 +311,7 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 @cli.command()
 @click.argument("src", nargs=-1, required=True)
 @use("out", "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "to", "buffers", "force", "dry_run",
-     "drop_trainer_state", "sort", "key", "include", "exclude", "override", "config", "model",
+     "drop_trainer_state", "adapter_mode", "sort", "key", "include", "exclude", "override", "config", "model",
      help={"out": "Directory for the clipped checkpoints.", "range": "Clip every selected tensor to [LO, HI].",
            "model": "module:factory or file.py:factory whose named_buffers() decide what a buffer is "
                     "(default: the names).",
@@ -346,7 +346,7 @@ def clip(src: tuple[str, ...], out: str, to: str | None, force: bool, dry_run: b
     _settings_note(settings)
     result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,
                       force=force, dry_run=dry_run, model=kw.pop("model"),
-                      drop_trainer_state=kw.pop("drop_trainer_state"))
+                      drop_trainer_state=kw.pop("drop_trainer_state"), adapter_mode=kw.pop("adapter_mode"))
     report = result.report
     written = list(result.written)
     if dry_run:

@@ -449,11 +449,14 @@ def clip_checkpoint(
     key: str | None = None,
     dry_run: bool = False,
     model: ModelLoader | None = None,
+    adapter_mode: str = "factors",
 ) -> pd.DataFrame:
     """Clip one checkpoint into ``dst`` (a file; a folder for a sharded checkpoint's index).
 
     ``model``: a :class:`~auditclip.modelref.ModelLoader` whose ``named_buffers()`` decide
     what a buffer is (``clip --model``), as for the clipped variants of ``evaluate``.
+    ``adapter_mode``: ``"delta"`` clips a PEFT LoRA folder's updates ΔW and refactors them
+    (:func:`auditclip.adapters.clip_adapter_checkpoint`); ``"factors"`` clips A and B as weights.
 
     Returns the ``clip_report.csv`` rows for it. A sharded checkpoint's shards are
     written beside ``dst`` under the names its index gives (which must stay in that folder).
@@ -477,6 +480,13 @@ def clip_checkpoint(
     if tag is not None:
         raise CheckpointError(tag, _DEEPSPEED_REFUSED.format(run=tag.parent, tag=tag.name), kind="unsupported")
     dst = Path(dst)
+    if adapter_mode == "delta":  # a PEFT LoRA folder: clip each module's update, refactored (auditclip.adapters)
+        from .adapters import clip_adapter_checkpoint
+        from .formats.peft import adapter_index_for
+
+        if adapter_index_for(ckpt.weights) is not None:
+            return clip_adapter_checkpoint(ckpt.weights.parent, dst, specs, label=ckpt.label, dry_run=dry_run)
+        note("--adapter-mode delta: checkpoints that are no PEFT adapter folder are clipped as ordinary weights")
     with ckpt.open(key) as reader:  # the names beside each tensor decide what weight_v is (kinds.py)
         siblings = frozenset(reader.names())
     kinds = model.kinds_at(sorted(siblings), str(ckpt.path)) if model is not None else None
@@ -543,6 +553,7 @@ def clip_run(
     dry_run: bool = False,
     model: str | None = None,
     drop_trainer_state: bool = False,
+    adapter_mode: str = "factors",
 ) -> ClipResult:
     """Clip every checkpoint of a run into ``out``, mirroring the run's layout.
 
@@ -609,7 +620,8 @@ def clip_run(
     master_weights: set[str] = set()
     for ckpt, dst in plans:
         try:
-            reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run, model=loader))
+            reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run, model=loader,
+                                           adapter_mode=adapter_mode))
             extras = _extras(ckpt, drop_trainer_state)
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))

@@ -84,6 +84,10 @@ OPTIONS: dict[str, Option] = {
                              help="Leave out the optimizer, scheduler, RNG and sampler states of checkpoint folders "
                                   "(copied as is by default, so the clipped run resumes; they describe the unclipped "
                                   "weights)."),
+    "adapter_mode": _o("--adapter-mode", type=click.Choice(["factors", "delta"]), default="factors",
+                       show_default=True,
+                       help="PEFT LoRA adapter folders: clip the stored A/B factors as any weight (factors), or each "
+                            "module's update scaling*B@A, refactored to rank r by truncated SVD (delta)."),
     # evaluation
     "clip": _o("--clip", "clips", multiple=True, metavar="SPEC",
                help="Also evaluate a clipped variant: max_abs=C, range=LO:HI, percentile=P, sigma=K (repeatable); "

@@ -189,3 +189,64 @@ def test_delta_rows_stream_one_module_at_a_time(tmp_path: Path, monkeypatch: pyt
     modules = result.stats[result.stats.kind == "adapter_delta"].tensor.unique()
     assert len(modules) == 8 and len(result.drift[result.drift.tensor.isin(modules)]) == 8 * 5
     assert live["peak"] <= 6  # 2 factors x (reference, previous, current), of 48 stored factors
+
+
+def _load_peft(base: Path, folder: Path) -> dict[str, torch.Tensor]:
+    """ΔW of each LoRA layer, as peft computes it for the adapter saved in ``folder``."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import GPT2LMHeadModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(base)), str(folder))
+    return {name: layer.get_delta_weight("default").detach().to(torch.float64)
+            for name, layer in model.named_modules() if isinstance(layer, LoraLayer)}
+
+
+def test_clip_adapter_mode_delta_loads_in_peft_within_the_bound(lora_run: dict, tmp_path: Path) -> None:
+    original = lora_run["deltas"]["checkpoint-3"][MODULE]
+    bound = 0.5 * float(original.abs().max())
+    out = tmp_path / "clipped"
+    result = CliRunner().invoke(cli, ["clip", str(lora_run["run"]), "--max-abs", str(bound), "--adapter-mode", "delta",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = pd.read_csv(out / "clip_report.csv")
+    assert set(report.tensor) == {DELTA} and set(report.kind) == {"adapter_delta"}
+    assert report.kind_rule.str.startswith("adapter_config.json: scaling · B @ A").all()
+    row = report.set_index("checkpoint").loc["checkpoint-3"]
+    clipped = original.clamp(-bound, bound)
+    assert row.n_clipped == int((original.abs() > bound).sum()) > 0
+    for label in ("checkpoint-1", "checkpoint-2", "checkpoint-3"):
+        src, dst = lora_run["run"] / label, out / label
+        assert (dst / "adapter_config.json").read_bytes() == (src / "adapter_config.json").read_bytes()
+        assert (dst / "trainer_state.json").read_bytes() == (src / "trainer_state.json").read_bytes()
+    new = _load_peft(lora_run["base"], out / "checkpoint-3")[MODULE]
+    residual = float(torch.linalg.matrix_norm(clipped - new) / torch.linalg.matrix_norm(clipped))
+    assert residual > 1e-3  # clipping raised the rank; the rank-r refactoring's cost is reported in spec
+    assert _close(float(row.spec.rsplit("residual ", 1)[1]), residual, rel=2e-3)
+    assert _close(row.abs_max_after, float(new.abs().max()), rel=1e-4)
+    assert float(new.abs().max()) < float(original.abs().max())
+
+
+def test_clip_adapter_default_mode_clips_the_factors(lora_run: dict, tmp_path: Path) -> None:
+    factors = lora_run["factors"]["checkpoint-3"]
+    bound = 0.5 * float(factors[B_NAME].abs().max())
+    out = tmp_path / "factors"
+    result = CliRunner().invoke(cli, ["clip", str(lora_run["run"] / "checkpoint-3"), "--max-abs", str(bound),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = pd.read_csv(out / "clip_report.csv")
+    assert set(report.tensor) == {A_NAME, B_NAME} and report.n_clipped.sum() > 0
+    stored = load_file(str(out / "checkpoint-3" / "adapter_model.safetensors"))
+    assert all(float(stored[n].abs().max()) <= bound for n in (A_NAME, B_NAME))
+    new = _load_peft(lora_run["base"], out / "checkpoint-3")[MODULE]
+    want = 2.0 * (stored[B_NAME].double() @ stored[A_NAME].double()).T  # scaling 8/4; Conv1D: fan_in_fan_out
+    assert torch.allclose(new, want, atol=1e-6)
+
+
+def test_clip_adapter_mode_delta_refuses_what_names_stored_tensors(lora_run: dict, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["clip", str(lora_run["run"]), "--max-abs", "0.01", "--adapter-mode", "delta",
+                                      "--exclude", "*lora_B*", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "Error: --adapter-mode delta" in result.output
+
