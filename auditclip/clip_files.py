@@ -74,15 +74,17 @@ class _Clipper:
     """Applies the settings to tensors by clean name and collects report rows."""
 
     def __init__(self, settings: ClipSettings, label: str, siblings: frozenset[str] = frozenset(),
-                 kinds: Kinds | None = None) -> None:
+                 kinds: Kinds | None = None, adapter: dict[str, tuple[str, str]] | None = None) -> None:
         self.settings, self.label, self.siblings, self.kinds = settings, label, siblings, kinds
+        self.adapter = adapter  # a PEFT adapter folder's kinds: its config names the LoRA factors
         self.keep = name_filter(settings.include, settings.exclude)
         self.rows: list[dict[str, Any]] = []
 
     def __call__(self, name: str, t: torch.Tensor, copy: str | None = None) -> torch.Tensor:
         """Clip ``name`` as the settings select it; ``copy``: the container entry of a further
         copy of the weights (EMA, live weights), whose rows name the tensor ``COPY.name``."""
-        clipped, row = clip_selected(name, t, self.settings, self.keep, self.kinds, siblings=self.siblings)
+        clipped, row = clip_selected(name, t, self.settings, self.keep, self.kinds, siblings=self.siblings,
+                                     adapter=self.adapter)
         if row is not None:
             if copy is not None:
                 row = {**row, "tensor": f"{copy}.{row['tensor']}"}
@@ -480,17 +482,19 @@ def clip_checkpoint(
     if tag is not None:
         raise CheckpointError(tag, _DEEPSPEED_REFUSED.format(run=tag.parent, tag=tag.name), kind="unsupported")
     dst = Path(dst)
+    from .formats.peft import adapter_index_for
+
+    adapter = adapter_index_for(ckpt.weights)
     if adapter_mode == "delta":  # a PEFT LoRA folder: clip each module's update, refactored (auditclip.adapters)
         from .adapters import clip_adapter_checkpoint
-        from .formats.peft import adapter_index_for
 
-        if adapter_index_for(ckpt.weights) is not None:
+        if adapter is not None:
             return clip_adapter_checkpoint(ckpt.weights.parent, dst, specs, label=ckpt.label, dry_run=dry_run)
         note("--adapter-mode delta: checkpoints that are no PEFT adapter folder are clipped as ordinary weights")
     with ckpt.open(key) as reader:  # the names beside each tensor decide what weight_v is (kinds.py)
         siblings = frozenset(reader.names())
     kinds = model.kinds_at(sorted(siblings), str(ckpt.path)) if model is not None else None
-    clipper = _Clipper(specs, ckpt.label, siblings, kinds)
+    clipper = _Clipper(specs, ckpt.label, siblings, kinds, adapter.kinds() if adapter is not None else None)
     weights = ckpt.weights
     if weights.name.endswith(".index.json"):
         index = read_shard_index(weights)

@@ -9,7 +9,7 @@ stays bit-identical. NaN stays NaN; +-Inf is clipped to the bound.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -221,7 +221,8 @@ def clip_state_dict(
 
 
 def clip_selected(name: str, t: Any, settings: ClipSettings, keep: Any = None, kinds: Kinds | None = None,
-                  siblings: Collection[str] | None = None) -> tuple[Any, dict[str, Any] | None]:
+                  siblings: Collection[str] | None = None,
+                  adapter: Mapping[str, tuple[str, str]] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """Clip one named tensor as the settings select it: (the result, its report row or None).
 
     The one place that decides what clipping touches, for ``clip`` and for the clipped
@@ -230,6 +231,7 @@ def clip_selected(name: str, t: Any, settings: ClipSettings, keep: Any = None, k
     A buffer left alone still gets a row saying so and which rule called it a buffer.
     With ``kinds`` (the model's parameter and buffer names) the model decides, so a
     custom ``register_buffer("scale", ...)`` is a buffer although its name says nothing.
+    ``adapter``: a PEFT adapter folder's kinds by name (its config decides, kinds.tensor_kind).
 
     >>> s = ClipSettings(ClipSpec.parse("max_abs=1"))
     >>> clip_selected("bn.running_var", torch.tensor([5.0]), s)[1]["spec"]
@@ -246,7 +248,7 @@ def clip_selected(name: str, t: Any, settings: ClipSettings, keep: Any = None, k
     spec = settings.spec_for(name) if keep(name) else None
     if spec is None or not isinstance(t, torch.Tensor) or not _analysed(t):
         return t, None
-    kind, rule = tensor_kind(name, *(kinds or (None, None)), siblings=siblings)
+    kind, rule = tensor_kind(name, *(kinds or (None, None)), siblings=siblings, adapter=adapter)
     if kind == "buffer" and not settings.buffers:
         n = t.numel()
         return t, {"tensor": name, "kind": kind, "kind_rule": rule, "spec": "none (buffer; --buffers clips it)",

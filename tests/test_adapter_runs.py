@@ -238,6 +238,8 @@ def test_clip_adapter_default_mode_clips_the_factors(lora_run: dict, tmp_path: P
     assert result.exit_code == 0, result.output
     report = pd.read_csv(out / "clip_report.csv")
     assert set(report.tensor) == {A_NAME, B_NAME} and report.n_clipped.sum() > 0
+    assert set(report.kind) == {"adapter"}  # the adapter config, not the name rule, decided
+    assert report.set_index("tensor").kind_rule[A_NAME] == f"adapter_config.json: lora_A of LoRA module {MODULE}"
     stored = load_file(str(out / "checkpoint-3" / "adapter_model.safetensors"))
     assert all(float(stored[n].abs().max()) <= bound for n in (A_NAME, B_NAME))
     new = _load_peft(lora_run["base"], out / "checkpoint-3")[MODULE]
