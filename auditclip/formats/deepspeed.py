@@ -61,9 +61,17 @@ tensor's bytes with ``pread``:
   frozen fragments, in their saved dtype.
 
 :func:`iter_deepspeed_tensors` reads them all, one at a time. :func:`deepspeed_tags` lists a
-run's tags in step order; :func:`is_deepspeed_run`, :func:`is_deepspeed_tag_folder` and
-:func:`is_deepspeed_file` recognise the layout from names alone (for discovery: a file
+run's tags in step order, :func:`latest_tag` the tag ``latest`` names and
+:func:`deepspeed_step` a tag's step; :func:`is_deepspeed_run`, :func:`is_deepspeed_tag_folder`
+and :func:`is_deepspeed_file` recognise the layout from names alone (for discovery: a file
 named like these is part of its tag folder and is never read alone).
+
+Wired in: :mod:`auditclip.checkpoints` makes a run folder's tag folders a run (one
+checkpoint per tag, format ``deepspeed``, known by :func:`deepspeed_model_states`) and a
+model- or optimizer-states file given or globbed its tag folder; :mod:`auditclip.readers`
+opens any of them with ``_DeepSpeedSource`` (``--key master`` / ``--key module`` pick the
+copy; one note names the copy read). A ZeRO-3 model-states dict renamed out of its folder
+reaches the generic torch reader, which refuses it (``param_shapes`` beside empty tensors).
 
 A ZeRO-3 parameter is reassembled from every rank's file without building the model:
 memory is the one parameter. The placeholders are never returned: a ZeRO-3 folder whose
