@@ -352,6 +352,9 @@ _COPIED_NOTE = ("optimizer/scheduler state copied as is ({}): it describes the u
                 "stay valid as statistics); --drop-trainer-state leaves it out")
 _DROPPED_NOTE = ("--drop-trainer-state: not copied: {} (resuming from the clipped run starts the optimizer, "
                  "scheduler and RNG afresh; trainer_state.json, the run's record, is kept)")
+_REFACTORED_NOTE = ("--adapter-mode delta: the copied optimizer state holds the moments of the original LoRA "
+                    "factors A and B; the refactored A', B' are another factorisation, whose coordinates those "
+                    "moments do not describe: pass --drop-trainer-state to resume with a fresh optimizer")
 _MASTER_NOTE = ("not copied: {} (DeepSpeed optimizer partitions hold the fp32 master weights, which a resume "
                 "would load over the clipped weights)")
 
@@ -622,6 +625,7 @@ def clip_run(
     copied_state: set[str] = set()
     dropped_state: set[str] = set()
     master_weights: set[str] = set()
+    refactored = False  # trainer state copied beside LoRA factors that --adapter-mode delta refactored
     for ckpt, dst in plans:
         try:
             reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run, model=loader,
@@ -632,6 +636,10 @@ def clip_run(
             continue
         result.notes += [n for n in extras.notes if n not in result.notes]
         copied_state.update(p.name for p in extras.state)
+        if extras.state and adapter_mode == "delta" and not refactored:
+            from .formats.peft import adapter_index_for
+
+            refactored = adapter_index_for(ckpt.weights) is not None
         for p in extras.left:
             (master_weights if _MASTER_WEIGHTS.search(p.name) else dropped_state).add(p.name)
         if not dry_run:
@@ -650,6 +658,8 @@ def clip_run(
                             (_MASTER_NOTE, master_weights)):
         if names:
             note(template.format(", ".join(sorted(names))))
+    if refactored:
+        note(_REFACTORED_NOTE)
     frames = [r for r in reports if len(r)]
     result.report = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CLIP_REPORT_COLUMNS))
     order = {c.label: i for i, c in enumerate(run)}

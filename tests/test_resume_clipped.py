@@ -254,3 +254,31 @@ def test_a_deepspeed_run_is_refused_not_written(tmp_path: Path) -> None:
     # nothing of the run was written (no tag folder, no latest), and the input is untouched
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_report.csv", "errors.csv"]
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+# --- a PEFT adapter refactored by --adapter-mode delta ------------------------------------------
+
+def test_refactored_adapter_says_the_copied_moments_describe_the_old_factors(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False))
+    folder = tmp_path / "run" / "checkpoint-1"
+    model.save_pretrained(str(folder))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    model(torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    opt.step()
+    torch.save(opt.state_dict(), folder / "optimizer.pt")
+
+    delta = invoke("clip", tmp_path / "run", "--max-abs", 0.001, "--adapter-mode", "delta", "--out", tmp_path / "d")
+    assert delta.exit_code == 0, delta.output
+    assert filecmp.cmp(folder / "optimizer.pt", tmp_path / "d" / "checkpoint-1" / "optimizer.pt", shallow=False)
+    assert "the copied optimizer state holds the moments of the original LoRA factors A and B" in delta.output
+    # clipping the factors themselves keeps them (and their moments' coordinates): no such note
+    factors = invoke("clip", tmp_path / "run", "--max-abs", 0.001, "--out", tmp_path / "f")
+    assert factors.exit_code == 0, factors.output
+    assert "copied as is (optimizer.pt)" in factors.output and "original LoRA factors" not in factors.output
