@@ -706,7 +706,13 @@ def _expand_directory(
         elif listing.dcp_dirs:
             names = ", ".join(d.name for d in listing.dcp_dirs[:3]) + (", ..." if len(listing.dcp_dirs) > 3 else "")
             notes.append((sub, f"ignored: holds DCP checkpoint folders ({names}); pass {sub.name}/ to audit them"))
-        elif listing.ds_dirs:
+        elif len(listing.ds_dirs) == 1 and not (listing.weights or listing.weight_dirs):
+            # a Hugging Face Trainer's checkpoint-<N>/ under DeepSpeed ZeRO-3 without gathered 16-bit weights:
+            # no model.safetensors, the weights are its one tag folder, global_step<N>/
+            found.append(_deepspeed_found(listing.ds_dirs[0], sub))
+            ignored += listing.ignored
+            notes += listing.notes
+        elif listing.ds_dirs and not (listing.weights or listing.weight_dirs):
             names = ", ".join(d.name for d in listing.ds_dirs[:3]) + (", ..." if len(listing.ds_dirs) > 3 else "")
             notes.append((sub, f"ignored: holds DeepSpeed checkpoint folders ({names}); pass {sub.name}/ to audit "
                                "them"))
@@ -739,14 +745,14 @@ def _expand_directory(
     return found, ignored + own.ignored, notes + own.notes
 
 
-def _deepspeed_found(tag: Path) -> _Found:
-    """A DeepSpeed tag folder as a checkpoint: the folder, known by its (rank 0) model-states file.
+def _deepspeed_found(tag: Path, shown: Path | None = None) -> _Found:
+    """A DeepSpeed tag folder as a checkpoint (shown as ``shown``, default the tag), known by its rank 0 model states.
 
     The file is what clip edits at ZeRO 0-2 (its ``module`` entry); opening it reads the
     whole tag folder (:class:`auditclip.readers._DeepSpeedSource`), never the file alone.
     A folder without rank 0's model states is opened as is: the reader says what is missing.
     """
-    return _Found(tag, deepspeed_model_states(tag) or tag)
+    return _Found(shown or tag, deepspeed_model_states(tag) or tag)
 
 
 def _latest_notes(run: Path, tag_dirs: list[Path]) -> list[tuple[Path, str]]:

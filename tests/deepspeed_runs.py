@@ -25,7 +25,7 @@ _trained: dict[tuple[str, ...], Path | str] = {}  # the runs' folder, or why the
 
 
 def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory, runs: tuple[str, ...] = RUNS) -> Path:
-    """The folder holding ``<stage>_<dtype>/run/`` and ``.../expected/`` for each of ``runs`` (skips without DeepSpeed)."""
+    """The folder holding ``<stage>_<dtype>/run/`` and ``expected/`` of each of ``runs``; skips without DeepSpeed."""
     if runs not in _trained:
         _trained[runs] = _train(tmp_path_factory, runs)
     out = _trained[runs]

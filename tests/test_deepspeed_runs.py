@@ -237,3 +237,21 @@ def test_latest_naming_an_older_tag_is_noted(runs: dict[str, Any], tmp_path: Pat
     (run / "latest").write_text("global_step9")
     assert any("names the tag 'global_step9', which is no DeepSpeed checkpoint folder" in n
                for n in open_run(run).notes)
+
+
+def test_trainer_checkpoint_folders_holding_one_deepspeed_tag_are_a_run(runs: dict[str, Any], tmp_path: Path) -> None:
+    """A Hugging Face Trainer under ZeRO-3 without gathered weights saves no model.safetensors: each
+    ``checkpoint-<N>/`` holds ``latest``, its one ``global_step<N>/`` and the Trainer's own files."""
+    for step in STEPS:
+        folder = tmp_path / "output_dir" / f"checkpoint-{step}"
+        shutil.copytree(runs["zero3"] / f"global_step{step}", folder / f"global_step{step}")
+        (folder / "latest").write_text(f"global_step{step}")
+        (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        torch.save({}, folder / "training_args.bin")
+    run = open_run(tmp_path / "output_dir")
+    assert [(c.label, c.step, c.format) for c in run] == [("checkpoint-2", 2, "deepspeed"),
+                                                          ("checkpoint-3", 3, "deepspeed")]
+    assert sorted(p.name for p in run.ignored) == ["training_args.bin"] * 2
+    fp32 = runs["expected"]["3_fp32", "fp32"][3]
+    with run[1].open() as reader:
+        assert sorted(reader.names()) == sorted(fp32) and all(torch.equal(reader.get(n), fp32[n]) for n in fp32)
