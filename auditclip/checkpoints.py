@@ -49,7 +49,7 @@ from .readers import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_c
                       read_shard_index)
 # after .readers: formats.deepspeed reads its files through it
 from .formats.deepspeed import (deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_file,
-                                is_deepspeed_tag_folder, latest_tag)
+                                is_deepspeed_run, is_deepspeed_tag_folder, latest_tag)
 
 #: File names a Hugging Face (or DeepSpeed) checkpoint folder keeps its model weights in,
 #: in order of preference when a folder holds more than one.
@@ -590,6 +590,8 @@ def _list(directory: Path) -> _Listing:
         if _TRAINER_STATE.match(p.name):
             out.ignored.append(p)
         elif _is_weight_file(p):
+            if p in dirs and is_deepspeed_run(p):
+                continue  # Lightning's DeepSpeed strategy: epoch=0-step=10.ckpt/ is a DeepSpeed run (tag checkpoint/)
             (out.weight_dirs if p in dirs else candidates).append(p)
     claimed: set[Path] = set()
     for index in (p for p in candidates if p.name.lower().endswith(".index.json") and p.is_file()):
@@ -707,8 +709,9 @@ def _expand_directory(
             names = ", ".join(d.name for d in listing.dcp_dirs[:3]) + (", ..." if len(listing.dcp_dirs) > 3 else "")
             notes.append((sub, f"ignored: holds DCP checkpoint folders ({names}); pass {sub.name}/ to audit them"))
         elif len(listing.ds_dirs) == 1 and not (listing.weights or listing.weight_dirs):
-            # a Hugging Face Trainer's checkpoint-<N>/ under DeepSpeed ZeRO-3 without gathered 16-bit weights:
-            # no model.safetensors, the weights are its one tag folder, global_step<N>/
+            # a Hugging Face Trainer's checkpoint-<N>/ under DeepSpeed ZeRO-3 without gathered 16-bit weights
+            # (no model.safetensors: the weights are its one tag folder, global_step<N>/), or a Lightning
+            # DeepSpeed save, epoch=0-step=10.ckpt/ holding latest and the tag folder checkpoint/
             found.append(_deepspeed_found(listing.ds_dirs[0], sub))
             ignored += listing.ignored
             notes += listing.notes

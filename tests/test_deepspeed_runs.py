@@ -255,3 +255,20 @@ def test_trainer_checkpoint_folders_holding_one_deepspeed_tag_are_a_run(runs: di
     fp32 = runs["expected"]["3_fp32", "fp32"][3]
     with run[1].open() as reader:
         assert sorted(reader.names()) == sorted(fp32) and all(torch.equal(reader.get(n), fp32[n]) for n in fp32)
+
+
+def test_lightning_deepspeed_ckpt_folders_are_a_run(runs: dict[str, Any], tmp_path: Path) -> None:
+    """Lightning's DeepSpeedStrategy.save_checkpoint: ``engine.save_checkpoint(filepath, tag="checkpoint")``, so
+    ``epoch=0-step=2.ckpt/`` is a folder holding ``latest`` and the tag folder ``checkpoint/``."""
+    for epoch, step in enumerate(STEPS):
+        folder = tmp_path / "checkpoints" / f"epoch={epoch}-step={step}.ckpt"
+        shutil.copytree(runs["zero2"] / f"global_step{step}", folder / "checkpoint")
+        (folder / "latest").write_text("checkpoint")
+    run = open_run(tmp_path / "checkpoints")
+    assert [(c.label, c.step, c.format) for c in run] == [("epoch=0-step=2.ckpt", 2, "deepspeed"),
+                                                          ("epoch=1-step=3.ckpt", 3, "deepspeed")]
+    assert run.notes == []  # the tag's global_steps agree with the names' steps
+    module = runs["expected"]["2_bf16", "module"][2]
+    with run[0].open() as reader:
+        assert sorted(reader.names()) == sorted(module)
+        assert all(torch.equal(reader.get(n), module[n]) for n in module)

@@ -326,7 +326,11 @@ def deepspeed_model_states(folder: str | os.PathLike[str]) -> Path | None:
 
 
 def deepspeed_step(folder: str | os.PathLike[str]) -> int | None:
-    """The step of a tag folder: from its name (``global_step<N>``), else the ``global_steps`` its model states store.
+    """The step of a tag folder: from its name (``global_step<N>``), else the step its model states store.
+
+    That is a ``global_step`` of the trainer's client state (Lightning's, whose DeepSpeed
+    strategy saves every checkpoint under the tag ``checkpoint``), else DeepSpeed's own
+    ``global_steps``.
 
     Only the pickle of the model-states file is read (onto the meta device: no
     tensor data); anything unreadable gives None (it is reported when the tag is read).
@@ -347,10 +351,15 @@ def deepspeed_step(folder: str | os.PathLike[str]) -> int | None:
         model = deepspeed_model_states(folder)
         if model is None:
             return None
-        saved = _Loaded(folder, model.name).obj.get("global_steps")
+        state = _Loaded(folder, model.name).obj
     except Exception:  # a broken file: reported when the tag is read
         return None
-    return saved if isinstance(saved, int) and not isinstance(saved, bool) and saved >= 0 else None
+    # Lightning's DeepSpeed strategy saves under the tag "checkpoint", its own global_step in the client state
+    for key in ("global_step", "global_steps"):
+        saved = state.get(key)
+        if isinstance(saved, int) and not isinstance(saved, bool) and saved >= 0:
+            return saved
+    return None
 
 
 def consolidate_command(run: str | os.PathLike[str], tag: str) -> str:
