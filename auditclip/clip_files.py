@@ -423,12 +423,13 @@ _DEEPSPEED_REFUSED = (
 
 def _deepspeed_tag(ckpt: Checkpoint) -> Path | None:
     """The DeepSpeed tag folder ``ckpt`` is (or lies in), by the names :mod:`auditclip.formats.deepspeed` knows; else None."""
-    for path in (ckpt.path, ckpt.weights):
+    for path in (ckpt.weights, ckpt.path):
         if path.is_dir() and is_deepspeed_tag_folder(path):
             return path
         if is_deepspeed_file(path):
             return path.parent
-    return None
+    # discovery's word (a Trainer checkpoint-<N>/ or Lightning *.ckpt/ holding a tag folder...)
+    return ckpt.weights if ckpt.format == "deepspeed" else None
 
 
 def _planned_files(ckpt: Checkpoint, dst: Path, out: Path, drop_state: bool = False) -> list[Path]:
