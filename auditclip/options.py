@@ -42,7 +42,9 @@ OPTIONS: dict[str, Option] = {
     "reference": _o("--reference", type=click.Path(path_type=str),
                     help="Checkpoint the 'reference' baseline compares with (default: the first of the run)."),
     "key": _o("--key", metavar="ENTRY",
-              help="Container entry holding the state dict in .pt/.ckpt files (e.g. ema, ema_state_dict)."),
+              help="Container entry holding the state dict in .pt/.ckpt files (e.g. ema, ema_state_dict, "
+                   "current_model_state); in a DCP folder a top-level entry; in a DeepSpeed run module or "
+                   "master (the fp32 copy)."),
     "include": _o("--include", multiple=True, metavar="GLOB", help="Only tensors whose name matches (repeatable)."),
     "exclude": _o("--exclude", multiple=True, metavar="GLOB", help="Skip tensors whose name matches (repeatable)."),
     "buffers": _o("--buffers", is_flag=True, default=None,
