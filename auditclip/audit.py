@@ -13,7 +13,7 @@ import pandas as pd
 from .analysis import RunLike
 from .config import ClipSpec, FlagSettings, flag_settings
 from .errors import InputError
-from .evaluation import EvalOptions, _evaluate_rows, _variants, recommend
+from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend
 from .flags import FlagResult, flag, summary_table
 from .notices import collect
 from .output import atomic_path, prepare_out_dir, write_csv
@@ -116,7 +116,7 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
     # without options of their own, the clipped variants take the rules' tensor selection
     options = eval_options or EvalOptions(sort=sort, key=key, include=settings.include, exclude=settings.exclude,
                                           buffers=settings.buffers)
-    variants = _variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
+    variants = clip_variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
     out_dir = prepare_out_dir(out)
     flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress)
     analysis = flagged.analysis
@@ -126,7 +126,7 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
     errors = [analysis.errors]
     primary = None
     if model is not None:
-        evaluation, eval_errors, primary, _ = _evaluate_rows(analysis.run, model, data, variants, options)  # type: ignore[arg-type]
+        evaluation, eval_errors, primary, _ = evaluate_rows(analysis.run, model, data, variants, options)  # type: ignore[arg-type]
         order = sorted((v for v, _ in variants), key=_tightness)
         evaluation["recommended"] = recommend(evaluation, primary, tolerance, order)
         result.evaluation = evaluation

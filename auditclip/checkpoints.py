@@ -66,7 +66,7 @@ HF_WEIGHT_NAMES = (
 )
 
 # Trainer state saved beside the weights: never model weights, never analysed.
-_TRAINER_STATE = re.compile(
+TRAINER_STATE_FILES = re.compile(
     r"^(optimizer|scheduler|scaler|sampler|training_args|lr_scheduler)(_\d+)?(\.\w+)?\.(pt|bin|pth)$"
     r"|^rng_state(_\d+)?\.pth$|^.*optim_states\.pt$",
     re.IGNORECASE,
@@ -514,7 +514,7 @@ def _json_problem(exc: Exception) -> str:
 
 def _is_weight_file(path: Path) -> bool:
     name = path.name.lower()
-    if _TRAINER_STATE.match(path.name):
+    if TRAINER_STATE_FILES.match(path.name):
         return False
     return name.endswith(_SHARD_SUFFIXES) or name.endswith(".index.json")
 
@@ -587,7 +587,7 @@ def _list(directory: Path) -> _Listing:
     for p in entries:
         if p in out.dcp_dirs:
             continue
-        if _TRAINER_STATE.match(p.name):
+        if TRAINER_STATE_FILES.match(p.name):
             out.ignored.append(p)
         elif _is_weight_file(p):
             if p in dirs and is_deepspeed_run(p):
@@ -905,7 +905,7 @@ def _expand(
                 # a model- or optimizer-states file is one part of its tag folder (ZeRO-3's model states hold
                 # only placeholders): the folder is the checkpoint, found once however many files matched
                 found.append(_deepspeed_found(match.parent))
-            elif _TRAINER_STATE.match(match.name):
+            elif TRAINER_STATE_FILES.match(match.name):
                 ignored.append(match)  # optimizer.pt & co. from a glob such as checkpoint-*/*.pt
             elif dcp_folder(match) is not None:  # a DCP folder's .metadata named: the folder is the checkpoint
                 found.append(_Found(match.parent, match.parent))

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from ._version import __version__
-from .checkpoints import HF_WEIGHT_NAMES, _TRAINER_STATE, Checkpoint, open_run
+from .checkpoints import HF_WEIGHT_NAMES, TRAINER_STATE_FILES, Checkpoint, open_run
 from .clipping import CLIP_REPORT_COLUMNS, Kinds, clip_selected
 from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
@@ -36,7 +36,7 @@ from .modelref import ModelLoader
 from .output import atomic_path
 from .paths import is_inside, member
 from .notices import note
-from .readers import (PinnedFile, _load_torch, _zip_byteorder, load_torch_file, normalize_names, note_tied,
+from .readers import (PinnedFile, load_torch_meta, zip_byteorder, load_torch_file, normalize_names, note_tied,
                       open_checkpoint_file, read_shard_index, storage_identity, tensor_slots, untie, weight_copies)
 from .selection import name_filter
 from .writers import save_torch, sha256_file, write_json, write_patched_copy, write_safetensors
@@ -154,7 +154,7 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
     a legacy or big-endian one loaded and re-saved whole, ``to="safetensors"`` converted."""
     f = PinnedFile(src)
     try:
-        zip_file = _zip_byteorder(f) == "little"
+        zip_file = zip_byteorder(f) == "little"
     finally:
         f.close()
     if zip_file and to is None:
@@ -253,7 +253,7 @@ def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dr
     """
     f = PinnedFile(src)
     try:
-        obj, lazy = _load_torch(f)
+        obj, lazy = load_torch_meta(f)
         if not lazy:  # cannot happen for a little-endian zip file; the offsets below need meta tensors
             raise CheckpointError(src, "not a zip-format file with storage offsets")
         records = _zip_records(f)
@@ -371,7 +371,7 @@ def is_trainer_state(name: str) -> bool:
     >>> [is_trainer_state(n) for n in ("optimizer.pt", "random_states_0.pkl", "trainer_state.json", "config.json")]
     [True, True, False, False]
     """
-    return bool(_TRAINER_STATE.match(name) or _RESUME_STATE.match(name))
+    return bool(TRAINER_STATE_FILES.match(name) or _RESUME_STATE.match(name))
 
 
 class _Extras(NamedTuple):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .modelref import _one_line, load_factory, raised
+from .modelref import one_line, load_factory, raised
 
 Batch = tuple[Any, torch.Tensor]
 
@@ -143,7 +143,7 @@ def load_data(
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"--data {ref}: cannot read it: {_one_line(exc)}") from exc
+        raise InputError(f"--data {ref}: cannot read it: {one_line(exc)}") from exc
     if not isinstance(doc, dict):
         raise InputError(f"--data {ref}: expected a mapping of tensors, found {type(doc).__name__}")
     x, y = _pick(ref, doc, inputs_key, "inputs"), _pick(ref, doc, targets_key, "targets")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import sketch
-from .stats import CHUNK, TINY_MAX, TensorSummary, _add
+from .stats import CHUNK, TINY_MAX, TensorSummary, add_reduce
 
 DRIFT_METRICS: tuple[str, ...] = (
     "rel_l2_change", "cosine", "max_abs_change", "mean_shift", "std_ratio", "ks", "wasserstein",
@@ -268,7 +268,7 @@ def _compare_rows(
     a = np.stack([p[0].values for p in pairs])  # type: ignore[misc]
     b = np.stack([p[2].values for p in pairs])  # type: ignore[misc]
     # wasserstein(): equal sizes, one block
-    w = ((0.0 + _add(np.abs(a.astype(np.float64) - b.astype(np.float64)), axis=1)) / n).tolist()
+    w = ((0.0 + add_reduce(np.abs(a.astype(np.float64) - b.astype(np.float64)), axis=1)) / n).tolist()
     if n <= _KS_BROADCAST_MAX:  # ks_statistic(): counts of each sample at every data point, all rows at once
         z = np.concatenate((a, b), axis=1).astype(np.float64)
         gap = (np.count_nonzero(a[:, None, :] <= z[:, :, None], axis=2)

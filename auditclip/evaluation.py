@@ -22,7 +22,7 @@ from .data import HeldOut, load_data
 from .errors import CheckpointError, InputError
 from .metrics import TASKS, CustomMetric, MetricTotals, Primary, infer_task, load_custom_metric, model_outputs, \
     resolve_primary
-from .modelref import ModelLoader, _one_line, raised
+from .modelref import ModelLoader, one_line, raised
 from .kinds import tensor_kind
 from .notices import note
 
@@ -116,7 +116,7 @@ class Evaluator:
                 except Exception as exc:
                     shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
                     raise InputError(f"--data {self.data.source}: the model cannot take inputs of shape {shape}: "
-                                     f"{_one_line(exc)}") from exc
+                                     f"{one_line(exc)}") from exc
                 totals.update(model_outputs(out).float().cpu(), targets)
         if totals is None:
             raise InputError(f"--data {self.data.source}: no samples")
@@ -141,10 +141,14 @@ def _with_tied(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str
     return {**state, **{alias: state[kept] for alias, kept in tied.items() if kept in state}} if tied else state
 
 
-def _variants(clips: Sequence[str | ClipSpec | ClipSettings],
-              options: EvalOptions | None = None) -> list[tuple[str, ClipSettings]]:
+def clip_variants(clips: Sequence[str | ClipSpec | ClipSettings],
+                  options: EvalOptions | None = None) -> list[tuple[str, ClipSettings]]:
     """Each clip variant's name and the settings ``clip`` would use for it (one resolution:
-    :func:`auditclip.config.clip_variant`), so a scored variant is the file ``clip`` writes."""
+    :func:`auditclip.config.clip_variant`), so a scored variant is the file ``clip`` writes.
+
+    >>> [name for name, _ in clip_variants(["max_abs=0.5", "max_abs=1"])]
+    ['max_abs=0.5', 'max_abs=1']
+    """
     o = options or EvalOptions()
     selection = {"include": o.include, "exclude": o.exclude, "buffers": o.buffers}
     out = []
@@ -187,10 +191,12 @@ def _say_buffers(report: list[dict[str, Any]]) -> None:
              "to write the same file")
 
 
-def _evaluate_rows(
+def evaluate_rows(
     run: RunLike, model: str, data: str | HeldOut, variants: list[tuple[str, ClipSettings]], options: EvalOptions,
 ) -> tuple[pd.DataFrame, pd.DataFrame, Primary, str]:
-    """evaluation.csv rows, unreadable checkpoints, the primary metric and the task."""
+    """evaluation.csv rows, unreadable checkpoints, the primary metric and the task, for
+    :func:`evaluate`, :func:`sweep` and :func:`auditclip.audit.audit` (``variants`` from
+    :func:`clip_variants`); see :func:`evaluate` for an example."""
     run = open_run(run, sort=options.sort, key=options.key)
     evaluator = Evaluator(model, data, options)
     rows: list[dict[str, Any]] = []
@@ -246,7 +252,7 @@ def evaluate(
     ['checkpoint', 'step', 'variant', 'n_clipped', 'frac_clipped', 'loss']
     """
     options = options or EvalOptions(**option_values)
-    df, errors, _, _ = _evaluate_rows(run, model, data, _variants(clips, options), options)
+    df, errors, _, _ = evaluate_rows(run, model, data, clip_variants(clips, options), options)
     df.attrs["errors"] = errors  # unreadable checkpoints, skipped (checkpoint, error, message)
     return df
 
@@ -325,8 +331,8 @@ def sweep(
     check_tolerance(tolerance)
     specs = [ClipSpec.make(family, v) for v in sorted(set(values))]
     options = options or EvalOptions(**option_values)
-    variants = _variants(specs, options)
-    df, errors, primary, task = _evaluate_rows(run, model, data, variants, options)
+    variants = clip_variants(specs, options)
+    df, errors, primary, task = evaluate_rows(run, model, data, variants, options)
     df.insert(3, "setting", [math.nan if v == "original" else float(v.split("=")[1]) for v in df.variant])
     df["recommended"] = recommend(df, primary, tolerance, [name for name, _ in variants])
     return SweepResult(df, task, primary.name, errors, primary.describe(tolerance))

@@ -22,7 +22,14 @@ from .notices import note
 from .readers import normalize_names
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (at most 400 characters), for an error message.
+
+    >>> one_line(ValueError("bad\\n   value"))
+    'bad value'
+    >>> one_line(KeyError())
+    'KeyError'
+    """
     return " ".join(str(exc).split())[:400] or type(exc).__name__
 
 
@@ -34,7 +41,7 @@ def raised(exc: BaseException) -> str:
     """
     if isinstance(exc, SystemExit):
         return f"called sys.exit({exc.code!r}) instead of returning"
-    return f"raised {type(exc).__name__}: {_one_line(exc)}"
+    return f"raised {type(exc).__name__}: {one_line(exc)}"
 
 
 def load_factory(ref: str, what: str = "--model") -> Callable[..., Any]:
@@ -66,7 +73,7 @@ def load_factory(ref: str, what: str = "--model") -> Callable[..., Any]:
     except BaseException as exc:  # the user's module may raise anything while importing
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise InputError(f"{what} {ref!r}: cannot import {module_part}: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise InputError(f"{what} {ref!r}: cannot import {module_part}: {type(exc).__name__}: {one_line(exc)}") from exc
     try:
         factory = getattr(module, attr, None)
     except KeyboardInterrupt:
@@ -100,7 +107,7 @@ class ModelLoader:
                 program = torch.export.load(str(path))
                 self._model = program.module()
             except Exception as exc:
-                raise InputError(f"--model {ref}: not a torch.export program: {_one_line(exc)}") from exc
+                raise InputError(f"--model {ref}: not a torch.export program: {one_line(exc)}") from exc
             self._factory = None
             self._per_checkpoint = False
         else:
@@ -184,7 +191,7 @@ class ModelLoader:
         try:
             model.load_state_dict({raw_of[n]: t for n, t in state.items() if n in raw_of}, strict=False)
         except RuntimeError as exc:
-            raise InputError(f"{checkpoint}: the weights do not fit --model {self.ref}: {_one_line(exc)}") from exc
+            raise InputError(f"{checkpoint}: the weights do not fit --model {self.ref}: {one_line(exc)}") from exc
         model = unwrap(model.to(self.device))
         if self._factory is not None:
             model.eval()  # an exported program was traced in its own mode; it refuses eval()

@@ -332,7 +332,7 @@ class _TorchSource(_Source):
         self.path = path
         self._file = PinnedFile(path)
         try:
-            obj, self._lazy = _load_torch(self._file)
+            obj, self._lazy = load_torch_meta(self._file)
             state = find_state_dict(obj, path, key)
             tensors = tensors_of(state, path)
             _refuse_deepspeed_placeholders(obj, tensors, path)
@@ -420,8 +420,20 @@ def _refuse_deepspeed_placeholders(obj: Any, tensors: Mapping[str, torch.Tensor]
                                 "RUN_DIR OUTPUT_DIR --tag global_step<N>, then audit OUTPUT_DIR", kind="unsupported")
 
 
-def _zip_byteorder(f: PinnedFile) -> str | None:
-    """The byte order a zip-format torch file records (``little`` if none), or None if not a zip."""
+def zip_byteorder(f: PinnedFile) -> str | None:
+    """The byte order a zip-format torch file records (``little`` if none), or None if not a zip.
+
+    >>> import os, tempfile, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> torch.save({"w": torch.ones(2)}, path)
+    >>> f = PinnedFile(Path(path))
+    >>> zip_byteorder(f)
+    'little'
+    >>> obj, lazy = load_torch_meta(f)
+    >>> lazy, obj["w"].device.type, list(obj["w"].shape)
+    (True, 'meta', [2])
+    >>> f.close()
+    """
     try:
         with f.dup() as fh, zipfile.ZipFile(fh) as z:
             names = [n for n in z.namelist() if n.endswith("/byteorder") or n == "byteorder"]
@@ -430,9 +442,11 @@ def _zip_byteorder(f: PinnedFile) -> str | None:
         return None
 
 
-def _load_torch(f: PinnedFile) -> tuple[Any, bool]:
-    """Unpickle a torch file safely; (object, lazy): lazy means tensors are meta descriptions."""
-    lazy = _zip_byteorder(f) == "little"
+def load_torch_meta(f: PinnedFile) -> tuple[Any, bool]:
+    """Unpickle a torch file safely; (object, lazy): lazy means tensors are meta descriptions
+    (a little-endian zip file), their data read later one at a time; otherwise tensors are loaded.
+    Example: :func:`zip_byteorder`."""
+    lazy = zip_byteorder(f) == "little"
     return _safe_torch_load(f, "meta" if lazy else "cpu", stubs=lazy), lazy
 
 
@@ -522,7 +536,7 @@ def load_torch_file(path: Path, placeholders: bool = True) -> Any:
     """
     f = PinnedFile(Path(path))
     try:
-        return _safe_torch_load(f, "cpu", stubs=placeholders and _zip_byteorder(f) is not None)
+        return _safe_torch_load(f, "cpu", stubs=placeholders and zip_byteorder(f) is not None)
     finally:
         f.close()
 

@@ -105,7 +105,8 @@ def _small_sorted(t: torch.Tensor) -> tuple[np.ndarray, int, int]:
 
 
 _NATIVE = (torch.float32, torch.float64)
-_add = np.add.reduce  # what ndarray.sum() calls, without its Python wrapper
+#: ``np.add.reduce``: what ndarray.sum() calls, without its Python wrapper (shared with distances).
+add_reduce = np.add.reduce
 _dot = np.dot
 
 
@@ -153,12 +154,12 @@ def moments(values: np.ndarray) -> dict[str, float]:
         return dict.fromkeys(("mean", "std", "skew", "kurtosis", "l2_norm", "rms"), math.nan)
     if n <= CHUNK:  # one block: the loops below, unrolled (the same operations in the same order)
         block = values.astype(np.float64)
-        total = 0.0 + float(_add(block))
+        total = 0.0 + float(add_reduce(block))
         sumsq = 0.0 + float(_dot(block, block))
         mean = total / n
         d = block - mean
         d2 = d * d
-        c2 = 0.0 + float(_add(d2))
+        c2 = 0.0 + float(add_reduce(d2))
         c3 = 0.0 + float(_dot(d2, d))
         c4 = 0.0 + float(_dot(d2, d2))
     else:
@@ -379,12 +380,12 @@ def _rows_stats(values: np.ndarray) -> list[dict[str, float]]:
     k, n = values.shape
     block = values.astype(np.float64)
     # moments(): one block per row, the same operations in the same order
-    total = 0.0 + _add(block, axis=1)
+    total = 0.0 + add_reduce(block, axis=1)
     sumsq = 0.0 + np.vecdot(block, block)
     mean = total / n
     d = block - mean[:, None]
     d2 = d * d
-    m2 = (0.0 + _add(d2, axis=1)) / n
+    m2 = (0.0 + add_reduce(d2, axis=1)) / n
     m3 = (0.0 + np.vecdot(d2, d)) / n
     m4 = (0.0 + np.vecdot(d2, d2)) / n
     lo, hi = block[:, 0], block[:, -1]

@@ -268,7 +268,7 @@ def test_audit_selection_overrides_and_notes_in_summary(scaled_run, tmp_path: Pa
 
 
 def test_the_same_clip_variant_given_twice_is_evaluated_once() -> None:
-    from auditclip.evaluation import _variants
+    from auditclip.evaluation import clip_variants
 
-    variants = _variants(["max_abs=0.5", "max_abs=0.5", "max_abs=1"])
+    variants = clip_variants(["max_abs=0.5", "max_abs=0.5", "max_abs=1"])
     assert [name for name, _ in variants] == ["max_abs=0.5", "max_abs=1"]

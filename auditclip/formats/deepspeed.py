@@ -112,7 +112,7 @@ import torch
 from auditclip.dtypes import dtype_name, torch_dtype
 from auditclip.errors import CheckpointError, InputError
 from auditclip.notices import note
-from auditclip.readers import PinnedFile, _load_torch, read_strided
+from auditclip.readers import PinnedFile, load_torch_meta, read_strided
 from auditclip.safe_pickle import Placeholder
 
 __all__ = [
@@ -405,7 +405,7 @@ class _Loaded:
         self.name = name
         f = PinnedFile(folder / name)
         try:
-            self.obj, lazy = _load_torch(f)
+            self.obj, lazy = load_torch_meta(f)
             st = os.fstat(f.fd)
             self.stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
         finally:
