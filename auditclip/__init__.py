@@ -15,7 +15,7 @@ from .flags import flag
 from .evaluation import evaluate, sweep
 from .audit import audit
 from .errors import AuditclipError, CheckpointError, InputError, NoCheckpointsError
-from .readers import TensorInfo, TensorReader, open_checkpoint_file
+from .formats.readers import TensorInfo, TensorReader, open_checkpoint_file
 from .stats import describe
 
 inspect = inspect_checkpoint

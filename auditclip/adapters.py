@@ -51,13 +51,13 @@ from ._version import __version__
 from .clipping import bounds, clip_tensor_outcome
 from .config import ClipSettings, ClipSpec
 from .distances import DRIFT_METRICS, ratio
-from .dtypes import dtype_name
+from .formats.dtypes import dtype_name
 from .errors import InputError
 from .formats.peft import ADAPTER_CONFIG, AdapterIndex, LoraModule, adapter_weights_file, read_adapter_index
 from .notices import note
 from .output import atomic_path
-from .readers import open_checkpoint_file
-from .writers import save_torch, sha256_file, write_safetensors
+from .formats.readers import open_checkpoint_file
+from .formats.writers import save_torch, sha256_file, write_safetensors
 
 #: Elements of ΔW built at once (a block of rows, float64): bounds the extra memory to 32 MiB.
 BLOCK = 1 << 22
@@ -548,7 +548,7 @@ class DeltaVersion:
 def read_delta(reader: Any, m: LoraModule) -> DeltaVersion:
     """Read one module's factors from an open reader and describe its update.
 
-    ``reader``: a :class:`auditclip.readers.TensorReader` of the adapter's weights file.
+    ``reader``: a :class:`auditclip.formats.readers.TensorReader` of the adapter's weights file.
 
     >>> import json, tempfile
     >>> from safetensors.torch import save_file

@@ -41,7 +41,7 @@ from .distances import DRIFT_METRICS, compare_values, cosine, rel_change
 from .errors import CheckpointError, InputError
 from .formats.peft import AdapterIndex, adapter_index_for
 from .notices import note
-from .readers import TensorInfo, TensorReader, is_float_dtype
+from .formats.readers import TensorInfo, TensorReader, is_float_dtype
 from .selection import name_filter
 from .stats import STAT_COLUMNS, STATS_COLUMNS, TINY_MAX, TensorSummary, count_at_bound, describe, describe_many, shape_text
 

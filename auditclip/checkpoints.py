@@ -22,7 +22,7 @@ when discovery already knows it cannot be read: a broken or unsafe shard index,
 a directory named ``model.safetensors``, a broken symlink), or is listed:
 trainer state (``optimizer.pt``...) in :attr:`Run.ignored`, anything else in
 :attr:`Run.notes` with the reason. Shard names read from an index are resolved
-by :func:`auditclip.readers.read_shard_index` (through :func:`auditclip.paths.member`), so a name leaving the index's folder is
+by :func:`auditclip.formats.readers.read_shard_index` (through :func:`auditclip.paths.member`), so a name leaving the index's folder is
 never claimed nor followed. Steps outside the 64-bit range are unknown (with a
 note), and ``**`` globs expand each real directory once, so symlink loops end.
 """
@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 from .errors import CheckpointError, InputError, NoCheckpointsError
 from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_object, read_dcp_tensor
-from .readers import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
+from .formats.readers import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
                       read_shard_index)
 # after .readers: formats.deepspeed reads its files through it
 from .formats.deepspeed import (deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_file,
@@ -752,7 +752,7 @@ def _deepspeed_found(tag: Path, shown: Path | None = None) -> _Found:
     """A DeepSpeed tag folder as a checkpoint (shown as ``shown``, default the tag), known by its rank 0 model states.
 
     The file is what clip edits at ZeRO 0-2 (its ``module`` entry); opening it reads the
-    whole tag folder (:class:`auditclip.readers._DeepSpeedSource`), never the file alone.
+    whole tag folder (:class:`auditclip.formats.readers._DeepSpeedSource`), never the file alone.
     A folder without rank 0's model states is opened as is: the reader says what is missing.
     """
     return _Found(shown or tag, deepspeed_model_states(tag) or tag)

@@ -36,10 +36,10 @@ from .modelref import ModelLoader
 from .output import atomic_path
 from .paths import is_inside, member
 from .notices import note
-from .readers import (PinnedFile, load_torch_meta, zip_byteorder, load_torch_file, normalize_names, note_tied,
+from .formats.readers import (PinnedFile, load_torch_meta, zip_byteorder, load_torch_file, normalize_names, note_tied,
                       open_checkpoint_file, read_shard_index, storage_identity, tensor_slots, untie, weight_copies)
 from .selection import name_filter
-from .writers import save_torch, sha256_file, write_json, write_patched_copy, write_safetensors
+from .formats.writers import save_torch, sha256_file, write_json, write_patched_copy, write_safetensors
 
 
 @dataclass

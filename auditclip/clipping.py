@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ClipSettings, ClipSpec
-from .dtypes import dtype_name, is_float_dtype
+from .formats.dtypes import dtype_name, is_float_dtype
 from .errors import InputError
 from .stats import finite_sorted, percentile
 

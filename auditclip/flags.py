@@ -40,7 +40,7 @@ import torch
 from .analysis import AnalysisResult, RunLike, analyze
 from .checkpoints import Run, open_run
 from .config import RULES, FlagRules, FlagSettings, flag_settings, severity_at_least
-from .dtypes import is_float_dtype
+from .formats.dtypes import is_float_dtype
 from .errors import InputError
 from . import notices, sketch
 from .stats import TensorSummary, percentile

@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .readers import TensorInfo
+from .formats.readers import TensorInfo
 from .sketch import EXACT_MAX, Sketch, blocks, build, from_sorted
 
 PERCENTILES: tuple[tuple[str, float], ...] = (

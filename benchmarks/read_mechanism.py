@@ -7,7 +7,7 @@ one process times, per repeat, reading every tensor and summing it:
 
 * ``mmap``: ``torch.frombuffer`` over a private map of the file (what auditclip
   did before: zero-copy, but a file truncated under it kills the process with SIGBUS);
-* ``pread``: :class:`auditclip.readers.TensorReader` (a fresh buffer per tensor,
+* ``pread``: :class:`auditclip.formats.readers.TensorReader` (a fresh buffer per tensor,
   ``pread`` into it, ``fstat`` after each read to detect a change);
 
 and prints the best time of each and their ratio. Sums are compared so both read the same bytes.
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from auditclip.readers import open_checkpoint_file
+from auditclip.formats.readers import open_checkpoint_file
 
 
 def by_mmap(path: Path) -> float:

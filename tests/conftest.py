@@ -60,7 +60,7 @@ def record_live_tensors(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the tensors read through ``TensorReader.get`` still alive; ``["peak"]`` is the most at once."""
     import weakref
 
-    from auditclip.readers import TensorReader
+    from auditclip.formats.readers import TensorReader
 
     live: set[int] = set()
     counts = {"peak": 0}

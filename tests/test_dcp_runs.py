@@ -26,7 +26,7 @@ from auditclip.analysis import analyze
 from auditclip.checkpoints import open_run
 from auditclip.cli import cli
 from auditclip.errors import CheckpointError
-from auditclip.readers import open_checkpoint_file
+from auditclip.formats.readers import open_checkpoint_file
 from conftest import record_live_tensors, save_safetensors
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")

@@ -28,7 +28,7 @@ from auditclip.checkpoints import open_run
 from auditclip.cli import cli
 from auditclip.errors import CheckpointError
 from auditclip.kinds import tensor_kind
-from auditclip.readers import open_checkpoint_file
+from auditclip.formats.readers import open_checkpoint_file
 from conftest import save_safetensors
 from deepspeed_runs import deepspeed_runs
 

@@ -31,9 +31,9 @@ SKIPPED_EXAMPLES = {
     "auditclip.checkpoints": 4,
     "auditclip.data": 2,
     "auditclip.evaluation": 4,
+    "auditclip.formats.readers": 3,
     "auditclip.modelref": 3,
     "auditclip.output": 1,
-    "auditclip.readers": 3,
 }
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from auditclip import CheckpointError, open_checkpoint_file
-from auditclip.dtypes import SAFETENSORS
+from auditclip.formats.dtypes import SAFETENSORS
 
 CODES = sorted(SAFETENSORS) + ["F8", "X", "", "f32", "I128"]
 
@@ -137,7 +137,7 @@ def test_container_shapes_read_or_are_refused_never_hang(tmp_path_factory: pytes
         assert "refused" in exc.message
         assert depth + 1 > 64 or (share and fan > 1 and fan**depth > 10_000)
         return
-    # shared sub-dicts reach one tensor by many paths: tied, so listed once (auditclip.readers.untie)
+    # shared sub-dicts reach one tensor by many paths: tied, so listed once (auditclip.formats.readers.untie)
     paths = 1 if share else 1 + depth * (fan - 1)
     assert len(names) == paths
     assert all(shape in ((3,), (1,)) for shape in shapes)

@@ -193,7 +193,7 @@ def test_a_same_size_overwrite_in_place_is_detected(tmp_path: Path, fmt: str) ->
 def test_truncation_through_the_cli_gives_an_errors_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = _big_run(tmp_path, "safetensors")
     victim = sorted(run.iterdir())[2]
-    import auditclip.readers as readers
+    import auditclip.formats.readers as readers
 
     real = readers.read_strided
     calls = {"n": 0}

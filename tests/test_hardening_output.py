@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from auditclip import writers
+from auditclip.formats import writers
 from auditclip.cli import cli, main
 from auditclip.interrupts import Interrupted, handle_signals
 from auditclip.output import atomic_path, formula_safe, remove_stale_temp_files, write_csv

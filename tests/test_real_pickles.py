@@ -29,8 +29,8 @@ from safetensors.numpy import load_file
 
 from auditclip.cli import cli
 from auditclip.errors import CheckpointError
-from auditclip.readers import load_torch_file, open_checkpoint_file
-from auditclip.safe_pickle import Placeholder, Refused, Unpickler
+from auditclip.formats.readers import load_torch_file, open_checkpoint_file
+from auditclip.formats.safe_pickle import Placeholder, Refused, Unpickler
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_hparams.py"
 FOREIGN = ("argparse.Namespace", "pathlib.PosixPath", "__main__.RunConfig", "__main__.Mode")
@@ -382,7 +382,7 @@ def test_placeholders_record_what_the_pickle_said() -> None:
 
 
 def load_torch_file_from(buffer: io.BytesIO) -> Any:
-    from auditclip.safe_pickle import pickle_module
+    from auditclip.formats.safe_pickle import pickle_module
 
     module, _ = pickle_module()
     return torch.load(buffer, weights_only=False, pickle_module=module)

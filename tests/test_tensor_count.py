@@ -24,7 +24,7 @@ from auditclip.analysis import _natural_sorted, analyze
 from auditclip.checkpoints import natural_key
 from auditclip.config import flag_settings
 from auditclip.distances import compare, compare_many, ks_statistic
-from auditclip.readers import TensorInfo
+from auditclip.formats.readers import TensorInfo
 from auditclip.stats import TINY_MAX, describe, describe_many
 
 from conftest import record_live_tensors, save_safetensors

@@ -86,7 +86,7 @@ from typing import Any
 
 import torch
 
-from auditclip.dtypes import dtype_name, torch_dtype
+from auditclip.formats.dtypes import dtype_name, torch_dtype
 from auditclip.errors import CheckpointError
 
 __all__ = [

@@ -41,7 +41,7 @@ In a tag folder (``mp_rank_00``: the tensor-parallel rank; only ``00`` is read h
 
   DeepSpeed pickles its own classes there (``ZeroStageEnum``, ``LossScaler``,
   ``fragment_address``), so the files are read with the gated unpickler of
-  :mod:`auditclip.safe_pickle` (through :mod:`auditclip.readers`): they become inert
+  :mod:`auditclip.formats.safe_pickle` (through :mod:`auditclip.formats.readers`): they become inert
   placeholders, nothing is imported or run, and a pickle that needs code is refused
   (``unsafe``).
 
@@ -68,7 +68,7 @@ named like these is part of its tag folder and is never read alone).
 
 Wired in: :mod:`auditclip.checkpoints` makes a run folder's tag folders a run (one
 checkpoint per tag, format ``deepspeed``, known by :func:`deepspeed_model_states`) and a
-model- or optimizer-states file given or globbed its tag folder; :mod:`auditclip.readers`
+model- or optimizer-states file given or globbed its tag folder; :mod:`auditclip.formats.readers`
 opens any of them with ``_DeepSpeedSource`` (``--key master`` / ``--key module`` pick the
 copy; one note names the copy read). A ZeRO-3 model-states dict renamed out of its folder
 reaches the generic torch reader, which refuses it (``param_shapes`` beside empty tensors).
@@ -109,11 +109,11 @@ from typing import Any
 
 import torch
 
-from auditclip.dtypes import dtype_name, torch_dtype
+from auditclip.formats.dtypes import dtype_name, torch_dtype
 from auditclip.errors import CheckpointError, InputError
 from auditclip.notices import note
-from auditclip.readers import PinnedFile, load_torch_meta, read_strided
-from auditclip.safe_pickle import Placeholder
+from auditclip.formats.readers import PinnedFile, load_torch_meta, read_strided
+from auditclip.formats.safe_pickle import Placeholder
 
 __all__ = [
     "LATEST_FILE", "DeepSpeedIndex", "DeepSpeedPiece", "DeepSpeedTag", "DeepSpeedTensor", "consolidate_command",

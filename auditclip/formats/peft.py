@@ -72,7 +72,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..notices import note
-from ..readers import open_checkpoint_file
+from .readers import open_checkpoint_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 #: The weights files peft writes, in the order it looks for them.
@@ -101,7 +101,7 @@ class LoraModule:
     ``module``: the stored prefix (``base_model.model.transformer.h.0.attn.c_attn``);
     ``key``: the base model's module name (``transformer.h.0.attn.c_attn``), which
     ``rank_pattern``/``alpha_pattern`` match; ``target``: the base weight ΔW adds to.
-    ``a_name``/``b_name``: the tensors as :func:`auditclip.readers.open_checkpoint_file`
+    ``a_name``/``b_name``: the tensors as :func:`auditclip.formats.readers.open_checkpoint_file`
     names them. ``delta_shape``: ``[out, in]`` of B @ A (peft's merged update is its
     transpose for ``fan_in_fan_out`` layers and embeddings, and a convolution kernel's
     reshape for convolutions). ``problem``: why ΔW is not computed, or None.

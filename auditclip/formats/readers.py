@@ -14,7 +14,7 @@ A :class:`TensorReader` gives one checkpoint's tensors by name, one at a time:
   each tensor is then read with ``pread`` like a safetensors one. Code in a
   pickle is never run: ``weights_only=True`` refuses any global that is not a
   plain tensor type; a zip-format file it refuses is read again with the gated
-  unpickler of :mod:`auditclip.safe_pickle` (foreign objects such as Lightning
+  unpickler of :mod:`auditclip.formats.safe_pickle` (foreign objects such as Lightning
   hyper-parameters become inert placeholders; code-like globals are refused).
   Tensors that are one region of one storage (tied weights) are listed once.
   A dict carrying DeepSpeed's ``param_shapes``/``ds_config`` whose parameters are
@@ -54,11 +54,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..errors import CheckpointError
+from ..notices import note
+from ..paths import member
+from .dcp import dcp_folder, read_dcp_index, read_dcp_tensor
 from .dtypes import SAFETENSORS, dtype_name, is_float_dtype, torch_dtype
-from .errors import CheckpointError
-from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_tensor
-from .notices import note
-from .paths import member
 
 #: Keys under which trainers nest the model's state dict, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -452,7 +452,7 @@ def load_torch_meta(f: PinnedFile) -> tuple[Any, bool]:
 
 def _safe_torch_load(f: PinnedFile, map_location: str, stubs: bool) -> Any:
     """``torch.load(weights_only=True)``; when it refuses a zip-format file (``stubs``), the gated
-    unpickler of :mod:`auditclip.safe_pickle`, which reads the tensors and builds no foreign object.
+    unpickler of :mod:`auditclip.formats.safe_pickle`, which reads the tensors and builds no foreign object.
 
     A pickle that needs a global which is plainly code (``os.system``...) is a
     :class:`CheckpointError` of kind ``unsafe`` either way; nothing of it runs.
@@ -499,7 +499,7 @@ def allow_globals(names: list[str] | tuple[str, ...]) -> list[Any]:
     """
     import importlib
 
-    from .errors import InputError
+    from ..errors import InputError
 
     found = []
     for name in names:
@@ -522,7 +522,7 @@ def load_torch_file(path: Path, placeholders: bool = True) -> Any:
     For rewriting a container (``clip`` of a legacy-format file, ``--to safetensors``),
     so every tensor is read; the file is read, never mapped, and a file that
     changes while it is read is a ``changed`` error. Foreign objects in a
-    zip-format file are kept as inert placeholders (:mod:`auditclip.safe_pickle`).
+    zip-format file are kept as inert placeholders (:mod:`auditclip.formats.safe_pickle`).
     Raises :class:`CheckpointError` naming the globals the file would need when
     unpickling it would run code: auditclip never loads such a file.
     ``placeholders=False``: only what ``weights_only=True`` admits (for an object that
@@ -1030,7 +1030,7 @@ class _DeepSpeedSource(_Source):
 
     def __init__(self, path: Path, key: str | None = None) -> None:
         # imported here: formats.deepspeed reads its files through this module's PinnedFile
-        from .formats.deepspeed import read_deepspeed_index
+        from .deepspeed import read_deepspeed_index
 
         if key is not None and key not in self.KEYS:
             raise CheckpointError(path, f"a DeepSpeed checkpoint has no entry {key!r} to pick: --key module reads "
@@ -1085,7 +1085,7 @@ class _DeepSpeedSource(_Source):
         return dtype or "unknown", entry.shape
 
     def raw_get(self, raw: str) -> torch.Tensor:
-        from .formats.deepspeed import read_deepspeed_tensor
+        from .deepspeed import read_deepspeed_tensor
 
         try:
             return read_deepspeed_tensor(self.index, raw, self._source)
@@ -1097,7 +1097,7 @@ class _DeepSpeedSource(_Source):
 
 def _is_deepspeed(path: Path) -> bool:
     """A DeepSpeed checkpoint by its names: a model/optimizer-states file, a tag folder, a run folder."""
-    from .formats.deepspeed import is_deepspeed_file, is_deepspeed_run, is_deepspeed_tag_folder
+    from .deepspeed import is_deepspeed_file, is_deepspeed_run, is_deepspeed_tag_folder
 
     if path.is_dir():
         return is_deepspeed_tag_folder(path) or is_deepspeed_run(path)

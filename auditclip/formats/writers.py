@@ -21,10 +21,9 @@ from typing import BinaryIO
 
 import torch
 
+from ..errors import InputError
+from ..output import atomic_path
 from .dtypes import CODE_OF, SAFETENSORS, dtype_name
-from .errors import InputError
-
-from .output import atomic_path
 
 
 Entry = tuple[str, "torch.dtype | str", tuple[int, ...]]
@@ -48,7 +47,7 @@ def write_safetensors(
     """Write a safetensors file tensor by tensor, atomically.
 
     ``entries`` lists (name, dtype, shape), the dtype a torch dtype or a name from
-    :data:`auditclip.dtypes.SAFETENSORS` (``"f4"`` for packed sub-byte floats);
+    :data:`auditclip.formats.dtypes.SAFETENSORS` (``"f4"`` for packed sub-byte floats);
     ``produce(name)`` returns each tensor when its turn comes, matching the
     announced dtype and shape, or its stored bytes.
 

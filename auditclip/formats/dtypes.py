@@ -65,7 +65,7 @@ def safetensors_code(dtype: torch.dtype) -> str:
     """
     name = dtype_name(dtype)
     if name not in CODE_OF:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"safetensors cannot hold dtype {name}")
     return CODE_OF[name]
