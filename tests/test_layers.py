@@ -111,3 +111,58 @@ def test_no_attribute_access_to_private_names_of_imported_modules(module: str) -
            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
            and is_private(n.attr)]
     assert not bad, bad
+
+
+# The format layer (auditclip/formats/) is below discovery, clipping, the analysis and
+# the CLI: besides itself it may use only these small utilities, which import nothing
+# from above either (checked below), so nothing above can leak in through them.
+FORMAT_LAYER_UTILITIES = {"auditclip.errors", "auditclip.notices", "auditclip.paths", "auditclip.output",
+                          "auditclip.kinds", "auditclip._version"}
+FORMAT_MODULES = sorted(m for m in MODULES if m == "auditclip.formats" or m.startswith("auditclip.formats."))
+
+
+def in_format_layer(source: str) -> bool:
+    return source == "auditclip.formats" or source.startswith("auditclip.formats.")
+
+
+def test_the_format_layer_holds_every_reader_and_writer() -> None:
+    assert {"auditclip.formats.readers", "auditclip.formats.writers", "auditclip.formats.dtypes",
+            "auditclip.formats.safe_pickle", "auditclip.formats.dcp", "auditclip.formats.deepspeed",
+            "auditclip.formats.peft"} <= set(FORMAT_MODULES)
+    # no second copy left behind at the top level, and nobody imports the old paths
+    for old in ("readers", "writers", "dtypes", "safe_pickle"):
+        assert f"auditclip.{old}" not in MODULES
+        assert not [i for i in ALL_IMPORTS if i.source == f"auditclip.{old}"]
+
+
+@pytest.mark.parametrize("module", FORMAT_MODULES)
+def test_format_modules_import_nothing_from_above(module: str) -> None:
+    above = [f"{i.line}: {i.source}" for i in imports_of(MODULES[module])
+             if not in_format_layer(i.source) and i.source not in FORMAT_LAYER_UTILITIES]
+    assert not above, f"{module} imports from above the format layer: {above}"
+    for forbidden in ("auditclip.checkpoints", "auditclip.clip_files", "auditclip.analysis", "auditclip.cli"):
+        assert not [i for i in imports_of(MODULES[module]) if i.source == forbidden]
+
+
+def test_the_format_layers_utilities_stay_below_it() -> None:
+    for module in FORMAT_LAYER_UTILITIES & set(MODULES):
+        up = [i.source for i in imports_of(MODULES[module]) if i.source not in FORMAT_LAYER_UTILITIES]
+        assert not up, f"{module} imports {up}: the format layer would depend on them through it"
+
+
+# What only the format layer defines: reading, writing and unpickling checkpoint files.
+FORMAT_FUNCTIONS = {"open_checkpoint_file", "read_shard_index", "read_safetensors_metadata", "load_torch_file",
+                    "load_torch_meta", "zip_byteorder", "write_safetensors", "save_torch", "write_patched_copy",
+                    "dtype_name", "torch_dtype", "pickle_module", "read_dcp_index", "read_deepspeed_index"}
+
+
+@pytest.mark.parametrize("module", ["auditclip.checkpoints", "auditclip.clip_files"])
+def test_discovery_and_clipping_take_format_code_from_the_format_layer(module: str) -> None:
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & FORMAT_FUNCTIONS, f"{module} defines format code itself: {defined & FORMAT_FUNCTIONS}"
+    used = {i.name for i in imports_of(MODULES[module]) if i.name in FORMAT_FUNCTIONS}
+    assert used, "the check below would pass on a module that reads no file"
+    for i in imports_of(MODULES[module]):
+        if i.name in FORMAT_FUNCTIONS:
+            assert in_format_layer(i.source), f"{module}:{i.line} takes {i.name} from {i.source}"
