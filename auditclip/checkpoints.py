@@ -45,32 +45,14 @@ from typing import Any, NamedTuple
 
 from .errors import CheckpointError, InputError, NoCheckpointsError
 from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_object, read_dcp_tensor
-from .formats.readers import (SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
+from .formats.readers import (TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
                       read_shard_index)
 # after .readers: formats.deepspeed reads its files through it
 from .formats.deepspeed import (deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_file,
                                 is_deepspeed_run, is_deepspeed_tag_folder, latest_tag)
-
-#: File names a Hugging Face (or DeepSpeed) checkpoint folder keeps its model weights in,
-#: in order of preference when a folder holds more than one.
-HF_WEIGHT_NAMES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "mp_rank_00_model_states.pt",
-)
-
-# Trainer state saved beside the weights: never model weights, never analysed.
-TRAINER_STATE_FILES = re.compile(
-    r"^(optimizer|scheduler|scaler|sampler|training_args|lr_scheduler)(_\d+)?(\.\w+)?\.(pt|bin|pth)$"
-    r"|^rng_state(_\d+)?\.pth$|^.*optim_states\.pt$",
-    re.IGNORECASE,
-)
+from .formats.detect import (ACCELERATE_EXTRA_MODEL, ACCELERATE_FSDP_MODEL, DCP_OPTIMIZER_FOLDER, HF_WEIGHT_NAMES,
+                             INDEX_SUFFIX, LIGHTNING_LAST, SHARD_SUFFIXES, TRAINER_STATE_FILES, detect, is_weight_file,
+                             shard_name_pattern)
 
 # Step-like tokens only, in two tiers: a word that starts a token (``-step=60``,
 # ``/checkpoint-500``) wins over one glued to a name by ``_`` (``gpt2_step_1000``), so
@@ -87,19 +69,10 @@ SORT_MODES = ("step", "name", "mtime")
 
 #: The label of a Hugging Face Trainer's final ``save_model()`` output in the run root.
 FINAL_LABEL = "final"
-# accelerate's save_state() names the weights of its 2nd, 3rd... prepared model model_1.safetensors...
-_ACCELERATE_EXTRA = re.compile(r"^(?:model|pytorch_model)_(\d+)\.(?:safetensors|bin)$")
-# accelerate's save_state() with FSDP SHARDED_STATE_DICT: a DCP folder per model and per optimizer
-_ACCELERATE_FSDP = re.compile(r"^pytorch_model_fsdp_\d+$")
-_DCP_OPTIMIZER = re.compile(r"^optimizer(_\d+)?$")
-# Lightning's last.ckpt, last-v1.ckpt: a copy (or link) of another checkpoint, or one more save
-_LAST = re.compile(r"^last(?:-v\d+)?\.", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 #: Steps are stored as 64-bit integers (pandas ``Int64``); anything outside is unknown.
 STEP_MIN, STEP_MAX = -(2**63), 2**63 - 1
-
-_SHARD_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -139,13 +112,15 @@ class Checkpoint:
 
     @property
     def format(self) -> str:
-        if dcp_folder(self.weights) is not None:
-            return "dcp"
-        if is_deepspeed_tag_folder(self.weights) if self.weights.is_dir() else is_deepspeed_file(self.weights):
-            return "deepspeed"
+        """The format family (:func:`auditclip.formats.detect.detect`): ``dcp``, ``deepspeed``, ``peft``,
+        ``safetensors``, ``pytorch``, or ``safetensors (sharded)`` / ``pytorch (sharded)`` for an index."""
+        found = detect(self.weights)
+        if found is not None and found.format in ("dcp", "deepspeed", "peft"):
+            return found.format
+        # a file named explicitly is read as a torch pickle whatever its name (.pt, .bin, .whatever)
         name = self.weights.name.lower()
         kind = "safetensors" if ".safetensors" in name else "pytorch"
-        return f"{kind} (sharded)" if name.endswith(".index.json") else kind
+        return f"{kind} (sharded)" if name.endswith(INDEX_SUFFIX) else kind
 
 
 @dataclass
@@ -512,13 +487,6 @@ def _json_problem(exc: Exception) -> str:
     return f"not valid JSON: {' '.join(str(exc).split())[:200] or type(exc).__name__}"
 
 
-def _is_weight_file(path: Path) -> bool:
-    name = path.name.lower()
-    if TRAINER_STATE_FILES.match(path.name):
-        return False
-    return name.endswith(_SHARD_SUFFIXES) or name.endswith(".index.json")
-
-
 # --- listing one directory -------------------------------------------------------------------
 
 
@@ -557,14 +525,6 @@ def _entry_problem(path: Path) -> tuple[str, str] | None:
     return "unreadable", "not a regular file"
 
 
-def _index_stem(name: str) -> str:
-    stem = name[: -len(".index.json")]
-    for suffix in _SHARD_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            return stem[: -len(suffix)]
-    return stem
-
-
 def _read_index(index: Path) -> tuple[set[Path], tuple[str, str] | None]:
     """The shard files an index names inside its folder, and what is wrong with it, if anything."""
     read = read_shard_index(index, lenient=True)
@@ -580,8 +540,9 @@ def _list(directory: Path) -> _Listing:
     entries = sorted(directory.iterdir(), key=lambda p: natural_key(p.name))
     out.dirs = [p for p in entries if p.is_dir()]
     # a DCP folder is a checkpoint whatever its name (Lightning's epoch=0-step=23.ckpt/ is one)
-    out.dcp_dirs = [p for p in out.dirs if dcp_folder(p) is not None]
-    out.ds_dirs = [p for p in out.dirs if p not in out.dcp_dirs and is_deepspeed_tag_folder(p)]
+    kinds = {p: detect(p) for p in out.dirs}
+    out.dcp_dirs = [p for p, d in kinds.items() if d is not None and d.format == "dcp"]
+    out.ds_dirs = [p for p, d in kinds.items() if d is not None and d.format == "deepspeed"]
     dirs = set(out.dirs)
     candidates = []
     for p in entries:
@@ -589,24 +550,24 @@ def _list(directory: Path) -> _Listing:
             continue
         if TRAINER_STATE_FILES.match(p.name):
             out.ignored.append(p)
-        elif _is_weight_file(p):
+        elif is_weight_file(p):
             if p in dirs and is_deepspeed_run(p):
                 continue  # Lightning's DeepSpeed strategy: epoch=0-step=10.ckpt/ is a DeepSpeed run (tag checkpoint/)
             (out.weight_dirs if p in dirs else candidates).append(p)
     claimed: set[Path] = set()
-    for index in (p for p in candidates if p.name.lower().endswith(".index.json") and p.is_file()):
+    for index in (p for p in candidates if p.name.lower().endswith(INDEX_SUFFIX) and p.is_file()):
         shards, problem = _read_index(index)
         claimed |= shards
         if problem is not None:
             out.problems[index] = problem
         # shards named like this index's (model-00001-of-00002.safetensors) belong to it even when
         # its weight_map cannot be read or forgets one: they are never models of their own
-        pattern = re.compile(re.escape(_index_stem(index.name)) + r"-\d+-of-\d+\.\w+$", re.IGNORECASE)
+        pattern = shard_name_pattern(index.name)
         for shard in sorted(shards & set(candidates), key=lambda p: natural_key(p.name)):
             if not pattern.match(shard.name):  # step_10.safetensors read as a shard of step_5's index
                 out.notes.append((shard, f"not audited on its own: {index.name} names it as one of its shards"))
         for p in candidates:
-            if p not in claimed and p != index and pattern.match(p.name) and p.name.lower().endswith(_SHARD_SUFFIXES):
+            if p not in claimed and p != index and pattern.match(p.name) and p.name.lower().endswith(SHARD_SUFFIXES):
                 claimed.add(p)
                 if problem is None:
                     out.notes.append((p, f"ignored: named like a shard of {index.name}, whose weight_map does not "
@@ -650,9 +611,10 @@ def _expand_directory(
     subfolder is a checkpoint folder; otherwise each ``checkpoint-*/``-like subfolder,
     each DCP subfolder (``step-100/``, ``epoch=0-step=23.ckpt/``) and each weight file is one.
     """
-    if dcp_folder(directory) is not None:  # its other files (Lightning's meta.pt) are not weights
+    kind = detect(directory)
+    if kind is not None and kind.format == "dcp":  # its other files (Lightning's meta.pt) are not weights
         return [_Found(directory, directory)], [], []
-    if is_deepspeed_tag_folder(directory):  # its model and optimizer states are one checkpoint
+    if kind is not None and kind.format == "deepspeed":  # its model and optimizer states are one checkpoint
         return [_deepspeed_found(directory)], [], []
     try:
         own = _list(directory)
@@ -666,7 +628,7 @@ def _expand_directory(
         if sub in own.weight_dirs:
             continue  # a directory named model.safetensors: decided below, with the files beside it
         if sub in own.dcp_dirs:
-            if _DCP_OPTIMIZER.match(sub.name):
+            if DCP_OPTIMIZER_FOLDER.match(sub.name):
                 ignored.append(sub)  # accelerate's optimizer_0/: optimizer state only
             else:
                 found.append(_Found(sub, sub))
@@ -684,10 +646,10 @@ def _expand_directory(
             notes.append((sub, f"ignored: cannot be listed: {exc.strerror or exc}"))
             continue
         weights, extra = _model_weights(listing)
-        fsdp = [d for d in listing.dcp_dirs if _ACCELERATE_FSDP.match(d.name)]
+        fsdp = [d for d in listing.dcp_dirs if ACCELERATE_FSDP_MODEL.match(d.name)]
         if weights is None and fsdp:  # accelerate FSDP: checkpoint_<i>/pytorch_model_fsdp_0/ holds the model
             found.append(_Found(sub, fsdp[0]))
-            ignored += listing.ignored + [d for d in listing.dcp_dirs if _DCP_OPTIMIZER.match(d.name)]
+            ignored += listing.ignored + [d for d in listing.dcp_dirs if DCP_OPTIMIZER_FOLDER.match(d.name)]
             notes += listing.notes + [(d, f"ignored: another model's DCP folder beside {fsdp[0].name}; audit it "
                                           "on its own by passing the folder") for d in fsdp[1:]]
         elif weights is not None:
@@ -695,7 +657,7 @@ def _expand_directory(
             ignored += listing.ignored
             notes += listing.notes
             for p, message in extra:
-                if _ACCELERATE_EXTRA.match(p.name) and p.is_file():  # accelerate's second model: its own series
+                if ACCELERATE_EXTRA_MODEL.match(p.name) and p.is_file():  # accelerate's second model: its own series
                     found.append(_Found(p, p))
                 else:
                     notes.append((p, message))
@@ -887,7 +849,7 @@ def _expand(
             if match.is_dir():
                 entries, skipped, why = _expand_directory(match)
                 notes += why
-                if not entries and _is_weight_file(match):
+                if not entries and is_weight_file(match):
                     entries = [_Found(match, match, _entry_problem(match))]  # a directory named step_5.safetensors
                 if not entries:
                     detail = "".join(f"; {_render(p, m, None)}" for p, m in why[:3])
@@ -901,14 +863,14 @@ def _expand(
                     root = match  # labels are relative to the run directory the user named
                 found += entries
                 ignored += skipped
-            elif is_deepspeed_file(match):
+            elif (kind := detect(match)) is not None and kind.format == "deepspeed":
                 # a model- or optimizer-states file is one part of its tag folder (ZeRO-3's model states hold
                 # only placeholders): the folder is the checkpoint, found once however many files matched
                 found.append(_deepspeed_found(match.parent))
             elif TRAINER_STATE_FILES.match(match.name):
                 ignored.append(match)  # optimizer.pt & co. from a glob such as checkpoint-*/*.pt
-            elif dcp_folder(match) is not None:  # a DCP folder's .metadata named: the folder is the checkpoint
-                found.append(_Found(match.parent, match.parent))
+            elif kind is not None and kind.format == "dcp":  # a DCP folder's .metadata named: the folder is it
+                found.append(_Found(kind.weights, kind.weights))
             else:
                 problem = _entry_problem(match)
                 if problem is None and match.name.lower().endswith(".index.json"):
@@ -1075,7 +1037,7 @@ def _keep_rank(c: Checkpoint) -> tuple[bool, bool, bool, float, tuple[tuple[int,
     """Which of identical checkpoints is kept: a real file with a step in its name, not last.ckpt or "final",
     then the oldest (a copy is written after its original), then by name."""
     linked = c.path.is_symlink() or c.weights.is_symlink()
-    unnamed = bool(_LAST.match(c.path.name)) or c.label == FINAL_LABEL
+    unnamed = bool(LIGHTNING_LAST.match(c.path.name)) or c.label == FINAL_LABEL
     return linked, unnamed, parse_step(c.label) is None, _mtime(c.weights), natural_key(c.label)
 
 
@@ -1324,7 +1286,7 @@ def _refuse_several_series(
     :func:`_shown_to_be_one_run`): one run, and the note returned says so.
     accelerate's several prepared models are always several series.
     """
-    accelerate_dirs = {c.weights.parent for c in checkpoints if _ACCELERATE_EXTRA.match(c.weights.name)}
+    accelerate_dirs = {c.weights.parent for c in checkpoints if ACCELERATE_EXTRA_MODEL.match(c.weights.name)}
     series = _series(checkpoints, accelerate_dirs)
     counted = [(pattern, members) for pattern, members in series
                if len(members) >= 2 or any(c.weights.parent in accelerate_dirs for c in members)]

@@ -13,7 +13,6 @@ written to a temporary file and renamed into place.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import struct
 import zipfile
@@ -27,11 +26,12 @@ import pandas as pd
 import torch
 
 from ._version import __version__
-from .checkpoints import HF_WEIGHT_NAMES, TRAINER_STATE_FILES, Checkpoint, open_run
+from .checkpoints import Checkpoint, open_run
 from .clipping import CLIP_REPORT_COLUMNS, Kinds, clip_selected
 from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
 from .formats.deepspeed import is_deepspeed_file, is_deepspeed_tag_folder
+from .formats.detect import HF_WEIGHT_NAMES, is_master_weights, is_trainer_state
 from .modelref import ModelLoader
 from .output import atomic_path
 from .paths import is_inside, member
@@ -339,14 +339,6 @@ def _output(ckpt: Checkpoint, out: Path, to: str | None, root: Path | None = Non
     return base
 
 
-#: What accelerate's ``save_state`` writes beside the weights that the trainer-state pattern of
-#: discovery does not name: RNG states per process, ``register_for_checkpointing`` objects, the
-#: dataloaders' states; and the Trainer's optimizer saved per rank (``rank0-of-2-optimizer.pt``).
-_RESUME_STATE = re.compile(r"^(random_states|custom_checkpoint)_\d+\.pkl$|^dl_state_dict(_\d+)?\.bin$"
-                           r"|^rank\d+-of-\d+-optimizer\.pt$", re.IGNORECASE)
-#: DeepSpeed's optimizer partitions: they hold the fp32 master weights, which a resume loads over
-#: the module's weights, so a copy beside clipped weights would silently undo the clip.
-_MASTER_WEIGHTS = re.compile(r"optim_states\.pt$", re.IGNORECASE)
 
 _COPIED_NOTE = ("optimizer/scheduler state copied as is ({}): it describes the unclipped weights (Adam moments "
                 "stay valid as statistics); --drop-trainer-state leaves it out")
@@ -357,21 +349,6 @@ _REFACTORED_NOTE = ("--adapter-mode delta: the copied optimizer state holds the 
                     "moments do not describe: pass --drop-trainer-state to resume with a fresh optimizer")
 _MASTER_NOTE = ("not copied: {} (DeepSpeed optimizer partitions hold the fp32 master weights, which a resume "
                 "would load over the clipped weights)")
-
-
-def is_trainer_state(name: str) -> bool:
-    """True for a file a trainer saves beside the weights to resume (optimizer, scheduler, RNG, sampler...).
-
-    Hugging Face ``Trainer`` (``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state*.pth``,
-    ``training_args.bin``), accelerate's ``save_state`` (``optimizer*.bin``, ``scheduler*.bin``,
-    ``sampler*.bin``, ``dl_state_dict*.bin``, ``random_states_<i>.pkl``, ``custom_checkpoint_<i>.pkl``)
-    and DeepSpeed's ``*optim_states.pt``. ``trainer_state.json`` is the run's record (steps, logs) and
-    is not counted: ``clip`` always keeps it.
-
-    >>> [is_trainer_state(n) for n in ("optimizer.pt", "random_states_0.pkl", "trainer_state.json", "config.json")]
-    [True, True, False, False]
-    """
-    return bool(TRAINER_STATE_FILES.match(name) or _RESUME_STATE.match(name))
 
 
 class _Extras(NamedTuple):
@@ -400,7 +377,7 @@ def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
         if extra.name in HF_WEIGHT_NAMES or extra.name in shards:
             continue
         state = is_trainer_state(extra.name)
-        if state and (drop_state or _MASTER_WEIGHTS.search(extra.name)):
+        if state and (drop_state or is_master_weights(extra.name)):
             found.left.append(extra)
             continue
         if extra.is_symlink() and not is_inside(extra, ckpt.path):
@@ -642,7 +619,7 @@ def clip_run(
 
             refactored = adapter_index_for(ckpt.weights) is not None
         for p in extras.left:
-            (master_weights if _MASTER_WEIGHTS.search(p.name) else dropped_state).add(p.name)
+            (master_weights if is_master_weights(p.name) else dropped_state).add(p.name)
         if not dry_run:
             result.written.append(dst)
         for extra in extras.copy:

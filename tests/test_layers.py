@@ -166,3 +166,88 @@ def test_discovery_and_clipping_take_format_code_from_the_format_layer(module: s
     for i in imports_of(MODULES[module]):
         if i.name in FORMAT_FUNCTIONS:
             assert in_format_layer(i.source), f"{module}:{i.line} takes {i.name} from {i.source}"
+
+
+# --- file-name knowledge: the format layer answers "is this a checkpoint, and of which kind?" ------
+
+# The tables discovery and clipping match names against: defined in auditclip/formats/ only.
+FILE_NAME_TABLES = {"HF_WEIGHT_NAMES", "TRAINER_STATE_FILES", "RESUME_STATE_FILES", "LIGHTNING_LAST",
+                    "ACCELERATE_EXTRA_MODEL", "ACCELERATE_FSDP_MODEL", "DCP_OPTIMIZER_FOLDER", "SHARD_SUFFIXES"}
+# Words only a file-name rule has: an extension, or a name a trainer or a format gives its files.
+FILE_NAME_HINT = r"safetensors|\b(?:bin|pt|pth|pkl|json|distcp)\b|optim|model_states|pytorch_model|adapter_"
+
+
+def module_level_names(tree: ast.Module) -> dict[str, ast.expr]:
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            out.update({t.id: node.value for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            out[node.target.id] = node.value
+    return out
+
+
+def file_name_tables(source: str) -> list[str]:
+    """Module-level tables (tuples, sets, regexes...) whose strings look like file names; messages are not."""
+    import re
+
+    bad = []
+    for name, value in module_level_names(ast.parse(source)).items():
+        containers = [n for n in ast.walk(value) if isinstance(n, (ast.Tuple, ast.List, ast.Set, ast.Call))]
+        if not containers:
+            continue  # one string (a message, a format), however concatenated: not a table of names
+        strings = [n.value for n in ast.walk(value) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        if any(re.search(FILE_NAME_HINT, s, re.IGNORECASE) for s in strings):
+            bad.append(name)
+    return bad
+
+
+def test_the_file_name_check_sees_tables_as_they_were_written() -> None:
+    # the shapes the tables had in checkpoints.py / clip_files.py before they moved: each is caught
+    old = '''
+HF_WEIGHT_NAMES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
+TRAINER_STATE_FILES = re.compile(r"^(optimizer|scheduler)(_\\d+)?\\.(pt|bin|pth)$", re.IGNORECASE)
+_ACCELERATE_EXTRA = re.compile(r"^(?:model|pytorch_model)_(\\d+)\\.(?:safetensors|bin)$")
+_SHARD_SUFFIXES = (".safetensors",) + (".pt", ".bin")
+_MASTER_WEIGHTS = re.compile(r"optim_states\\.pt$", re.IGNORECASE)
+_NOTE = ("optimizer state copied as is ({}): " "--drop-trainer-state leaves it out")
+_STEP_KEYS = ("global_step", "step")
+'''
+    assert file_name_tables(old) == ["HF_WEIGHT_NAMES", "TRAINER_STATE_FILES", "_ACCELERATE_EXTRA",
+                                     "_SHARD_SUFFIXES", "_MASTER_WEIGHTS"]
+
+
+@pytest.mark.parametrize("module", ["auditclip.checkpoints", "auditclip.clip_files"])
+def test_discovery_and_clipping_define_no_file_name_tables(module: str) -> None:
+    source = MODULES[module].read_text(encoding="utf-8")
+    assert not file_name_tables(source), f"{module} matches file names itself: move to auditclip.formats.detect"
+    assert not FILE_NAME_TABLES & set(module_level_names(ast.parse(source)))
+
+
+def test_file_name_tables_are_defined_in_the_format_layer_only() -> None:
+    where: dict[str, list[str]] = {}
+    for module, path in MODULES.items():
+        for name in FILE_NAME_TABLES & set(module_level_names(ast.parse(path.read_text(encoding="utf-8")))):
+            where.setdefault(name, []).append(module)
+    assert where == {name: ["auditclip.formats.detect"] for name in FILE_NAME_TABLES}
+    # and whoever uses them takes them from there
+    users = [i for i in ALL_IMPORTS if i.name in FILE_NAME_TABLES]
+    assert {i.module for i in users} >= {"auditclip.checkpoints", "auditclip.clip_files"}
+    assert all(i.source == "auditclip.formats.detect" for i in users), users
+
+
+def calls_in(tree: ast.AST) -> set[str]:
+    return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+
+def test_discovery_asks_detect_what_a_path_is() -> None:
+    tree = ast.parse(MODULES["auditclip.checkpoints"].read_text(encoding="utf-8"))
+    functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert any(i.source == "auditclip.formats.detect" and i.name == "detect"
+               for i in imports_of(MODULES["auditclip.checkpoints"]))
+    # where a path's kind is decided (listing a folder, a folder named, a path named, Checkpoint.format),
+    # detect() decides it; the family predicates are not asked one by one there
+    for name in ("_list", "_expand_directory", "_expand", "format"):
+        calls = calls_in(functions[name])
+        assert "detect" in calls, f"{name} does not ask detect()"
+        assert not calls & {"dcp_folder", "is_deepspeed_tag_folder", "is_deepspeed_file"}, (name, calls)

@@ -10,6 +10,9 @@ the analysis and the CLI, and imports none of them (``tests/test_layers.py``).
 * :mod:`auditclip.formats.dtypes`: the one dtype table (safetensors codes, torch dtypes).
 * :mod:`auditclip.formats.safe_pickle`: the unpickler that builds no foreign object.
 * :mod:`auditclip.formats.writers`: streaming safetensors and torch writers.
+* :mod:`auditclip.formats.detect`: ``detect(path)``, is this a checkpoint and of which
+  kind, and every file-name rule (``HF_WEIGHT_NAMES``, ``TRAINER_STATE_FILES``, shard names)
+  that run discovery and clipping apply.
 
 Each family module knows one family's layout: where each tensor lives (an index built
 without reading tensor data) and how to read one tensor at a time. For now:
