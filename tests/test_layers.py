@@ -251,3 +251,22 @@ def test_discovery_asks_detect_what_a_path_is() -> None:
         calls = calls_in(functions[name])
         assert "detect" in calls, f"{name} does not ask detect()"
         assert not calls & {"dcp_folder", "is_deepspeed_tag_folder", "is_deepspeed_file"}, (name, calls)
+
+
+def test_a_peft_adapter_folder_is_discovered_as_peft(tmp_path: Path) -> None:
+    st = pytest.importorskip("safetensors.torch")
+    import torch
+
+    from auditclip.checkpoints import open_run
+    from auditclip.formats.detect import detect
+
+    for step in (1, 2):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        st.save_file({"base_model.model.fc.lora_A.weight": torch.full((2, 4), float(step))}, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    run = open_run(tmp_path)
+    assert [(c.label, c.format) for c in run] == [("checkpoint-1", "peft"), ("checkpoint-2", "peft")]
+    (tmp_path / "plain.safetensors").write_bytes((tmp_path / "checkpoint-1" / "adapter_model.safetensors").read_bytes())
+    # the same bytes without adapter_config.json beside them are plain safetensors
+    assert detect(tmp_path / "plain.safetensors").format == "safetensors"
