@@ -523,9 +523,12 @@ def analyze(
     if adapters or ref_adapter is not None:  # each adapted module's update ΔW, beside its factors
         delta_rows = _delta_rows(readers, [adapters.get(c.label) for c, _ in readers], keep, drift, ref_index,
                                  (ref_ckpt, ref_reader, ref_adapter), record)
+    format_kinds: dict[str, tuple[str, str]] = {}  # what the format records (DeepSpeed's buffer_names)
     for pair in readers:
+        format_kinds.update(pair[1].format_kind_rules())
         pair[1].close()
     if ref_index is None and ref_reader is not None:
+        format_kinds = {**ref_reader.format_kind_rules(), **format_kinds}
         ref_reader.close()
     ckpts = [ckpt for ckpt, _ in readers]
     del pair
@@ -542,6 +545,7 @@ def analyze(
         drift_frame = _with_rows(drift_frame, delta_rows[1], ckpts)
     adapter_kinds = {n: k for index in (*adapters.values(), ref_adapter) if index is not None
                      for n, k in index.kinds().items()}
+    adapter_kinds = {**format_kinds, **adapter_kinds}  # both decide the names they hold, before the name rule
     _add_kind(stats_frame, adapter_kinds)
     _add_kind(drift_frame, adapter_kinds)
     if bounds is not None:
@@ -566,7 +570,8 @@ def _without_kind(columns: Sequence[str]) -> tuple[str, ...]:
 
 def _add_kind(frame: pd.DataFrame, adapter: dict[str, tuple[str, str]] | None = None) -> None:
     """Insert the ``kind`` column after ``tensor``: parameter, buffer or unknown (empty for ``__all__``);
-    ``adapter`` and ``adapter_delta`` where a PEFT adapter's config decides (``adapter``: its kinds by name)."""
+    ``adapter`` and ``adapter_delta`` where a PEFT adapter's config decides. ``adapter``: (kind, rule) by
+    name where the file itself says (a PEFT config, DeepSpeed's ``buffer_names``), before the name rule."""
     from .kinds import tensor_kind
 
     names = frame["tensor"].unique()

@@ -222,7 +222,8 @@ class FlagSettings:
     #: also act on buffers (BatchNorm running statistics...); parameters only by default
     buffers: bool = False
 
-    def rules_for(self, name: str, siblings: Collection[str] | None = None) -> FlagRules:
+    def rules_for(self, name: str, siblings: Collection[str] | None = None,
+                  kinds: tuple[Collection[str], Collection[str]] | None = None) -> FlagRules:
         """The rules for one tensor: defaults, then every matching override in order.
 
         The range rule applies to parameters only unless ``buffers``: a WGAN gate on a
@@ -233,12 +234,20 @@ class FlagSettings:
         (False, True)
         >>> s.rules_for("bn.running_var").on("range")
         False
+
+        ``kinds``: (parameter names, buffer names) where the file records them
+        (:meth:`auditclip.formats.readers.TensorReader.format_kinds`); they decide the names they hold.
+
+        >>> s.rules_for("scale", kinds=(set(), {"scale"})).on("range"), s.rules_for("scale").on("range")
+        (False, True)
         """
         rules = self.rules
         for patterns, changes in self.overrides:
             if any(fnmatchcase(name, p) for p in patterns):
                 rules = replace(rules, **changes)
-        if not self.buffers and rules.range is not None and is_buffer(name, siblings):
+        if not self.buffers and rules.range is not None and (
+                name in kinds[1] if kinds is not None and (name in kinds[0] or name in kinds[1])
+                else is_buffer(name, siblings)):
             rules = replace(rules, off=rules.off | {"range"})
         return rules
 

@@ -272,16 +272,19 @@ def element_findings(name: str, t: torch.Tensor, summary: TensorSummary, setting
     return out
 
 
-def bounds_of(settings: FlagSettings) -> Callable[[str], tuple[float, float] | None]:
+def bounds_of(settings: FlagSettings, siblings: Collection[str] | None = None,
+              kinds: tuple[frozenset[str], frozenset[str]] | None = None,
+              ) -> Callable[[str], tuple[float, float] | None]:
     """Each tensor's bound for ``frac_at_bound``: its ``range`` rule's ``(lo, hi)``, None where that is off.
 
-    The same tensors the range rule checks: parameters, buffers only with ``--buffers``.
+    The same tensors the range rule checks: parameters, buffers only with ``--buffers``
+    (``siblings``, ``kinds``: as :func:`_rules_cache` takes them).
 
     >>> bound = bounds_of(flag_settings(options={"max_abs": 0.01}, search=False))
     >>> bound("critic.weight"), bound("bn.running_var")
     ((-0.01, 0.01), None)
     """
-    rules_for = _rules_cache(settings)
+    rules_for = _rules_cache(settings, siblings, kinds)
 
     def bound(name: str) -> tuple[float, float] | None:
         rules = rules_for(name)
@@ -290,17 +293,19 @@ def bounds_of(settings: FlagSettings) -> Callable[[str], tuple[float, float] | N
     return bound
 
 
-def _rules_cache(settings: FlagSettings, siblings: Collection[str] | None = None) -> Callable[[str], FlagRules]:
+def _rules_cache(settings: FlagSettings, siblings: Collection[str] | None = None,
+                 kinds: tuple[frozenset[str], frozenset[str]] | None = None) -> Callable[[str], FlagRules]:
     """``settings.rules_for``, once per tensor name (matching overrides is glob work).
 
-    ``siblings``: the run's tensor names, which tell what a ``weight_v`` is (kinds.tensor_kind).
+    ``siblings``: the run's tensor names, which tell what a ``weight_v`` is (kinds.tensor_kind);
+    ``kinds``: the parameters and buffers the format records (DeepSpeed's ``buffer_names``).
     """
     cache: dict[str, FlagRules] = {}
 
     def rules_for(name: str) -> FlagRules:
         rules = cache.get(name)
         if rules is None:
-            rules = cache[name] = settings.rules_for(name, siblings)
+            rules = cache[name] = settings.rules_for(name, siblings, kinds)
         return rules
 
     return rules_for
@@ -416,7 +421,8 @@ def flag(
     checked = [0]  # tensor versions with elements the rules looked at
 
     run = open_run(run, sort=sort, key=key)
-    rules_for = _rules_cache(settings, _tensor_names(run))
+    names, kinds = _tensor_names(run)
+    rules_for = _rules_cache(settings, names, kinds)
 
     def visit(label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
         rules = rules_for(name)
@@ -428,7 +434,7 @@ def flag(
         if tensor.numel():
             checked[0] += 1  # ints and the GIL make this safe across walker threads
 
-    bound = bounds_of(settings)
+    bound = bounds_of(settings, names, kinds)
     bounded = settings.rules.range is not None or any("range" in changes for _, changes in settings.overrides)
     result = analyze(run, include=settings.include, exclude=settings.exclude, reference=reference, sort=sort,
                      key=key, progress=progress, visit=visit, bounds=bound if bounded else None)
@@ -449,16 +455,17 @@ def flag(
     return FlagResult(flags=flags, errors=result.errors, analysis=result, fail_on=settings.fail_on)
 
 
-def _tensor_names(run: Run) -> frozenset[str]:
+def _tensor_names(run: Run) -> tuple[frozenset[str], tuple[frozenset[str], frozenset[str]] | None]:
     """The tensor names of the run's first readable checkpoint (headers only), for the rules
-    that depend on what sits beside a tensor; empty when none opens (reported by the walk)."""
+    that depend on what sits beside a tensor, and the (parameters, buffers) its format records
+    (None where it records none); empty when none opens (reported by the walk)."""
     for ckpt in run:
         try:
             with ckpt.open(run.key) as reader:
-                return frozenset(reader.names())
+                return frozenset(reader.names()), reader.format_kinds()
         except Exception:  # unreadable: the walk reports it in errors.csv
             continue
-    return frozenset()
+    return frozenset(), None
 
 
 def not_applied(result: AnalysisResult, rules_for: Callable[[str], FlagRules]) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from deepspeed_runs import deepspeed_runs
 STEPS = (2, 3)
 MOMENTS = ("mean", "std", "abs_max", "l2_norm")
 ZERO3_RANK0 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+BUFFERS = {"scale"}  # what tests/scripts/deepspeed_train.py registers as buffers
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +156,52 @@ def test_drift_of_a_zero2_run_reads_the_module_weights_and_key_master_the_fp32_c
     _assert_same_stats(tmp_path / "master", tmp_path / "fp32")
 
 
+# --- kinds: DeepSpeed's buffer_names decide -------------------------------------------------------
+
+def _range_rows(out: Path) -> dict[tuple[int, str], int]:
+    return {(int(r["step"]), r["tensor"]): int(r["count"]) for r in _rows(out / "flags.csv") if r["rule"] == "range"}
+
+
+def test_a_deepspeed_buffer_is_a_buffer_in_stats_and_the_range_gate(runs: dict[str, Any], tmp_path: Path) -> None:
+    assert tensor_kind("scale")[0] == "unknown"  # the name rule alone cannot tell
+    assert _cli("drift", str(runs["zero2"]), "--out", str(tmp_path / "drift")).exit_code == 0
+    module = runs["expected"]["2_bf16", "module"]
+    want = {n: "buffer" if n in BUFFERS else "parameter" for n in module[3]}  # 2.bias: a frozen parameter
+    for table in ("stats.csv", "drift.csv"):
+        rows = [r for r in _rows(tmp_path / "drift" / table) if r["tensor"] != "__all__"]
+        assert {r["tensor"]: r["kind"] for r in rows} == want and len(rows) >= len(want), table
+
+    limit = 0.375  # below every value of scale (0.5, 2, 3) and some weights; exact in bfloat16
+    expected: dict[tuple[int, str], int] = {}
+    for s in STEPS:
+        for n, t in module[s].items():
+            count = int((t.double().abs().numpy() > limit).sum())
+            if count:
+                expected[(s, n)] = count
+    assert expected[(3, "scale")] == 3 and len(expected) > len(STEPS) * len(BUFFERS)
+    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{limit}", "--out", str(tmp_path / "params"))
+    assert result.exit_code == 1, result.output
+    assert _range_rows(tmp_path / "params") == {k: v for k, v in expected.items() if k[1] not in BUFFERS}
+    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{limit}", "--buffers", "--out", str(tmp_path / "all"))
+    assert result.exit_code == 1, result.output
+    assert _range_rows(tmp_path / "all") == expected
+    # only the buffer beyond the limit: the gate passes, it checked the parameters
+    big = max(float(t.abs().max()) for s in STEPS for n, t in module[s].items() if n not in BUFFERS)
+    assert big < 3.0
+    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{big * 1.01:.6g}", "--out", str(tmp_path / "pass"))
+    assert result.exit_code == 0, result.output
+    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{big * 1.01:.6g}", "--buffers",
+                  "--out", str(tmp_path / "fail"))
+    assert result.exit_code == 1 and set(_range_rows(tmp_path / "fail")) == {(s, "scale") for s in STEPS}
+
+
 # --- flag: a gate never passes on placeholders --------------------------------------------------
 
 def test_flag_max_abs_on_a_zero3_run_flags_what_numpy_says(runs: dict[str, Any], tmp_path: Path) -> None:
     fp32 = runs["expected"]["3_fp32", "fp32"]
-    gated = [n for n in fp32[3] if tensor_kind(n)[0] != "buffer"]  # no buffer names here: every tensor
+    # the model's register_buffer("scale") (tests/scripts/deepspeed_train.py): DeepSpeed lists it in
+    # buffer_names, so the range rule leaves it alone although its name says nothing
+    gated = [n for n in fp32[3] if tensor_kind(n)[0] != "buffer" and n not in BUFFERS]
     values = np.concatenate([fp32[s][n].abs().flatten().numpy() for s in STEPS for n in gated])
     limit = float(f"{float(np.quantile(values, 0.9)):.6g}")
     result = _cli("flag", str(runs["zero3"]), "--max-abs", f"{limit}", "--out", str(tmp_path / "out"))
@@ -185,7 +227,8 @@ def test_flag_on_a_zero3_model_states_file_alone_never_passes(runs: dict[str, An
     assert result.exit_code == 1, result.output
     fp32 = runs["expected"]["3_fp32", "fp32"][3]
     flagged = {r["tensor"]: int(r["count"]) for r in _rows(tmp_path / "given" / "flags.csv") if r["rule"] == "range"}
-    assert flagged == {n: int((t.abs() > 1e-9).sum()) for n, t in fp32.items()} and sum(flagged.values()) > 100
+    assert flagged == {n: int((t.abs() > 1e-9).sum()) for n, t in fp32.items() if n not in BUFFERS} \
+        and sum(flagged.values()) > 100
 
     # without the optimizer files nothing holds the weights: an error naming the consolidation, never exit 0
     tag = shutil.copytree(runs["zero3"] / "global_step3", tmp_path / "run" / "global_step3")

@@ -222,6 +222,11 @@ class _Source:
         t = self.raw_get(raw)
         return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
+    def raw_kinds(self) -> dict[str, tuple[str, str]] | None:
+        """(kind, the record that says so) by stored name, where the format records which
+        tensors are parameters and which buffers; None where it does not (the names decide)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -1079,6 +1084,14 @@ class _DeepSpeedSource(_Source):
     def raw_names(self) -> list[str]:
         return list(self.index.tensors)
 
+    def raw_kinds(self) -> dict[str, tuple[str, str]] | None:
+        # the model states list the buffers (buffer_names) and the trained parameters (param_shapes,
+        # frozen_param_shapes); a tensor listed nowhere (role "other") is left to the name rule
+        rules = {"parameter": ("parameter", "format: deepspeed param_shapes"),
+                 "frozen": ("parameter", "format: deepspeed frozen_param_shapes"),
+                 "buffer": ("buffer", "format: deepspeed buffer_names")}
+        return {name: rules[e.role] for name, e in self.index.tensors.items() if e.role in rules}
+
     def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
         entry = self.index.tensor(raw)
         dtype = entry.master_dtype if self._master(raw) else entry.module_dtype
@@ -1181,6 +1194,33 @@ class TensorReader:
         everything = normalize_names(list(self._raw.values()) + list(raw_tied))
         dropped = {raw: clean for clean, raw in everything.items() if raw in raw_tied}
         return {dropped.get(raw, raw): clean_of[kept] for raw, kept in raw_tied.items() if kept in clean_of}
+
+    def format_kind_rules(self) -> dict[str, tuple[str, str]]:
+        """(kind, rule) by clean name for the tensors whose kind the format itself records
+        (DeepSpeed's ``buffer_names``/``param_shapes``); empty where the format records none,
+        so the name rule decides (:func:`auditclip.kinds.tensor_kind`, as its ``adapter``).
+
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> path = tempfile.mkdtemp() + "/w.safetensors"; save_file({"scale": torch.ones(2)}, path)
+        >>> with open_checkpoint_file(path) as r:
+        ...     r.format_kind_rules(), r.format_kinds()
+        ({}, None)
+        """
+        raw = self._source.raw_kinds()
+        if not raw:
+            return {}
+        return {clean: raw[stored] for clean, stored in self._raw.items() if stored in raw}
+
+    def format_kinds(self) -> tuple[frozenset[str], frozenset[str]] | None:
+        """(parameter names, buffer names) as the format records them, None where it records
+        none; the ``kinds`` that :func:`auditclip.clipping.clip_selected` takes. A name in
+        neither set is left to the name rule."""
+        rules = self.format_kind_rules()
+        if not rules:
+            return None
+        return (frozenset(n for n, (k, _) in rules.items() if k == "parameter"),
+                frozenset(n for n, (k, _) in rules.items() if k == "buffer"))
 
     def raw_name(self, name: str) -> str:
         """The name the tensor is stored under (with any prefix stripped from ``name``)."""
