@@ -194,13 +194,15 @@ def clip_tensor(t: torch.Tensor, spec: ClipSpec | str, **protection: Any) -> tor
 
 
 def clip_state_dict(
-    state: dict[str, torch.Tensor], specs: ClipSettings | ClipSpec | str, kinds: Kinds | None = None
+    state: dict[str, torch.Tensor], specs: ClipSettings | ClipSpec | str, kinds: Kinds | None = None,
+    adapter: Mapping[str, tuple[str, str]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Clip every selected floating tensor of a state dict; others are returned as they are.
 
     Returns the new state dict and one report row per clipped tensor
     (the ``clip_report.csv`` columns without ``checkpoint``). ``kinds``: the model's
-    (parameter names, buffer names), which then decide what a buffer is (else the names do).
+    (parameter names, buffer names), which then decide what a buffer is (else the names do);
+    ``adapter``: a PEFT adapter folder's kinds by name, as :func:`clip_selected` takes them.
 
     >>> sd, report = clip_state_dict({"w": torch.tensor([2.0, 0.0])}, "max_abs=1")
     >>> sd["w"].tolist(), report[0]["n_clipped"]
@@ -214,7 +216,7 @@ def clip_state_dict(
     out: dict[str, torch.Tensor] = {}
     report: list[dict[str, Any]] = []
     for name, t in state.items():
-        out[name], row = clip_selected(name, t, settings, keep, kinds, siblings=state.keys())
+        out[name], row = clip_selected(name, t, settings, keep, kinds, siblings=state.keys(), adapter=adapter)
         if row is not None:
             report.append(row)
     return out, report

@@ -7,7 +7,7 @@ nothing is written. One checkpoint's weights are in memory at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,39 @@ def clip_variants(clips: Sequence[str | ClipSpec | ClipSettings],
     return out
 
 
+def adapter_kinds_of(ckpt: Any) -> dict[str, tuple[str, str]] | None:
+    """``(kind, kind_rule)`` by name where the checkpoint is a PEFT adapter folder (its config
+    says which tensors are LoRA factors, kinds ``adapter``), else None; ``CheckpointError``
+    where its adapter config cannot be read. As ``clip`` takes them, so a clipped variant's
+    report says what ``clip``'s does.
+
+    >>> from auditclip.checkpoints import open_run
+    >>> adapter_kinds_of(open_run("sample_checkpoints/high_lr")[0]) is None
+    True
+    """
+    from .formats.peft import adapter_index_for
+
+    index = adapter_index_for(ckpt.weights)
+    return index.kinds() if index is not None else None
+
+
+def clip_variant_states(
+    state: dict[str, torch.Tensor], variants: Sequence[tuple[str, ClipSettings]],
+    kinds: tuple[Any, Any] | None = None, adapter: dict[str, tuple[str, str]] | None = None,
+) -> Iterator[tuple[str, dict[str, torch.Tensor], list[dict[str, Any]]]]:
+    """Each clip variant of one checkpoint's state dict, one at a time: (its name, the clipped
+    state dict, its report rows). ``kinds``: the model's (parameter names, buffer names);
+    ``adapter``: :func:`adapter_kinds_of` (the adapter config decides the names it holds).
+
+    >>> [(n, sd["fc.weight"].tolist(), r[0]["kind"]) for n, sd, r in
+    ...  clip_variant_states({"fc.weight": torch.tensor([2.0])}, clip_variants(["max_abs=1"]))]
+    [('max_abs=1', [1.0], 'parameter')]
+    """
+    for name, settings in variants:
+        clipped, report = clip_state_dict(state, settings, kinds, adapter=adapter)
+        yield name, clipped, report
+
+
 def _kind_rule(report: list[dict[str, Any]]) -> str:
     """Which rule told parameters from buffers for a variant: ``model``, ``name`` or both."""
     rules = sorted({str(r["kind_rule"]).split(":", 1)[0] for r in report})
@@ -205,6 +238,7 @@ def evaluate_rows(
     for ckpt in run:
         try:
             state, tied = _read_state(ckpt, options.key or run.key)
+            adapter = adapter_kinds_of(ckpt)  # a PEFT adapter folder's config names its LoRA factors
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
             continue
@@ -218,8 +252,7 @@ def evaluate_rows(
                      "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}, "kind_rule": "", **counts})
         # the model tells its buffers from its parameters (a custom register_buffer has no telltale name)
         kinds = evaluator.loader.kinds(list(state))
-        for name, settings in variants:
-            clipped, report = clip_state_dict(state, settings, kinds)
+        for name, clipped, report in clip_variant_states(state, variants, kinds, adapter):
             _say_buffers(report)
             n_clipped = sum(r["n_clipped"] for r in report)
             metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, str(ckpt.path))

@@ -247,6 +247,29 @@ def test_clip_adapter_default_mode_clips_the_factors(lora_run: dict, tmp_path: P
     assert torch.allclose(new, want, atol=1e-6)
 
 
+def test_clipped_variants_of_evaluate_say_adapter_as_clip_does(lora_run: dict) -> None:
+    # the function evaluate/sweep/audit score their clipped variants with (a peft model factory
+    # would cost far more than the variant): A and B are the adapter config's, as in clip's report
+    from auditclip.checkpoints import open_run
+    from auditclip.evaluation import adapter_kinds_of, clip_variant_states, clip_variants
+
+    ckpt = next(c for c in open_run(lora_run["run"]) if c.label.startswith("checkpoint-3"))
+    factors = lora_run["factors"]["checkpoint-3"]
+    bound = 0.5 * float(factors[B_NAME].abs().max())
+    adapter = adapter_kinds_of(ckpt)
+    assert adapter is not None and tensor_kind(A_NAME)[0] == "parameter"  # what the name rule alone says
+    [(name, clipped, report)] = clip_variant_states(dict(factors), clip_variants([f"max_abs={bound}"]),
+                                                    adapter=adapter)
+    rows = {r["tensor"]: r for r in report}
+    assert set(rows) == {A_NAME, B_NAME} and {r["kind"] for r in report} == {"adapter"}
+    assert rows[A_NAME]["kind_rule"] == f"adapter_config.json: lora_A of LoRA module {MODULE}"
+    for n in (A_NAME, B_NAME):
+        assert rows[n]["n_clipped"] == int((factors[n].abs() > bound).sum())
+        assert torch.equal(clipped[n], factors[n].clamp(-bound, bound))
+    assert rows[B_NAME]["n_clipped"] > 0
+    assert adapter_kinds_of(open_run("sample_checkpoints/high_lr")[0]) is None
+
+
 def test_clip_adapter_mode_delta_refuses_what_names_stored_tensors(lora_run: dict, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["clip", str(lora_run["run"]), "--max-abs", "0.01", "--adapter-mode", "delta",
                                       "--exclude", "*lora_B*", "--out", str(tmp_path / "x")])
