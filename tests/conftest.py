@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,53 @@ def record_live_tensors(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     monkeypatch.setattr(TensorReader, "get", recording_get)
     return counts
+
+
+#: The stats.csv columns two reads of the same weights must agree on (to 1e-6 relative).
+MOMENTS = ("mean", "std", "abs_max", "l2_norm")
+
+
+def invoke_cli(*args: str) -> Any:
+    """Run the CLI in-process; any exception but a clean exit, or a traceback in the output, fails."""
+    from click.testing import CliRunner
+
+    from auditclip.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    return result
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV auditclip wrote, as text (empty cells stay ``""``)."""
+    import csv
+
+    with path.open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def rows_by_step(path: Path) -> dict[tuple[int, str], dict[str, str]]:
+    """A stats.csv/drift.csv as {(step, tensor): row}."""
+    return {(int(r["step"]), r["tensor"]): r for r in csv_rows(path)}
+
+
+def assert_same_stats(got_out: Path, want_out: Path) -> None:
+    """Two ``drift`` outputs of the same weights read two ways agree: moments to 1e-6, drift too."""
+    got, want = rows_by_step(got_out / "stats.csv"), rows_by_step(want_out / "stats.csv")
+    assert got.keys() == want.keys() and len(want) > 2
+    for where, row in want.items():
+        assert (got[where]["dtype"], got[where]["shape"]) == (row["dtype"], row["shape"]), where
+        for column in MOMENTS:
+            if row[column] == "":  # std of a one-element tensor
+                assert got[where][column] == "", (where, column)
+            else:
+                assert float(got[where][column]) == pytest.approx(float(row[column]), rel=1e-6, abs=1e-12), \
+                    (where, column)
+    got_drift, want_drift = rows_by_step(got_out / "drift.csv"), rows_by_step(want_out / "drift.csv")
+    assert got_drift.keys() == want_drift.keys() and len(want_drift) > 0
+    for where, row in want_drift.items():
+        if row["rel_l2_change"]:
+            assert float(got_drift[where]["rel_l2_change"]) == pytest.approx(float(row["rel_l2_change"]), rel=1e-6)
+        else:
+            assert got_drift[where]["rel_l2_change"] == ""

@@ -19,20 +19,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 from auditclip.analysis import analyze
 from auditclip.checkpoints import open_run
-from auditclip.cli import cli
 from auditclip.errors import CheckpointError
 from auditclip.formats.readers import open_checkpoint_file
-from conftest import record_live_tensors, save_safetensors
+from conftest import assert_same_stats, csv_rows, invoke_cli, record_live_tensors, save_safetensors
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
 STEPS = (10, 20, 30)
-MOMENTS = ("mean", "std", "abs_max", "l2_norm")
 
 
 def _save_dcp(state: dict[str, Any], folder: Path) -> Path:
@@ -77,49 +74,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "parameters": [n for n, _ in model.named_parameters()]}
 
 
-def _cli(*args: str) -> Any:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    return result
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _by_step(rows: list[dict[str, str]]) -> dict[tuple[int, str], dict[str, str]]:
-    return {(int(r["step"]), r["tensor"]): r for r in rows}
-
-
-def _assert_same_stats(dcp_out: Path, st_out: Path) -> None:
-    got, want = _by_step(_rows(dcp_out / "stats.csv")), _by_step(_rows(st_out / "stats.csv"))
-    assert got.keys() == want.keys()
-    for where, row in want.items():
-        assert (got[where]["dtype"], got[where]["shape"]) == (row["dtype"], row["shape"]), where
-        for column in MOMENTS:
-            if row[column] == "":  # std of a one-element tensor
-                assert got[where][column] == "", (where, column)
-            else:
-                assert float(got[where][column]) == pytest.approx(float(row[column]), rel=1e-6, abs=1e-12), \
-                    (where, column)
-    got_drift, want_drift = _by_step(_rows(dcp_out / "drift.csv")), _by_step(_rows(st_out / "drift.csv"))
-    assert got_drift.keys() == want_drift.keys() and len(want_drift) > 0
-    for where, row in want_drift.items():
-        if row["rel_l2_change"]:
-            assert float(got_drift[where]["rel_l2_change"]) == pytest.approx(float(row["rel_l2_change"]), rel=1e-6)
-        else:
-            assert got_drift[where]["rel_l2_change"] == ""
-
 
 def test_drift_of_a_dcp_run_equals_the_same_weights_as_safetensors(runs: dict[str, Any], tmp_path: Path) -> None:
-    result = _cli("drift", str(runs["dcp"]), "--out", str(tmp_path / "dcp"))
+    result = invoke_cli("drift", str(runs["dcp"]), "--out", str(tmp_path / "dcp"))
     assert result.exit_code == 0, result.output
-    assert _cli("drift", str(runs["st"]), "--out", str(tmp_path / "st")).exit_code == 0
-    _assert_same_stats(tmp_path / "dcp", tmp_path / "st")
+    assert invoke_cli("drift", str(runs["st"]), "--out", str(tmp_path / "st")).exit_code == 0
+    assert_same_stats(tmp_path / "dcp", tmp_path / "st")
 
-    rows = _rows(tmp_path / "dcp" / "stats.csv")
+    rows = csv_rows(tmp_path / "dcp" / "stats.csv")
     # the model's tensors only, under their own names: no optimizer state (exp_avg...), no "model." prefix
     assert {r["tensor"] for r in rows} - {"__all__"} == set(runs["weights"][10])
     assert [r["checkpoint"] for r in rows if r["tensor"] == "__all__"] == ["step-10", "step-20", "step-30"]
@@ -180,7 +142,7 @@ def test_the_reader_holds_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pyte
 def test_flag_max_abs_on_a_dcp_run_flags_what_numpy_says(runs: dict[str, Any], tmp_path: Path) -> None:
     values = np.concatenate([runs["weights"][s][n].abs().flatten().numpy() for s in STEPS for n in runs["parameters"]])
     limit = float(np.quantile(values, 0.97))
-    result = _cli("flag", str(runs["dcp"]), "--max-abs", f"{limit:.6g}", "--out", str(tmp_path / "out"))
+    result = invoke_cli("flag", str(runs["dcp"]), "--max-abs", f"{limit:.6g}", "--out", str(tmp_path / "out"))
     assert result.exit_code in (0, 1), result.output
     limit = float(f"{limit:.6g}")
     expected = {}
@@ -192,7 +154,7 @@ def test_flag_max_abs_on_a_dcp_run_flags_what_numpy_says(runs: dict[str, Any], t
                 expected[(s, n)] = (int(outside.sum()), float(a.flat[np.argmax(np.abs(a))]))
     assert 2 <= len(expected) < 3 * len(runs["parameters"])  # some flagged, some not
     flagged = {(int(r["step"]), r["tensor"]): (int(r["count"]), float(r["worst_value"]))
-               for r in _rows(tmp_path / "out" / "flags.csv") if r["rule"] == "range"}
+               for r in csv_rows(tmp_path / "out" / "flags.csv") if r["rule"] == "range"}
     assert flagged.keys() == expected.keys()
     for where, (count, worst) in expected.items():
         assert flagged[where][0] == count and flagged[where][1] == pytest.approx(worst, rel=1e-6)
@@ -216,13 +178,13 @@ def test_a_broken_dcp_folder_is_an_error_row_and_the_rest_is_audited(
         storage.write_bytes(storage.read_bytes()[:-100])
     else:  # listing the run (the stored step) and reading it both meet it: it never runs
         (run / "step-20" / ".metadata").write_bytes(pickle.dumps(_System(f"touch {marker}")))
-    result = _cli("drift", str(run), "--out", str(tmp_path / "out"))
+    result = invoke_cli("drift", str(run), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1
-    errors = _rows(tmp_path / "out" / "errors.csv")
+    errors = csv_rows(tmp_path / "out" / "errors.csv")
     kind, text = {"truncated storage": ("unreadable", "truncated"), "hostile metadata": ("unsafe", "refused")}[damage]
     assert [(r["checkpoint"], r["error"]) for r in errors] == [("step-20", kind)]
     assert text in errors[0]["message"] and not marker.exists()
-    stats = _rows(tmp_path / "out" / "stats.csv")
+    stats = csv_rows(tmp_path / "out" / "stats.csv")
     assert {(r["checkpoint"], r["tensor"]) for r in stats} == {
         (f"step-{s}", n) for s in (10, 30) for n in [*runs["weights"][10], "__all__"]}
 
@@ -285,31 +247,31 @@ def test_a_lightning_fsdp_sharded_run_is_found_ordered_and_read(lightning_run: d
     with single[0].open() as reader:
         assert reader.names() == list(lightning_run["weights"][4])
 
-    result = _cli("drift", str(run_dir), "--out", str(tmp_path / "dcp"))
+    result = invoke_cli("drift", str(run_dir), "--out", str(tmp_path / "dcp"))
     assert result.exit_code == 0, result.output
     assert "optimizer_0.* (optimizer or training state, not weights) left out" in result.output
-    assert _cli("drift", str(lightning_run["st"]), "--out", str(tmp_path / "st")).exit_code == 0
-    _assert_same_stats(tmp_path / "dcp", tmp_path / "st")
+    assert invoke_cli("drift", str(lightning_run["st"]), "--out", str(tmp_path / "st")).exit_code == 0
+    assert_same_stats(tmp_path / "dcp", tmp_path / "st")
 
 
 def test_inspect_and_audit_read_a_dcp_folder(lightning_run: dict[str, Any], tmp_path: Path) -> None:
-    result = _cli("inspect", str(lightning_run["run"] / "epoch=1-step=8.ckpt"), "--format", "csv")
+    result = invoke_cli("inspect", str(lightning_run["run"] / "epoch=1-step=8.ckpt"), "--format", "csv")
     assert result.exit_code == 0, result.output
     rows = {r["tensor"]: r for r in csv.DictReader(line for line in result.output.splitlines()
                                                    if not line.startswith("note:"))}
     want = lightning_run["weights"][8]["3.weight"].double().numpy()
     assert float(rows["3.weight"]["abs_max"]) == pytest.approx(np.abs(want).max(), rel=1e-6)
 
-    result = _cli("audit", str(lightning_run["run"]), "--out", str(tmp_path / "audit"))
+    result = invoke_cli("audit", str(lightning_run["run"]), "--out", str(tmp_path / "audit"))
     assert result.exit_code == 0, result.output
     summary = (tmp_path / "audit" / "summary.md").read_text(encoding="utf-8")
     assert "- formats: dcp" in summary and "optimizer_0.*" in summary
 
 
 def test_clip_refuses_a_dcp_run_by_name_and_writes_nothing(runs: dict[str, Any], tmp_path: Path) -> None:
-    result = _cli("clip", str(runs["dcp"]), "--max-abs", "0.1", "--out", str(tmp_path / "out"))
+    result = invoke_cli("clip", str(runs["dcp"]), "--max-abs", "0.1", "--out", str(tmp_path / "out"))
     assert "Traceback" not in result.output
-    errors = _rows(tmp_path / "out" / "errors.csv")
+    errors = csv_rows(tmp_path / "out" / "errors.csv")
     assert [(r["checkpoint"], r["error"]) for r in errors] == [(f"step-{s}", "unsupported") for s in STEPS]
     assert all("does not write torch.distributed.checkpoint (DCP) folders" in r["message"] for r in errors)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_report.csv", "errors.csv"]

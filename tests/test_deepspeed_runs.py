@@ -14,7 +14,6 @@ default module weights (bf16, what the model runs with) against the engine's
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,18 +21,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from auditclip.checkpoints import open_run
-from auditclip.cli import cli
 from auditclip.errors import CheckpointError
 from auditclip.kinds import tensor_kind
 from auditclip.formats.readers import open_checkpoint_file
-from conftest import save_safetensors
+from conftest import assert_same_stats, csv_rows, invoke_cli, save_safetensors
 from deepspeed_runs import deepspeed_runs
 
 STEPS = (2, 3)
-MOMENTS = ("mean", "std", "abs_max", "l2_norm")
 ZERO3_RANK0 = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 BUFFERS = {"scale"}  # what tests/scripts/deepspeed_train.py registers as buffers
 
@@ -54,39 +50,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"out": out, "zero3": out / "3_fp32" / "run", "zero2": out / "2_bf16" / "run", "base": base,
             "expected": expected}
 
-
-def _cli(*args: str) -> Any:
-    result = CliRunner().invoke(cli, list(args))
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    return result
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _by_step(rows: list[dict[str, str]]) -> dict[tuple[int, str], dict[str, str]]:
-    return {(int(r["step"]), r["tensor"]): r for r in rows}
-
-
-def _assert_same_stats(got_out: Path, want_out: Path) -> None:
-    got, want = _by_step(_rows(got_out / "stats.csv")), _by_step(_rows(want_out / "stats.csv"))
-    assert got.keys() == want.keys() and len(want) > 2
-    for where, row in want.items():
-        assert (got[where]["dtype"], got[where]["shape"]) == (row["dtype"], row["shape"]), where
-        for column in MOMENTS:
-            if row[column] == "":
-                assert got[where][column] == "", (where, column)
-            else:
-                assert float(got[where][column]) == pytest.approx(float(row[column]), rel=1e-6, abs=1e-12), \
-                    (where, column)
-    got_drift, want_drift = _by_step(_rows(got_out / "drift.csv")), _by_step(_rows(want_out / "drift.csv"))
-    assert got_drift.keys() == want_drift.keys() and len(want_drift) > 0
-    for where, row in want_drift.items():
-        if row["rel_l2_change"]:
-            assert float(got_drift[where]["rel_l2_change"]) == pytest.approx(float(row["rel_l2_change"]), rel=1e-6)
 
 
 # --- discovery --------------------------------------------------------------------------------
@@ -124,12 +87,12 @@ def test_the_reader_lists_full_shapes_never_placeholders(runs: dict[str, Any]) -
 # --- drift: the statistics DeepSpeed's own consolidation gives ---------------------------------
 
 def test_drift_of_a_zero3_run_equals_zero_to_fp32(runs: dict[str, Any], tmp_path: Path) -> None:
-    result = _cli("drift", str(runs["zero3"]), "--out", str(tmp_path / "ds"))
+    result = invoke_cli("drift", str(runs["zero3"]), "--out", str(tmp_path / "ds"))
     assert result.exit_code == 0, result.output
     assert "ZeRO-3 checkpoints: the parameters are the fp32 master copy reassembled" in result.output
-    assert _cli("drift", str(runs["base"] / "3_fp32-fp32"), "--out", str(tmp_path / "st")).exit_code == 0
-    _assert_same_stats(tmp_path / "ds", tmp_path / "st")
-    rows = _rows(tmp_path / "ds" / "stats.csv")
+    assert invoke_cli("drift", str(runs["base"] / "3_fp32-fp32"), "--out", str(tmp_path / "st")).exit_code == 0
+    assert_same_stats(tmp_path / "ds", tmp_path / "st")
+    rows = csv_rows(tmp_path / "ds" / "stats.csv")
     assert [r["checkpoint"] for r in rows if r["tensor"] == "__all__"] == ["global_step2", "global_step3"]
     # an independent check of the values: numpy on DeepSpeed's consolidated weights
     for r in rows:
@@ -141,34 +104,34 @@ def test_drift_of_a_zero3_run_equals_zero_to_fp32(runs: dict[str, Any], tmp_path
 
 def test_drift_of_a_zero2_run_reads_the_module_weights_and_key_master_the_fp32_copy(
         runs: dict[str, Any], tmp_path: Path) -> None:
-    result = _cli("drift", str(runs["zero2"]), "--out", str(tmp_path / "ds"))
+    result = invoke_cli("drift", str(runs["zero2"]), "--out", str(tmp_path / "ds"))
     assert result.exit_code == 0, result.output
     assert "ZeRO-2 checkpoints: the module weights are read (what the model runs with, bfloat16)" in result.output
     # the bf16 weights the engine's module held at save time
-    assert _cli("drift", str(runs["base"] / "2_bf16-module"), "--out", str(tmp_path / "st")).exit_code == 0
-    _assert_same_stats(tmp_path / "ds", tmp_path / "st")
-    assert {r["dtype"] for r in _rows(tmp_path / "ds" / "stats.csv") if r["tensor"].endswith("weight")} == {"bfloat16"}
+    assert invoke_cli("drift", str(runs["base"] / "2_bf16-module"), "--out", str(tmp_path / "st")).exit_code == 0
+    assert_same_stats(tmp_path / "ds", tmp_path / "st")
+    assert {r["dtype"] for r in csv_rows(tmp_path / "ds" / "stats.csv") if r["tensor"].endswith("weight")} == {"bfloat16"}
 
-    result = _cli("drift", str(runs["zero2"]), "--key", "master", "--out", str(tmp_path / "master"))
+    result = invoke_cli("drift", str(runs["zero2"]), "--key", "master", "--out", str(tmp_path / "master"))
     assert result.exit_code == 0, result.output
     assert "fp32 master copy from the zero_pp_rank_*_optim_states.pt files (--key master)" in result.output
-    assert _cli("drift", str(runs["base"] / "2_bf16-fp32"), "--out", str(tmp_path / "fp32")).exit_code == 0
-    _assert_same_stats(tmp_path / "master", tmp_path / "fp32")
+    assert invoke_cli("drift", str(runs["base"] / "2_bf16-fp32"), "--out", str(tmp_path / "fp32")).exit_code == 0
+    assert_same_stats(tmp_path / "master", tmp_path / "fp32")
 
 
 # --- kinds: DeepSpeed's buffer_names decide -------------------------------------------------------
 
 def _range_rows(out: Path) -> dict[tuple[int, str], int]:
-    return {(int(r["step"]), r["tensor"]): int(r["count"]) for r in _rows(out / "flags.csv") if r["rule"] == "range"}
+    return {(int(r["step"]), r["tensor"]): int(r["count"]) for r in csv_rows(out / "flags.csv") if r["rule"] == "range"}
 
 
 def test_a_deepspeed_buffer_is_a_buffer_in_stats_and_the_range_gate(runs: dict[str, Any], tmp_path: Path) -> None:
     assert tensor_kind("scale")[0] == "unknown"  # the name rule alone cannot tell
-    assert _cli("drift", str(runs["zero2"]), "--out", str(tmp_path / "drift")).exit_code == 0
+    assert invoke_cli("drift", str(runs["zero2"]), "--out", str(tmp_path / "drift")).exit_code == 0
     module = runs["expected"]["2_bf16", "module"]
     want = {n: "buffer" if n in BUFFERS else "parameter" for n in module[3]}  # 2.bias: a frozen parameter
     for table in ("stats.csv", "drift.csv"):
-        rows = [r for r in _rows(tmp_path / "drift" / table) if r["tensor"] != "__all__"]
+        rows = [r for r in csv_rows(tmp_path / "drift" / table) if r["tensor"] != "__all__"]
         assert {r["tensor"]: r["kind"] for r in rows} == want and len(rows) >= len(want), table
 
     limit = 0.375  # below every value of scale (0.5, 2, 3) and some weights; exact in bfloat16
@@ -179,18 +142,18 @@ def test_a_deepspeed_buffer_is_a_buffer_in_stats_and_the_range_gate(runs: dict[s
             if count:
                 expected[(s, n)] = count
     assert expected[(3, "scale")] == 3 and len(expected) > len(STEPS) * len(BUFFERS)
-    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{limit}", "--out", str(tmp_path / "params"))
+    result = invoke_cli("flag", str(runs["zero2"]), "--max-abs", f"{limit}", "--out", str(tmp_path / "params"))
     assert result.exit_code == 1, result.output
     assert _range_rows(tmp_path / "params") == {k: v for k, v in expected.items() if k[1] not in BUFFERS}
-    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{limit}", "--buffers", "--out", str(tmp_path / "all"))
+    result = invoke_cli("flag", str(runs["zero2"]), "--max-abs", f"{limit}", "--buffers", "--out", str(tmp_path / "all"))
     assert result.exit_code == 1, result.output
     assert _range_rows(tmp_path / "all") == expected
     # only the buffer beyond the limit: the gate passes, it checked the parameters
     big = max(float(t.abs().max()) for s in STEPS for n, t in module[s].items() if n not in BUFFERS)
     assert big < 3.0
-    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{big * 1.01:.6g}", "--out", str(tmp_path / "pass"))
+    result = invoke_cli("flag", str(runs["zero2"]), "--max-abs", f"{big * 1.01:.6g}", "--out", str(tmp_path / "pass"))
     assert result.exit_code == 0, result.output
-    result = _cli("flag", str(runs["zero2"]), "--max-abs", f"{big * 1.01:.6g}", "--buffers",
+    result = invoke_cli("flag", str(runs["zero2"]), "--max-abs", f"{big * 1.01:.6g}", "--buffers",
                   "--out", str(tmp_path / "fail"))
     assert result.exit_code == 1 and set(_range_rows(tmp_path / "fail")) == {(s, "scale") for s in STEPS}
 
@@ -204,7 +167,7 @@ def test_flag_max_abs_on_a_zero3_run_flags_what_numpy_says(runs: dict[str, Any],
     gated = [n for n in fp32[3] if tensor_kind(n)[0] != "buffer" and n not in BUFFERS]
     values = np.concatenate([fp32[s][n].abs().flatten().numpy() for s in STEPS for n in gated])
     limit = float(f"{float(np.quantile(values, 0.9)):.6g}")
-    result = _cli("flag", str(runs["zero3"]), "--max-abs", f"{limit}", "--out", str(tmp_path / "out"))
+    result = invoke_cli("flag", str(runs["zero3"]), "--max-abs", f"{limit}", "--out", str(tmp_path / "out"))
     assert result.exit_code == 1, result.output
     expected = {}
     for s in STEPS:
@@ -214,7 +177,7 @@ def test_flag_max_abs_on_a_zero3_run_flags_what_numpy_says(runs: dict[str, Any],
                 expected[(s, n)] = (int((np.abs(a) > limit).sum()), float(a.flat[np.argmax(np.abs(a))]))
     assert 2 <= len(expected) < 2 * len(gated)  # some flagged, some not
     flagged = {(int(r["step"]), r["tensor"]): (int(r["count"]), float(r["worst_value"]))
-               for r in _rows(tmp_path / "out" / "flags.csv") if r["rule"] == "range"}
+               for r in csv_rows(tmp_path / "out" / "flags.csv") if r["rule"] == "range"}
     assert flagged.keys() == expected.keys()
     for where, (count, worst) in expected.items():
         assert flagged[where][0] == count and flagged[where][1] == pytest.approx(worst, rel=1e-6)
@@ -223,10 +186,10 @@ def test_flag_max_abs_on_a_zero3_run_flags_what_numpy_says(runs: dict[str, Any],
 def test_flag_on_a_zero3_model_states_file_alone_never_passes(runs: dict[str, Any], tmp_path: Path) -> None:
     # the file given on its own: its tag folder is read, and every real value beyond 1e-9 is flagged
     given = runs["zero3"] / "global_step3" / ZERO3_RANK0
-    result = _cli("flag", str(given), "--max-abs", "1e-9", "--out", str(tmp_path / "given"))
+    result = invoke_cli("flag", str(given), "--max-abs", "1e-9", "--out", str(tmp_path / "given"))
     assert result.exit_code == 1, result.output
     fp32 = runs["expected"]["3_fp32", "fp32"][3]
-    flagged = {r["tensor"]: int(r["count"]) for r in _rows(tmp_path / "given" / "flags.csv") if r["rule"] == "range"}
+    flagged = {r["tensor"]: int(r["count"]) for r in csv_rows(tmp_path / "given" / "flags.csv") if r["rule"] == "range"}
     assert flagged == {n: int((t.abs() > 1e-9).sum()) for n, t in fp32.items() if n not in BUFFERS} \
         and sum(flagged.values()) > 100
 
@@ -235,7 +198,7 @@ def test_flag_on_a_zero3_model_states_file_alone_never_passes(runs: dict[str, An
     for p in tag.glob("*optim_states.pt"):
         p.unlink()
     # (no checkpoint of the run is readable: the CLI stops with the error, exit 2)
-    result = _cli("flag", str(tag / ZERO3_RANK0), "--max-abs", "1e-9", "--out", str(tmp_path / "alone"))
+    result = invoke_cli("flag", str(tag / ZERO3_RANK0), "--max-abs", "1e-9", "--out", str(tmp_path / "alone"))
     assert result.exit_code == 2, result.output
     message = " ".join(result.output.split())
     assert "ZeRO-3 checkpoint without its zero_pp_rank_*_optim_states.pt files" in message
@@ -246,7 +209,7 @@ def test_flag_on_a_zero3_model_states_file_alone_never_passes(runs: dict[str, An
 
     # renamed out of its DeepSpeed name, the generic reader sees param_shapes and empty tensors: refused
     renamed = shutil.copy(given, tmp_path / "step3.pt")
-    result = _cli("flag", str(renamed), "--max-abs", "1e-9", "--out", str(tmp_path / "renamed"))
+    result = invoke_cli("flag", str(renamed), "--max-abs", "1e-9", "--out", str(tmp_path / "renamed"))
     assert result.exit_code == 2, result.output
     message = " ".join(result.output.split())
     assert "a DeepSpeed ZeRO-3 model-states file" in message and "python zero_to_fp32.py" in message
@@ -261,12 +224,12 @@ def test_a_missing_rank_file_is_an_error_row_and_the_other_tags_are_audited(
         runs: dict[str, Any], tmp_path: Path) -> None:
     run = shutil.copytree(runs["zero3"], tmp_path / "run")
     (run / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    result = _cli("drift", str(run), "--out", str(tmp_path / "out"))
+    result = invoke_cli("drift", str(run), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1, result.output
-    errors = _rows(tmp_path / "out" / "errors.csv")
+    errors = csv_rows(tmp_path / "out" / "errors.csv")
     assert [(r["checkpoint"], r["error"]) for r in errors] == [("global_step2", "missing_shard")]
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in errors[0]["message"] and "2 rank(s)" in errors[0]["message"]
-    stats = _rows(tmp_path / "out" / "stats.csv")
+    stats = csv_rows(tmp_path / "out" / "stats.csv")
     assert {r["checkpoint"] for r in stats} == {"global_step3"}
     assert {r["tensor"] for r in stats} == {*runs["expected"]["3_fp32", "fp32"][3], "__all__"}
 
