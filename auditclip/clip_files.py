@@ -6,19 +6,21 @@ entry (optimizer state, epoch, hyper-parameters) with only model tensors
 clipped: a zip-format one is copied and only the storage records of clipped
 tensors are rewritten in place (``data.pkl`` byte for byte, tied storages shared),
 every copy of the weights (EMA and live) is clipped unless ``key`` names one.
-``to="safetensors"`` converts. Inputs are only read; every output is
-written to a temporary file and renamed into place.
+``to="safetensors"`` converts. A DeepSpeed tag folder is rewritten with both copies
+of the weights clipped (:mod:`auditclip.formats.deepspeed_writer`), so
+``engine.load_checkpoint`` resumes from the clip. Inputs are only read; every output
+is written to a temporary file and renamed into place.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import struct
-import zipfile
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,10 +29,12 @@ import torch
 
 from ._version import __version__
 from .checkpoints import Checkpoint, open_run
-from .clipping import CLIP_REPORT_COLUMNS, Kinds, clip_selected
+from .clipping import CLIP_REPORT_COLUMNS, Kinds, clip_selected, inward
 from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
-from .formats.deepspeed import is_deepspeed_file, is_deepspeed_tag_folder
+from .formats.deepspeed import (LATEST_FILE, DeepSpeedTensor, is_deepspeed_file, is_deepspeed_tag_folder, latest_tag,
+                                 read_deepspeed_index)
+from .formats.deepspeed_writer import rewrite_deepspeed_tag
 from .formats.detect import HF_WEIGHT_NAMES, is_master_weights, is_trainer_state
 from .modelref import ModelLoader
 from .output import atomic_path
@@ -39,6 +43,7 @@ from .notices import note
 from .formats.readers import (PinnedFile, load_torch_meta, zip_byteorder, load_torch_file, normalize_names, note_tied,
                       open_checkpoint_file, read_shard_index, storage_identity, tensor_slots, untie, weight_copies)
 from .selection import name_filter
+from .formats.torch_zip import ZipRecord, zip_records
 from .formats.writers import save_torch, sha256_file, write_json, write_patched_copy, write_safetensors
 
 
@@ -83,13 +88,46 @@ class _Clipper:
     def __call__(self, name: str, t: torch.Tensor, copy: str | None = None) -> torch.Tensor:
         """Clip ``name`` as the settings select it; ``copy``: the container entry of a further
         copy of the weights (EMA, live weights), whose rows name the tensor ``COPY.name``."""
+        return self.clip(name, t, copy)[0]
+
+    def clip(self, name: str, t: torch.Tensor, copy: str | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """:meth:`__call__`, also giving the report row (its ``lo``/``hi``), or None when not clipped."""
         clipped, row = clip_selected(name, t, self.settings, self.keep, self.kinds, siblings=self.siblings,
                                      adapter=self.adapter)
         if row is not None:
             if copy is not None:
                 row = {**row, "tensor": f"{copy}.{row['tensor']}"}
             self.rows.append({"checkpoint": self.label, **row})
-        return clipped
+        return clipped, row
+
+    def deepspeed(self, entry: DeepSpeedTensor, copies: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Clip one tensor of a DeepSpeed checkpoint in every copy it has (a :data:`Transform`).
+
+        The fp32 master copy, where there is one, is clipped as the settings say (a percentile
+        or sigma bound comes from it). In mixed precision the bound is then rounded inward to
+        the module's dtype (bf16/fp16) for both copies: ``engine.load_checkpoint`` rounds the
+        master to that dtype to rebuild the model, and a master value just inside an fp32
+        bound could round out of it. The module copy is clamped to the same bound, except
+        where the master's values were protected, so a resume and a plain read agree.
+        """
+        primary = "master" if "master" in copies else "module"
+        before = copies[primary]
+        after, row = self.clip(entry.name, before)
+        if row is None or after is before or math.isnan(row["lo"]):
+            return {}
+        module = copies.get("module")
+        if primary == "module" or module is None:
+            return {primary: after}
+        lo, hi = float(row["lo"]), float(row["hi"])
+        protected = ((before < lo) | (before > hi)) & (after == before)
+        lo_m, hi_m = inward(lo, module.dtype, down=False), inward(hi, module.dtype, down=True)
+        if module.dtype != before.dtype:
+            after = torch.where(protected, before, before.clamp(lo_m, hi_m))
+            moved = (after != before) & ~before.isnan()
+            report = self.rows[-1]  # the row self.clip appended: now the bound both copies share
+            report.update(lo=lo_m, hi=hi_m, n_clipped=int(moved.sum()), frac_clipped=float(moved.sum()) / after.numel(),
+                          abs_max_after=float(after.abs().nan_to_num(nan=0.0).max()))
+        return {"master": after, "module": torch.where(protected, module, module.clamp(lo_m, hi_m))}
 
 
 def _provenance(source: Path, settings: ClipSettings) -> dict[str, str]:
@@ -196,51 +234,6 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
         save_torch(obj, dst)
 
 
-class _Record(NamedTuple):
-    """One stored (uncompressed) record of a zip file: where its data lies and where its CRC-32 is written."""
-
-    name: str
-    data: int  # offset of the first data byte
-    size: int
-    crc: int
-    crc_at: tuple[int, ...]  # central directory entry, local header, data descriptor (where they hold it)
-
-
-def _zip_records(f: PinnedFile) -> dict[int, _Record]:
-    """The stored records of a zip-format torch file, by the offset of their data.
-
-    The central directory is walked here (zipfile does not say where each entry lies)
-    to find the CRC field of every record; its local header and data descriptor
-    (torch's writer sets flag bit 3) hold the CRC too, or zero.
-    """
-    with f.dup() as fh, zipfile.ZipFile(fh) as z:
-        infos, position = z.infolist(), z.start_dir
-    records: dict[int, _Record] = {}
-    for info in infos:
-        head = f.read(position, 46)
-        if head[:4] != b"PK\x01\x02":
-            raise CheckpointError(f.path, "zip central directory is not where the file says")
-        n, m, k = struct.unpack("<HHH", head[28:34])
-        crc_at = [position + 16]
-        position += 46 + n + m + k
-        if info.compress_type != zipfile.ZIP_STORED:
-            continue
-        local = f.read(info.header_offset, 30)
-        if local[:4] != b"PK\x03\x04":
-            raise CheckpointError(f.path, f"zip record {info.filename} has no local header")
-        data = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
-        if struct.unpack("<I", local[14:18])[0] == info.CRC:
-            crc_at.append(info.header_offset + 14)
-        end = data + info.compress_size
-        if info.flag_bits & 0x08 and end + 8 <= f.size:
-            descriptor = f.read(end, 8)
-            at = end + 4 if descriptor[:4] == b"PK\x07\x08" else end
-            if struct.unpack("<I", f.read(at, 4))[0] == info.CRC:
-                crc_at.append(at)
-        records[data] = _Record(info.filename, data, info.file_size, info.CRC, tuple(crc_at))
-    return records
-
-
 def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dry_run: bool) -> None:
     """Clip a zip-format torch file by rewriting only the storage records of clipped tensors.
 
@@ -256,7 +249,7 @@ def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dr
         obj, lazy = load_torch_meta(f)
         if not lazy:  # cannot happen for a little-endian zip file; the offsets below need meta tensors
             raise CheckpointError(src, "not a zip-format file with storage offsets")
-        records = _zip_records(f)
+        records = zip_records(f)
         plan: dict[int, list[tuple[str, str | None, torch.Tensor]]] = {}
         first: dict[tuple[Any, ...], str] = {}
         tied: list[tuple[str, str]] = []
@@ -304,7 +297,7 @@ def _checked(f: PinnedFile, patches: Iterator[tuple[int, bytes]]) -> Iterator[tu
     yield from patches
 
 
-def _clip_record(f: PinnedFile, record: _Record, views: list[tuple[str, str | None, torch.Tensor]],
+def _clip_record(f: PinnedFile, record: ZipRecord, views: list[tuple[str, str | None, torch.Tensor]],
                  clipper: _Clipper) -> bytes | None:
     """Clip each tensor's view of one storage record; the new bytes, or None when nothing changed."""
     raw = bytearray(record.size)
@@ -364,11 +357,12 @@ def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
     """The files of a checkpoint folder copied beside the clipped weights, and those that are not.
 
     Trainer state (optimizer, scheduler, RNG...: :func:`is_trainer_state`) is copied unless
-    ``drop_state``; DeepSpeed's optimizer partitions never are (they would restore the
-    unclipped master weights). A symlink pointing outside the folder is never copied as content.
+    ``drop_state``; optimizer partitions holding DeepSpeed's fp32 master weights are not
+    (they would restore the unclipped weights; a DeepSpeed tag folder is written by
+    :func:`_clip_deepspeed`, not from here). A symlink pointing outside the folder is never copied as content.
     """
     found = _Extras([], [], [], [])
-    if not ckpt.path.is_dir():
+    if not ckpt.path.is_dir() or _deepspeed_tag(ckpt) == ckpt.path:  # a tag folder: rewrite_deepspeed_tag writes it all
         return found
     shards: set[str] = set()
     if ckpt.weights.name.endswith(".index.json"):
@@ -389,13 +383,14 @@ def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
     return found
 
 
-#: Why clip refuses DeepSpeed checkpoints rather than write one whose resume undoes the clip.
-_DEEPSPEED_REFUSED = (
-    "clip does not write DeepSpeed checkpoints: engine.load_checkpoint restores the fp32 master weights from the "
-    "optimizer states (zero_pp_rank_*_optim_states.pt; the optimizer entry at ZeRO-0 in bf16/fp16; at ZeRO-3 the "
-    "only copy of the weights), so clipped module weights would be silently overwritten on resume; "
-    "consolidate it with DeepSpeed's own script, saved in the run folder: cd {run} && python zero_to_fp32.py . "
-    "OUTPUT_DIR --tag {tag}, then clip OUTPUT_DIR")
+#: Why clip refuses a ZeRO-0 bf16/fp16 checkpoint rather than write one whose resume undoes the clip.
+_DEEPSPEED_ZERO0_REFUSED = (
+    "clip does not write ZeRO-0 DeepSpeed checkpoints trained in {dtype}: their fp32 master weights are an unnamed "
+    "list in the optimizer entry of {tag}/mp_rank_00_model_states.pt, which engine.load_checkpoint restores over "
+    "the clipped weights; export the weights (torch.save(engine.module.state_dict(), ...)) and clip that file, or "
+    "train with ZeRO stage 1-3, whose fp32 master copy clip writes")
+#: DeepSpeed's consolidation scripts, saved beside the tag folders: copied with ``latest``.
+_DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
 def _deepspeed_tag(ckpt: Checkpoint) -> Path | None:
@@ -413,6 +408,10 @@ def _planned_files(ckpt: Checkpoint, dst: Path, out: Path, drop_state: bool = Fa
     """Every file clipping ``ckpt`` into ``dst`` writes; each must lie inside ``out``."""
     ckpt.check()  # what listing the run already found wrong (a broken or unsafe index...)
     files = [dst]
+    tag = _deepspeed_tag(ckpt)
+    if tag is not None:
+        out_tag = _deepspeed_output(ckpt, tag, dst)
+        files = [out_tag / p.name for p in sorted(tag.iterdir()) if p.is_file()]
     if ckpt.weights.name.endswith(".index.json"):
         index = read_shard_index(ckpt.weights)
         files += [member(dst.parent, shard, source=ckpt.weights, what="output shard") for shard in sorted(index.shards)]
@@ -421,6 +420,80 @@ def _planned_files(ckpt: Checkpoint, dst: Path, out: Path, drop_state: bool = Fa
         if not is_inside(path, out):
             raise CheckpointError(ckpt.path, f"refused: its output {path} would lie outside --out {out}", kind="unsafe")
     return files
+
+
+def _deepspeed_run_files(plans: list[tuple[Checkpoint, Path]], root: Path,
+                         out: Path) -> tuple[dict[Path, Path | str], list[str]]:
+    """The run-level files of the DeepSpeed runs being clipped: ``latest`` and the consolidation scripts.
+
+    ``engine.load_checkpoint(dir)`` finds its tag through ``latest``: the clipped run gets
+    the input's when that tag is clipped too, else (a glob picked some tags) the last
+    clipped tag's name, with a note. A run folder outside the run root is not mirrored (a note says so).
+    Returns the files (target: source file or text) and the notes.
+    """
+    tags: dict[Path, list[tuple[Checkpoint, Path]]] = {}
+    for ckpt, dst in plans:
+        tag = _deepspeed_tag(ckpt)
+        # a tag folder inside a checkpoint folder (Trainer's checkpoint-N/global_stepN/) has its
+        # latest beside it in that folder, copied with the folder's other files (_extras)
+        if tag is not None and tag == ckpt.path:
+            tags.setdefault(tag.parent, []).append((ckpt, tag))
+    files: dict[Path, Path | str] = {}
+    notes: list[str] = []
+    for folder, clipped in tags.items():
+        if not is_inside(folder, root):
+            notes.append(f"{folder}: its latest file is not written with the clipped tags (the folder lies above the run "
+                 f"root {root}); write it with the tag to resume from")
+            continue
+        target = out / os.path.relpath(folder.absolute(), root.absolute())
+        names = [tag.name for _, tag in clipped]
+        latest = latest_tag(folder)
+        if latest in names:
+            files[target / LATEST_FILE] = folder / LATEST_FILE
+        else:
+            files[target / LATEST_FILE] = names[-1]
+            notes.append(f"{folder}: latest names {latest!r}, which is not clipped here; the clipped run's latest names "
+                 f"{names[-1]}, the last tag clipped" if latest else
+                 f"{folder}: no latest file; the clipped run's latest names {names[-1]}, the last tag clipped")
+        for script in _DEEPSPEED_SCRIPTS:
+            if (folder / script).is_file() and not (folder / script).is_symlink():
+                files[target / script] = folder / script
+    return files, notes
+
+
+def _deepspeed_output(ckpt: Checkpoint, tag: Path, dst: Path) -> Path:
+    """Where the clipped copy of the tag folder goes: ``dst``'s folder stands for ``ckpt.path``."""
+    return dst.parent / os.path.relpath(tag.absolute(), ckpt.path.absolute()) if tag != ckpt.path else dst.parent
+
+
+def _clip_deepspeed(ckpt: Checkpoint, tag: Path, dst: Path, settings: ClipSettings, model: ModelLoader | None,
+                    dry_run: bool) -> pd.DataFrame:
+    """Clip a DeepSpeed tag folder: the fp32 master partitions and the module weights together.
+
+    ``engine.load_checkpoint`` reloads the master copy over the module weights (ZeRO 1-3),
+    so both are clipped (:mod:`auditclip.formats.deepspeed_writer`); the optimizer moments
+    and every other entry are kept. The kinds DeepSpeed records (``buffer_names``) decide
+    what a buffer is, unless a ``model`` says.
+    """
+    index = read_deepspeed_index(tag)
+    if index.zero_stage == 0:
+        half = sorted({e.module_dtype for e in index.tensors.values()
+                       if e.role == "parameter" and e.module_dtype in ("bfloat16", "float16")})
+        if half:
+            raise CheckpointError(tag, _DEEPSPEED_ZERO0_REFUSED.format(dtype="/".join(half), run=tag.parent,
+                                                                       tag=tag.name), kind="unsupported")
+    clean = normalize_names(list(index.tensors))
+    clean_of = {raw: c for c, raw in clean.items()}
+    kinds = model.kinds_at(sorted(clean), str(ckpt.path)) if model is not None else None
+    with ckpt.open() as reader:  # DeepSpeed's own record (buffer_names, param_shapes) of what each tensor is
+        recorded = reader.format_kind_rules()
+    clipper = _Clipper(settings, ckpt.label, frozenset(clean), kinds, None if model is not None else recorded)
+
+    def transform(entry: DeepSpeedTensor, copies: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return clipper.deepspeed(replace(entry, name=clean_of[entry.name]), copies)  # rows name clean names
+
+    rewrite_deepspeed_tag(index, _deepspeed_output(ckpt, tag, dst), transform, dry_run)
+    return pd.DataFrame(clipper.rows, columns=list(CLIP_REPORT_COLUMNS))
 
 
 def clip_checkpoint(
@@ -459,10 +532,10 @@ def clip_checkpoint(
     if ckpt.format == "dcp":  # read by formats.dcp; no DCP writer yet (never a half-written folder)
         raise CheckpointError(ckpt.weights, "clip does not write torch.distributed.checkpoint (DCP) folders yet; "
                                             "drift, flag, audit and inspect read them", kind="unsupported")
+    dst = Path(dst)
     tag = _deepspeed_tag(ckpt)
     if tag is not None:
-        raise CheckpointError(tag, _DEEPSPEED_REFUSED.format(run=tag.parent, tag=tag.name), kind="unsupported")
-    dst = Path(dst)
+        return _clip_deepspeed(ckpt, tag, dst, specs, model, dry_run)
     from .formats.peft import adapter_index_for
 
     adapter = adapter_index_for(ckpt.weights)
@@ -474,8 +547,11 @@ def clip_checkpoint(
         note("--adapter-mode delta: checkpoints that are no PEFT adapter folder are clipped as ordinary weights")
     with ckpt.open(key) as reader:  # the names beside each tensor decide what weight_v is (kinds.py)
         siblings = frozenset(reader.names())
+        recorded = reader.format_kind_rules()  # what the format itself says a tensor is
     kinds = model.kinds_at(sorted(siblings), str(ckpt.path)) if model is not None else None
-    clipper = _Clipper(specs, ckpt.label, siblings, kinds, adapter.kinds() if adapter is not None else None)
+    if adapter is not None:
+        recorded = {**recorded, **adapter.kinds()}
+    clipper = _Clipper(specs, ckpt.label, siblings, kinds, recorded or None)
     weights = ckpt.weights
     if weights.name.endswith(".index.json"):
         index = read_shard_index(weights)
@@ -547,9 +623,10 @@ def clip_run(
     (:func:`is_trainer_state`: optimizer, scheduler, RNG, sampler...), so the clipped
     folder resumes with ``Trainer.train(resume_from_checkpoint=...)`` or
     ``Accelerator.load_state``; a note says the optimizer state describes the
-    unclipped weights. ``drop_trainer_state`` leaves that state out, and DeepSpeed's
-    optimizer partitions (fp32 master weights a resume would load over the clipped
-    weights) are never copied. Unreadable checkpoints, and those whose files name paths
+    unclipped weights. ``drop_trainer_state`` leaves that state out. A DeepSpeed tag
+    folder is rewritten whole, its fp32 master partitions clipped with the module weights
+    (:func:`_clip_deepspeed`), and the run's ``latest`` written, so
+    ``engine.load_checkpoint`` resumes from the clip. Unreadable checkpoints, and those whose files name paths
     outside their folder, are listed in ``errors`` and skipped. Every file written
     lies inside ``out``; none exists already unless ``force``; no two checkpoints
     write the same file.
@@ -596,6 +673,15 @@ def clip_run(
             if path.exists() or path.is_symlink():
                 existing.append(path)
         plans.append((ckpt, dst))
+    run_files, _ = _deepspeed_run_files(plans, run.root, out)
+    if run_files and drop_trainer_state:
+        raise InputError("--drop-trainer-state: DeepSpeed keeps the fp32 master weights engine.load_checkpoint "
+                         "restores in its optimizer files, so clip writes them (clipped) with the moments; run "
+                         "without it, and resume with engine.load_checkpoint(dir, load_optimizer_states=False) "
+                         "for a fresh optimizer")
+    for path in run_files:
+        if path.exists() or path.is_symlink():
+            existing.append(path)
     if existing and not force and not dry_run:
         raise InputError(f"{existing[0]} already exists; pass --force to overwrite")
     reports: list[pd.DataFrame] = []
@@ -603,11 +689,13 @@ def clip_run(
     copied_state: set[str] = set()
     dropped_state: set[str] = set()
     master_weights: set[str] = set()
+    clipped: list[tuple[Checkpoint, Path]] = []
     refactored = False  # trainer state copied beside LoRA factors that --adapter-mode delta refactored
     for ckpt, dst in plans:
         try:
             reports.append(clip_checkpoint(ckpt, dst, settings, to=to, key=key, dry_run=dry_run, model=loader,
                                            adapter_mode=adapter_mode))
+            clipped.append((ckpt, dst))
             extras = _extras(ckpt, drop_trainer_state)
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
@@ -630,6 +718,19 @@ def clip_run(
             with atomic_path(target) as tmp:
                 shutil.copyfile(extra, tmp)
                 shutil.copystat(extra, tmp, follow_symlinks=True)
+            result.written.append(target)
+    run_files, run_notes = _deepspeed_run_files(clipped, run.root, out)  # for the tags clipped, not those refused
+    for text in run_notes:
+        note(text)
+    if not dry_run:
+        for target, content in run_files.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                if isinstance(content, Path):
+                    shutil.copyfile(content, tmp)
+                    shutil.copystat(content, tmp, follow_symlinks=True)
+                else:
+                    tmp.write_text(content, encoding="utf-8")
             result.written.append(target)
     # one note per kind for the whole run, not one per checkpoint
     for template, names in ((_COPIED_NOTE, copied_state), (_DROPPED_NOTE, dropped_state),

@@ -83,13 +83,14 @@ def record_live_tensors(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 MOMENTS = ("mean", "std", "abs_max", "l2_norm")
 
 
-def invoke_cli(*args: str) -> Any:
-    """Run the CLI in-process; any exception but a clean exit, or a traceback in the output, fails."""
+def invoke_cli(*args: Any) -> Any:
+    """Run the CLI in-process (arguments given as text: paths and numbers too); any exception but a
+    clean exit, or a traceback in the output, fails."""
     from click.testing import CliRunner
 
     from auditclip.cli import cli
 
-    result = CliRunner().invoke(cli, list(args))
+    result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
     return result

@@ -217,43 +217,7 @@ def test_drop_trainer_state_leaves_accelerate_state_out(accelerate_run: dict[str
             "scheduler.bin") in accelerate_run["dropped_output"]
 
 
-# --- DeepSpeed: refused, never a run whose resume undoes the clip ------------------------------
-
-def test_a_deepspeed_run_is_refused_not_written(tmp_path: Path) -> None:
-    """engine.load_checkpoint restores the fp32 master weights from the optimizer states: clipping
-    the module weights alone would be undone on resume, so clip refuses each tag (``unsupported``)."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    import pandas as pd
-
-    # find_spec, not importorskip: importing deepspeed would set up its accelerator in this process
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed")
-    script = Path(__file__).parent / "scripts" / "deepspeed_train.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ds"), "1", "2:bf16"], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if any(line.startswith("SKIP ") for line in proc.stdout.splitlines()):
-        pytest.skip(proc.stdout)
-    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
-    run = tmp_path / "ds" / "2_bf16" / "run"
-    assert (run / "global_step3" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # the master weights
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-
-    result = invoke("clip", run, "--max-abs", C, "--out", tmp_path / "out")
-    assert result.exit_code == 1, result.output
-    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
-    assert errors.checkpoint.tolist() == ["global_step2", "global_step3"]
-    assert set(errors.error) == {"unsupported"}
-    assert errors.message.str.contains("clip does not write DeepSpeed checkpoints: engine.load_checkpoint restores "
-                                       "the fp32 master weights", regex=False).all()
-    assert f"cd {run} && python zero_to_fp32.py . OUTPUT_DIR --tag global_step3, then clip OUTPUT_DIR" in \
-        errors.message.iloc[1]
-    # nothing of the run was written (no tag folder, no latest), and the input is untouched
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_report.csv", "errors.csv"]
-    assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+# DeepSpeed: tests/test_deepspeed_clip.py (clipped runs resumed by engine.load_checkpoint)
 
 
 # --- a PEFT adapter refactored by --adapter-mode delta ------------------------------------------

@@ -5,12 +5,19 @@ torch.distributed and its accelerator globally; the test process must stay clean
 
     python deepspeed_train.py OUT WORLD_SIZE STAGE:DTYPE [STAGE:DTYPE ...]
 
+    python deepspeed_train.py OUT WORLD_SIZE STAGE:DTYPE=RUN [...]   # resume instead
+
 trains one model per ``STAGE:DTYPE`` (``2:bf16``, ``3:fp32``...) in the same ranks and
 writes ``OUT/<stage>_<dtype>/run/`` (``latest``, ``global_step2/``, ``global_step3/``, by
 ``engine.save_checkpoint``) and, for each tag, ``.../expected/<tag>.module.pt`` (the
 engine's ``module.state_dict()`` at save time; for ZeRO-3 the full parameters gathered
 with ``deepspeed.zero.GatheredParameters``) and ``OUT/expected/<tag>.fp32.pt``
 (``get_fp32_state_dict_from_zero_checkpoint`` of DeepSpeed itself; not for stage 0).
+With ``STAGE:DTYPE=RUN`` it resumes ``RUN`` (a clipped run) with ``engine.load_checkpoint(RUN)``
+as a user would, and writes ``OUT/<stage>_<dtype>.resumed.pt``: ``global_steps`` after the
+load, ``module`` (the model's full state dict right after loading, gathered at ZeRO-3),
+``fp32`` (DeepSpeed's own ``get_fp32_state_dict_from_zero_checkpoint(RUN)``; not at
+stage 0) and ``steps_after`` (``global_steps`` after one more training step).
 Prints ``SKIP <reason>`` and exits 3 when DeepSpeed cannot initialise on CPU.
 """
 
@@ -51,17 +58,18 @@ def _worker(rank: int, out: Path, world: int, runs: list[str], init_file: str) -
         print(f"SKIP deepspeed cannot initialise on CPU: {type(exc).__name__}: {exc}", flush=True)
         sys.exit(3)
     for spec in runs:
+        spec, _, resume = spec.partition("=")
         stage, dtype = spec.split(":")
-        _train(deepspeed, rank, out / f"{stage}_{dtype}", int(stage), dtype)
+        if resume:
+            _resume(deepspeed, rank, out / f"{stage}_{dtype}.resumed.pt", int(stage), dtype, Path(resume))
+        else:
+            _train(deepspeed, rank, out / f"{stage}_{dtype}", int(stage), dtype)
     torch.distributed.destroy_process_group()
 
 
-def _train(deepspeed: object, rank: int, out: Path, stage: int, dtype: str) -> None:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+def _engine(deepspeed: object, stage: int, dtype: str) -> object:
     torch.manual_seed(0)
     model = _model()
-    half = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage}, "bf16": {"enabled": dtype == "bf16"},
@@ -73,23 +81,53 @@ def _train(deepspeed: object, rank: int, out: Path, stage: int, dtype: str) -> N
     # torch's Adam: DeepSpeed's own Adam needs compiled ops
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)  # type: ignore[attr-defined]
+    return engine
+
+
+def _step(engine: object, g: torch.Generator, dtype: str) -> None:
+    x = torch.randn(2, 7, generator=g).to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    loss = engine(x).float().pow(2).mean()  # type: ignore[operator]
+    engine.backward(loss)  # type: ignore[attr-defined]
+    engine.step()  # type: ignore[attr-defined]
+
+
+def _full_module(deepspeed: object, engine: object, stage: int) -> dict[str, torch.Tensor]:
+    module = engine.module  # type: ignore[attr-defined]
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):  # type: ignore[attr-defined]
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _resume(deepspeed: object, rank: int, out: Path, stage: int, dtype: str, run: Path) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine = _engine(deepspeed, stage, dtype)
+    path, _ = engine.load_checkpoint(str(run))  # type: ignore[attr-defined]
+    assert path is not None, f"load_checkpoint found no checkpoint in {run}"
+    result = {"global_steps": engine.global_steps, "module": _full_module(deepspeed, engine, stage)}  # type: ignore[attr-defined]
+    if stage > 0 and rank == 0:
+        result["fp32"] = {k: v.clone() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(run)).items()}
+    _step(engine, torch.Generator().manual_seed(rank), dtype)
+    result["steps_after"] = engine.global_steps  # type: ignore[attr-defined]
+    if rank == 0:
+        torch.save(result, out)
+    torch.distributed.barrier()
+
+
+def _train(deepspeed: object, rank: int, out: Path, stage: int, dtype: str) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine = _engine(deepspeed, stage, dtype)
     run, expected = out / "run", out / "expected"
     g = torch.Generator().manual_seed(rank)
     for step in range(1, 4):
-        x = torch.randn(2, 7, generator=g).to(half)
-        loss = engine(x).float().pow(2).mean()
-        engine.backward(loss)
-        engine.step()
+        _step(engine, g, dtype)
         if step < 2:
             continue
         tag = f"global_step{step}"
-        engine.save_checkpoint(str(run))
-        if stage == 3:
-            params = list(engine.module.parameters())
-            with deepspeed.zero.GatheredParameters(params):  # type: ignore[attr-defined]
-                module = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-        else:
-            module = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        engine.save_checkpoint(str(run))  # type: ignore[attr-defined]
+        module = _full_module(deepspeed, engine, stage)
         if rank == 0:
             expected.mkdir(parents=True, exist_ok=True)
             torch.save(module, expected / f"{tag}.module.pt")
