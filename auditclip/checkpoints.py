@@ -45,9 +45,10 @@ from typing import Any, NamedTuple
 
 from .errors import CheckpointError, InputError, NoCheckpointsError
 from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_object, read_dcp_tensor
-from .formats.readers import (TORCH_SUFFIXES, TensorReader, open_checkpoint_file, read_safetensors_metadata,
-                      read_shard_index)
-# after .readers: formats.deepspeed reads its files through it
+from .formats.index import read_checkpoint_metadata as read_safetensors_metadata
+from .formats.index import read_shard_index
+from .formats.readers import TensorReader, open_checkpoint_file
+from .formats.source import TORCH_SUFFIXES
 from .formats.deepspeed import (deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_file,
                                 is_deepspeed_run, is_deepspeed_tag_folder, latest_tag)
 from .formats.detect import (ACCELERATE_EXTRA_MODEL, ACCELERATE_FSDP_MODEL, DCP_OPTIMIZER_FOLDER, HF_WEIGHT_NAMES,
@@ -714,7 +715,7 @@ def _deepspeed_found(tag: Path, shown: Path | None = None) -> _Found:
     """A DeepSpeed tag folder as a checkpoint (shown as ``shown``, default the tag), known by its rank 0 model states.
 
     The file is what clip edits at ZeRO 0-2 (its ``module`` entry); opening it reads the
-    whole tag folder (:class:`auditclip.formats.readers._DeepSpeedSource`), never the file alone.
+    whole tag folder (:class:`auditclip.formats.deepspeed.DeepSpeedSource`), never the file alone.
     A folder without rank 0's model states is opened as is: the reader says what is missing.
     """
     return _Found(shown or tag, deepspeed_model_states(tag) or tag)

@@ -93,7 +93,7 @@ def cli(debug: bool, allow_global: tuple[str, ...]) -> None:
     """
     _show_notes()
     if allow_global:
-        from .formats.readers import allow_globals
+        from .formats.torch_pickle import allow_globals
 
         try:
             allow_globals(list(allow_global))

@@ -40,8 +40,12 @@ from .modelref import ModelLoader
 from .output import atomic_path
 from .paths import is_inside, member
 from .notices import note
-from .formats.readers import (PinnedFile, load_torch_meta, zip_byteorder, load_torch_file, normalize_names, note_tied,
-                      open_checkpoint_file, read_shard_index, storage_identity, tensor_slots, untie, weight_copies)
+from .formats.index import read_shard_index
+from .formats.pinned import PinnedFile
+from .formats.readers import open_checkpoint_file
+from .formats.source import normalize_names
+from .formats.torch_pickle import (load_torch_file, load_torch_meta, note_tied, storage_identity, tensor_slots, untie,
+                                   weight_copies, zip_byteorder)
 from .selection import name_filter
 from .formats.torch_zip import ZipRecord, zip_records
 from .formats.writers import save_torch, sha256_file, write_json, write_patched_copy, write_safetensors

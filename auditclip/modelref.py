@@ -19,7 +19,7 @@ import torch
 
 from .errors import InputError
 from .notices import note
-from .formats.readers import normalize_names
+from .formats.source import normalize_names
 
 
 def one_line(exc: BaseException) -> str:

@@ -217,7 +217,7 @@ def test_rank_file_rewritten_after_indexing_is_changed(runs: Path, tmp_path: Pat
 
 
 def _top_keys(path: Path) -> list[str]:
-    from auditclip.formats.readers import load_torch_file
+    from auditclip.formats.torch_pickle import load_torch_file
 
     return list(load_torch_file(path))
 

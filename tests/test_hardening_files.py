@@ -193,9 +193,9 @@ def test_a_same_size_overwrite_in_place_is_detected(tmp_path: Path, fmt: str) ->
 def test_truncation_through_the_cli_gives_an_errors_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = _big_run(tmp_path, "safetensors")
     victim = sorted(run.iterdir())[2]
-    import auditclip.formats.readers as readers
+    import auditclip.formats.safetensors as family  # the safetensors reader's read_strided
 
-    real = readers.read_strided
+    real = family.read_strided
     calls = {"n": 0}
 
     def shrink_then_read(f, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -204,7 +204,7 @@ def test_truncation_through_the_cli_gives_an_errors_row(tmp_path: Path, monkeypa
             os.truncate(victim, f.size // 2)
         return real(f, *args, **kwargs)
 
-    monkeypatch.setattr(readers, "read_strided", shrink_then_read)
+    monkeypatch.setattr(family, "read_strided", shrink_then_read)
     result = invoke("drift", run, "--out", tmp_path / "r", "--workers", "1")
     assert result.exit_code == 1, result.output
     errors = pd.read_csv(tmp_path / "r" / "errors.csv")

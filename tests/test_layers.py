@@ -270,3 +270,56 @@ def test_a_peft_adapter_folder_is_discovered_as_peft(tmp_path: Path) -> None:
     (tmp_path / "plain.safetensors").write_bytes((tmp_path / "checkpoint-1" / "adapter_model.safetensors").read_bytes())
     # the same bytes without adapter_config.json beside them are plain safetensors
     assert detect(tmp_path / "plain.safetensors").format == "safetensors"
+
+
+FAMILY_MODULES = ("safetensors", "torch_pickle", "dcp", "deepspeed")
+
+
+def format_import_graph() -> dict[str, set[str]]:
+    """Module -> the format modules it imports (function-local imports too), within the format layer."""
+    graph: dict[str, set[str]] = {m: set() for m in FORMAT_MODULES}
+    for i in ALL_IMPORTS:
+        if i.module in graph and i.source in graph and i.source != i.module and i.source != "auditclip.formats":
+            graph[i.module].add(i.source)
+    return graph
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of ``graph`` (its modules in order), or [] when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_in({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_format_layer_has_no_import_cycle() -> None:
+    assert cycle_in(format_import_graph()) == []
+
+
+@pytest.mark.parametrize("family", FAMILY_MODULES)
+def test_a_family_reads_through_the_shared_modules_not_the_reader(family: str) -> None:
+    """Each family module builds on source/pinned/dtypes (and torch_pickle for .pt files), never on
+    the reader layer that dispatches to it: readers imports the families, not the other way."""
+    graph = format_import_graph()
+    assert "auditclip.formats.readers" not in graph[f"auditclip.formats.{family}"]
+    assert f"auditclip.formats.{family}" in graph["auditclip.formats.readers"]

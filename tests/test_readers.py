@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from auditclip import CheckpointError, inspect_checkpoint, open_checkpoint_file
-from auditclip.formats.readers import normalize_names
+from auditclip.formats.source import normalize_names
 
 from conftest import save_safetensors, save_sharded, state_dict
 

@@ -88,9 +88,11 @@ import torch
 
 from auditclip.formats.dtypes import dtype_name, torch_dtype
 from auditclip.errors import CheckpointError
+from auditclip.formats.source import Source, one_line
+from auditclip.notices import note
 
 __all__ = [
-    "METADATA_FILE", "DcpChunk", "DcpIndex", "DcpObject", "DcpTensor", "dcp_folder", "is_dcp_folder",
+    "DcpSource", "METADATA_FILE", "DcpChunk", "DcpIndex", "DcpObject", "DcpTensor", "dcp_folder", "is_dcp_folder",
     "iter_dcp_chunks", "read_dcp_index", "read_dcp_object", "read_dcp_tensor",
 ]
 
@@ -729,3 +731,51 @@ def read_dcp_object(index: DcpIndex, key: str) -> Any:
     path = index.folder / entry.file
     _refuse_transforms(path, key, entry.transforms)
     return _load_record(index, entry.file, entry.offset, entry.length, key)
+
+
+class DcpSource(Source):
+    """A ``torch.distributed.checkpoint`` folder (:mod:`auditclip.formats.dcp`): its model tensors.
+
+    The index comes from ``.metadata`` alone; each tensor is read when asked for,
+    chunk by chunk from the storage files, and assembled whole (memory: the largest
+    tensor plus one chunk). Optimizer state and training state (scheduler, dataloader,
+    ``train_state``...) are not weights: left out, with one note. ``key`` reads the
+    tensors under another top-level entry instead (``--key ema``).
+    """
+
+    def __init__(self, folder: Path, key: str | None = None) -> None:
+        self.path = folder
+        self.metadata: dict[str, str] = {}
+        self.index = read_dcp_index(folder)
+        tensors = list(self.index.tensors.values())
+        if key is not None:
+            self._where = {t.key[len(key) + 1:]: t.key for t in tensors if t.key.startswith(key + ".")}
+            if not self._where:
+                entries = ", ".join(dict.fromkeys(t.key.split(".", 1)[0] for t in tensors))
+                raise CheckpointError(folder, f"no tensors under the entry {key!r} of this DCP checkpoint "
+                                              f"(entries: {entries or 'none'}); pick one with --key")
+            return
+        self._where = {t.name: t.key for t in tensors if t.role == "model"}
+        left = sorted({t.key.split(".", 1)[0] + ".*" for t in tensors if t.role != "model"})
+        if not self._where:
+            raise CheckpointError(folder, "this DCP checkpoint holds no model tensors"
+                                          + (f", only {', '.join(left)} (optimizer or training state)" if left else "")
+                                          + "; pick an entry with --key")
+        if left:
+            note(f"DCP checkpoints: {', '.join(left)} (optimizer or training state, not weights) left out; "
+                 "the model's tensors are audited")
+
+    def raw_names(self) -> list[str]:
+        return list(self._where)
+
+    def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
+        t = self.index.tensors[self._where[raw]]
+        return t.dtype, t.shape
+
+    def raw_get(self, raw: str) -> torch.Tensor:
+        try:
+            return read_dcp_tensor(self.index, self._where[raw])
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {one_line(exc)}") from exc

@@ -69,7 +69,7 @@ named like these is part of its tag folder and is never read alone).
 Wired in: :mod:`auditclip.checkpoints` makes a run folder's tag folders a run (one
 checkpoint per tag, format ``deepspeed``, known by :func:`deepspeed_model_states`) and a
 model- or optimizer-states file given or globbed its tag folder; :mod:`auditclip.formats.readers`
-opens any of them with ``_DeepSpeedSource`` (``--key master`` / ``--key module`` pick the
+opens any of them with :class:`DeepSpeedSource` (below) (``--key master`` / ``--key module`` pick the
 copy; one note names the copy read). A ZeRO-3 model-states dict renamed out of its folder
 reaches the generic torch reader, which refuses it (``param_shapes`` beside empty tensors).
 
@@ -112,11 +112,13 @@ import torch
 from auditclip.formats.dtypes import dtype_name, torch_dtype
 from auditclip.errors import CheckpointError, InputError
 from auditclip.notices import note
-from auditclip.formats.readers import PinnedFile, load_torch_meta, read_strided
+from auditclip.formats.pinned import PinnedFile, read_strided
+from auditclip.formats.source import Source, one_line
+from auditclip.formats.torch_pickle import load_torch_meta
 from auditclip.formats.safe_pickle import Placeholder
 
 __all__ = [
-    "LATEST_FILE", "DeepSpeedIndex", "DeepSpeedPiece", "DeepSpeedTag", "DeepSpeedTensor", "consolidate_command",
+    "DeepSpeedSource", "LATEST_FILE", "DeepSpeedIndex", "DeepSpeedPiece", "DeepSpeedTag", "DeepSpeedTensor", "consolidate_command",
     "deepspeed_model_states", "deepspeed_step", "deepspeed_tags", "is_deepspeed_file", "is_deepspeed_optim_file", "is_deepspeed_run",
     "is_deepspeed_tag_folder", "iter_deepspeed_tensors", "latest_tag", "read_deepspeed_index", "read_deepspeed_tensor",
 ]
@@ -920,3 +922,86 @@ def iter_deepspeed_tensors(index: DeepSpeedIndex, source: str = "default") -> It
     """
     for name in index.tensors:
         yield name, read_deepspeed_tensor(index, name, source)
+
+
+class DeepSpeedSource(Source):
+    """A DeepSpeed checkpoint (:mod:`auditclip.formats.deepspeed`): a tag folder, a file in one, or a run folder.
+
+    The model's parameters and buffers with their full shapes, read one at a time:
+    at ZeRO 0-2 the ``module`` weights (what the model runs with, bf16/fp16 in mixed
+    precision), at ZeRO-3 the fp32 master copy reassembled from every rank's optimizer
+    file (the module states hold only empty placeholders, never read). ``key``:
+    ``master`` reads the fp32 master copy at ZeRO 1-2 too, ``module`` insists on the
+    module weights (refused at ZeRO-3). One note names the copy read.
+    """
+
+    KEYS = ("module", "master")
+
+    def __init__(self, path: Path, key: str | None = None) -> None:
+        if key is not None and key not in self.KEYS:
+            raise CheckpointError(path, f"a DeepSpeed checkpoint has no entry {key!r} to pick: --key module reads "
+                                        "the weights the model runs with, --key master the fp32 master copy of "
+                                        "the optimizer files (ZeRO 1-3)", kind="unsupported")
+        self.index = read_deepspeed_index(path)
+        self.path = self.index.folder
+        self.metadata: dict[str, str] = {}
+        self.tied = dict(self.index.shared)
+        index = self.index
+        self._source = key or index.default_source
+        params = [e for e in index.tensors.values() if e.role == "parameter"]
+        if self._source == "master":
+            lacking = [e.name for e in params if not e.master_dtype]
+            if lacking:
+                raise CheckpointError(index.folder, f"--key master: {lacking[0]} has no fp32 master copy here (ZeRO "
+                                                    f"stage {index.zero_stage}, {index.world_size} optimizer "
+                                                    "file(s)): "
+                                                    + ("ZeRO-0 saves it as a list without names"
+                                                       if index.zero_stage == 0 else "the optimizer files are missing")
+                                                    + "; read the module weights (no --key)", kind="unsupported")
+        elif index.zero_stage == 3 and params:
+            raise CheckpointError(index.folder, "--key module: the module states of a ZeRO-3 checkpoint hold only "
+                                                "empty placeholders; its weights are the fp32 master copy (no --key)",
+                                  kind="unsupported")
+        note(self._which_copy())
+
+    def _which_copy(self) -> str:
+        """One note for every checkpoint of a run (no path in it): which copy of the weights was read."""
+        index = self.index
+        stage = f"DeepSpeed ZeRO-{index.zero_stage} checkpoints"
+        if self._source == "master":
+            how = ("reassembled from every rank's zero_pp_rank_*_optim_states.pt partitions"
+                   if index.zero_stage == 3 else "from the zero_pp_rank_*_optim_states.pt files (--key master)")
+            return (f"{stage}: the parameters are the fp32 master copy {how}, as zero_to_fp32.py gives them; "
+                    "buffers and frozen parameters as saved")
+        dtypes = sorted({e.module_dtype for e in index.tensors.values() if e.role == "parameter" and e.module_dtype})
+        more = "; --key master reads the fp32 master copy" if index.zero_stage in (1, 2) else ""
+        return (f"{stage}: the module weights are read (what the model runs with, "
+                f"{'/'.join(dtypes) or 'as saved'}){more}")
+
+    def _master(self, raw: str) -> bool:
+        entry = self.index.tensor(raw)
+        return self._source == "master" and entry.role == "parameter"
+
+    def raw_names(self) -> list[str]:
+        return list(self.index.tensors)
+
+    def raw_kinds(self) -> dict[str, tuple[str, str]] | None:
+        # the model states list the buffers (buffer_names) and the trained parameters (param_shapes,
+        # frozen_param_shapes); a tensor listed nowhere (role "other") is left to the name rule
+        rules = {"parameter": ("parameter", "format: deepspeed param_shapes"),
+                 "frozen": ("parameter", "format: deepspeed frozen_param_shapes"),
+                 "buffer": ("buffer", "format: deepspeed buffer_names")}
+        return {name: rules[e.role] for name, e in self.index.tensors.items() if e.role in rules}
+
+    def raw_info(self, raw: str) -> tuple[str, tuple[int, ...]]:
+        entry = self.index.tensor(raw)
+        dtype = entry.master_dtype if self._master(raw) else entry.module_dtype
+        return dtype or "unknown", entry.shape
+
+    def raw_get(self, raw: str) -> torch.Tensor:
+        try:
+            return read_deepspeed_tensor(self.index, raw, self._source)
+        except CheckpointError:
+            raise
+        except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+            raise CheckpointError(self.path, f"cannot read tensor {raw!r}: {one_line(exc)}") from exc

@@ -50,7 +50,8 @@ import torch
 from auditclip.errors import CheckpointError
 from auditclip.formats.deepspeed import DeepSpeedIndex, DeepSpeedPiece, DeepSpeedTensor, read_deepspeed_tensor
 from auditclip.formats.dtypes import torch_dtype
-from auditclip.formats.readers import PinnedFile, zip_byteorder
+from auditclip.formats.pinned import PinnedFile
+from auditclip.formats.torch_pickle import zip_byteorder
 from auditclip.formats.torch_zip import ZipRecord, fix_crcs, zip_records
 from auditclip.output import atomic_path
 

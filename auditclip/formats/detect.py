@@ -21,7 +21,7 @@ from pathlib import Path
 from .dcp import dcp_folder
 from .deepspeed import deepspeed_model_states, is_deepspeed_file, is_deepspeed_tag_folder
 from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .readers import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
+from .source import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 
 #: File names a Hugging Face (or DeepSpeed) checkpoint folder keeps its model weights in,
 #: in order of preference when a folder holds more than one.

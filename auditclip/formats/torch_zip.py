@@ -11,7 +11,7 @@ streaming, so a record is never held whole in memory for it.
 
 >>> import io, tempfile, torch, zipfile
 >>> from pathlib import Path
->>> from auditclip.formats.readers import PinnedFile
+>>> from auditclip.formats.pinned import PinnedFile
 >>> path = Path(tempfile.mkdtemp()) / "t.pt"
 >>> torch.save({"w": torch.arange(4.0)}, path)
 >>> f = PinnedFile(path)
