@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import CheckpointError, InputError, NoCheckpointsError
-from .formats.dcp import dcp_folder, read_dcp_index, read_dcp_object, read_dcp_tensor
+from .formats.dcp import read_dcp_index, read_dcp_object, read_dcp_tensor
 from .formats.index import read_checkpoint_metadata as read_safetensors_metadata
 from .formats.index import read_shard_index
 from .formats.readers import TensorReader, open_checkpoint_file
 from .formats.source import TORCH_SUFFIXES
-from .formats.deepspeed import (deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_file,
-                                is_deepspeed_run, is_deepspeed_tag_folder, latest_tag)
+from .formats.deepspeed import deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_run, latest_tag
 from .formats.detect import (ACCELERATE_EXTRA_MODEL, ACCELERATE_FSDP_MODEL, DCP_OPTIMIZER_FOLDER, HF_WEIGHT_NAMES,
                              INDEX_SUFFIX, LIGHTNING_LAST, SHARD_SUFFIXES, TRAINER_STATE_FILES, detect, is_weight_file,
                              shard_name_pattern)
@@ -433,9 +432,10 @@ def _stored_step(weights: Path, notes: list[str]) -> tuple[int | None, str]:
     ``trainer_state.json`` beside Hugging Face weights, the ``step``/``global_step``
     safetensors metadata, or the top-level ``global_step`` of a pickled checkpoint.
     """
-    if dcp_folder(weights) is not None:
+    kind = detect(weights)  # the format layer says which family stores the step where
+    if kind is not None and kind.format == "dcp":
         return _dcp_stored_step(weights)
-    if is_deepspeed_file(weights) or (weights.is_dir() and is_deepspeed_tag_folder(weights)):
+    if kind is not None and kind.format == "deepspeed":
         # global_step<N> is DeepSpeed's own tag; another tag: the global_steps its model states store
         return deepspeed_step(weights if weights.is_dir() else weights.parent), "global_steps in its model states"
     name = weights.name.lower()
@@ -1042,6 +1042,12 @@ def _keep_rank(c: Checkpoint) -> tuple[bool, bool, bool, float, tuple[tuple[int,
     return linked, unnamed, parse_step(c.label) is None, _mtime(c.weights), natural_key(c.label)
 
 
+#: Formats whose weights file is one of many: never folded as a duplicate by its bytes. A shard
+#: index names other files; DCP folders' .metadata match whenever two steps have one layout;
+#: DeepSpeed's model states are one file of many (ZeRO-3's weights are all in the optimizer files).
+MANY_FILES = frozenset({"sharded", "dcp", "deepspeed"})
+
+
 def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], list[tuple[str, str, str]]]:
     """Checkpoints with each duplicate folded into the one it copies, and ``(duplicate, kept, how)`` for each.
 
@@ -1054,10 +1060,9 @@ def _fold_duplicates(checkpoints: list[Checkpoint]) -> tuple[list[Checkpoint], l
     """
     by_size: dict[int, list[tuple[Checkpoint, os.stat_result]]] = {}
     for c in checkpoints:
-        if c.problem is not None or c.weights.name.lower().endswith(".index.json") or c.weights.is_dir() \
-                or is_deepspeed_file(c.weights):
-            continue  # DCP folders: their .metadata match whenever two steps have one layout; DeepSpeed's
-            # model states are one file of many (ZeRO-3's weights are all in the optimizer files)
+        kind = detect(c.weights)
+        if c.problem is not None or c.weights.is_dir() or (kind is not None and kind.format in MANY_FILES):
+            continue
         try:
             st = c.weights.stat()
         except OSError:

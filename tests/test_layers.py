@@ -245,9 +245,10 @@ def test_discovery_asks_detect_what_a_path_is() -> None:
     functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert any(i.source == "auditclip.formats.detect" and i.name == "detect"
                for i in imports_of(MODULES["auditclip.checkpoints"]))
-    # where a path's kind is decided (listing a folder, a folder named, a path named, Checkpoint.format),
-    # detect() decides it; the family predicates are not asked one by one there
-    for name in ("_list", "_expand_directory", "_expand", "format"):
+    # where a path's kind is decided (listing a folder, a folder named, a path named, Checkpoint.format,
+    # where its step is stored, whether its bytes may be folded as a duplicate), detect() decides it;
+    # the family predicates are not asked one by one there
+    for name in ("_list", "_expand_directory", "_expand", "format", "_stored_step", "_fold_duplicates"):
         calls = calls_in(functions[name])
         assert "detect" in calls, f"{name} does not ask detect()"
         assert not calls & {"dcp_folder", "is_deepspeed_tag_folder", "is_deepspeed_file"}, (name, calls)
