@@ -160,16 +160,17 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     from .analysis import analyze
     from .output import prepare_out_dir, write_csv
 
+    opened = _open_run(run, sort, key)
     bounds = None
     if max_abs is not None or range_ is not None:  # the bound as flag reads it: parameters only
         from .config import flag_settings
-        from .flags import bounds_of
+        from .flags import run_bounds
 
-        bounds = bounds_of(flag_settings(options={"max_abs": max_abs, "range": range_}, search=False))
+        bounds = run_bounds(opened, flag_settings(options={"max_abs": max_abs, "range": range_}, search=False))
     out_dir = prepare_out_dir(out)
     progress = _Progress(hidden=quiet or not sys.stderr.isatty())
     try:
-        result = analyze(_open_run(run, sort, key), include=include, exclude=exclude, spectral=spectral, reference=reference,
+        result = analyze(opened, include=include, exclude=exclude, spectral=spectral, reference=reference,
                          sort=sort, key=key, progress=progress, workers=workers, bounds=bounds)
     finally:
         progress.close()

@@ -293,6 +293,19 @@ def bounds_of(settings: FlagSettings, siblings: Collection[str] | None = None,
     return bound
 
 
+def run_bounds(run: Run, settings: FlagSettings) -> Callable[[str], tuple[float, float] | None]:
+    """:func:`bounds_of` for the tensors of ``run``: what sits beside each and what its format records
+    (DeepSpeed's ``buffer_names``) decide, as ``flag`` decides them, which tensors the bound applies to.
+
+    >>> from auditclip.checkpoints import open_run
+    >>> bound = run_bounds(open_run("sample_checkpoints/wgan_clip"), flag_settings(options={"max_abs": 0.01}, search=False))
+    >>> bound("net.0.weight"), bound("net.0.running_var")
+    ((-0.01, 0.01), None)
+    """
+    names, kinds = _tensor_names(run)
+    return bounds_of(settings, names, kinds)
+
+
 def _rules_cache(settings: FlagSettings, siblings: Collection[str] | None = None,
                  kinds: tuple[frozenset[str], frozenset[str]] | None = None) -> Callable[[str], FlagRules]:
     """``settings.rules_for``, once per tensor name (matching overrides is glob work).

@@ -158,6 +158,24 @@ def test_a_deepspeed_buffer_is_a_buffer_in_stats_and_the_range_gate(runs: dict[s
     assert result.exit_code == 1 and set(_range_rows(tmp_path / "fail")) == {(s, "scale") for s in STEPS}
 
 
+def test_drift_max_abs_bounds_the_parameters_the_format_records(runs: dict[str, Any], tmp_path: Path) -> None:
+    """frac_at_bound: the bound applies to what DeepSpeed records as parameters; its buffer ``scale``
+    (a name the name rule cannot tell) has none, as flag's range gate decides."""
+    limit = 0.5  # a bfloat16 value; scale holds 0.5: at the bound were it a parameter
+    assert invoke_cli("drift", runs["zero2"], "--max-abs", limit, "--out", tmp_path / "d").exit_code == 0
+    rows = {(int(r["step"]), r["tensor"]): r for r in csv_rows(tmp_path / "d" / "stats.csv")}
+    module = runs["expected"]["2_bf16", "module"]
+    for s in STEPS:
+        assert rows[(s, "scale")]["frac_at_bound"] == ""  # no bound: NaN
+        for n, t in module[s].items():
+            if n in BUFFERS:
+                continue
+            x = t.float().numpy()
+            ulp = float(np.spacing(np.float32(limit)) * 2 ** 16)  # one bfloat16 ulp at 0.5
+            at = int(((np.abs(x - limit) <= ulp) | (np.abs(x + limit) <= ulp)).sum())
+            assert float(rows[(s, n)]["frac_at_bound"]) == pytest.approx(at / x.size), (s, n)
+
+
 # --- flag: a gate never passes on placeholders --------------------------------------------------
 
 def test_flag_max_abs_on_a_zero3_run_flags_what_numpy_says(runs: dict[str, Any], tmp_path: Path) -> None:
