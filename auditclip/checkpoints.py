@@ -51,8 +51,8 @@ from .formats.readers import TensorReader, open_checkpoint_file
 from .formats.source import TORCH_SUFFIXES
 from .formats.deepspeed import deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_run, latest_tag
 from .formats.detect import (ACCELERATE_EXTRA_MODEL, ACCELERATE_FSDP_MODEL, DCP_OPTIMIZER_FOLDER, HF_WEIGHT_NAMES,
-                             INDEX_SUFFIX, LIGHTNING_LAST, SHARD_SUFFIXES, TRAINER_STATE_FILES, detect, is_weight_file,
-                             shard_name_pattern)
+                             INDEX_SUFFIX, LIGHTNING_LAST, SHARD_SUFFIXES, TRAINER_STATE_FILES, describe_folder, detect,
+                             is_weight_file, shard_name_pattern)
 
 # Step-like tokens only, in two tiers: a word that starts a token (``-step=60``,
 # ``/checkpoint-500``) wins over one glued to a name by ``_`` (``gpt2_step_1000``), so
@@ -854,12 +854,12 @@ def _expand(
                     entries = [_Found(match, match, _entry_problem(match))]  # a directory named step_5.safetensors
                 if not entries:
                     detail = "".join(f"; {_render(p, m, None)}" for p, m in why[:3])
-                    raise NoCheckpointsError(
+                    raise NoCheckpointsError(printable(
                         f"no checkpoints in {match} (looked for .safetensors, .pt, .pth, .bin, .ckpt, "
                         f"*.index.json, checkpoint-*/ folders, DCP folders with a .metadata and DeepSpeed "
-                        f"global_step*/ folders); pass the folder "
+                        f"global_step*/ folders); it holds {describe_folder(match)}; pass the folder "
                         f"that holds them or a glob{detail}"
-                    )
+                    ))
                 if len(inputs) == 1 and len(matches) == 1 and entries[0].path != match:
                     root = match  # labels are relative to the run directory the user named
                 found += entries

@@ -86,3 +86,49 @@ def test_readme_error_row(workspace: Path, row: str) -> None:
     lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
     assert len(lines) == 1, result.output
     assert lines[0].startswith(message), (lines[0], message)
+
+
+# --- a folder with no checkpoint says what it holds; a format known by name says what to do ---------
+
+FOLDERS = [
+    # (files in the folder, fragments the error must hold)
+    ((), ["it holds nothing (an empty folder)"]),
+    (("optimizer.pt", "trainer_state.json"), ["optimizer.pt (trainer state, not model weights)",
+                                              "1 other entry (trainer_state.json)"]),
+    (("__0_0.distcp", "__1_0.distcp"), ["__0_0.distcp (a torch.distributed.checkpoint storage file",
+                                        "needs the .metadata file"]),
+    (("global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt", "latest"),
+     ["global_step3/ (a DeepSpeed tag folder with optimizer states but no model states"]),
+    (("flax_model.msgpack",), ["flax_model.msgpack (Flax weights", "from_flax=True"]),
+    (("tf_model.h5",), ["from_tf=True"]),
+    (("model.gguf",), ["GGUF (llama.cpp)"]),
+    (("model.onnx",), ["ONNX: not read"]),
+    (("arrays.npz",), ["safetensors.numpy.save_file"]),
+]
+
+
+@pytest.mark.parametrize("files, fragments", FOLDERS, ids=[",".join(f) or "empty" for f, _ in FOLDERS])
+def test_a_folder_without_checkpoints_says_what_it_holds(tmp_path: Path, files: tuple[str, ...],
+                                                         fragments: list[str]) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"\0" * 16)
+    result = CliRunner().invoke(cli, ["drift", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(error) == 1 and error[0].startswith(f"Error: no checkpoints in {folder}"), result.output
+    for fragment in fragments:
+        assert fragment in error[0], (fragment, error[0])
+
+
+@pytest.mark.parametrize("name, fragment", [("model.gguf", "GGUF (llama.cpp)"), ("flax_model.msgpack", "from_flax"),
+                                            ("w.npz", "safetensors.numpy.save_file")])
+def test_a_file_of_a_format_known_by_name_is_unsupported_with_what_to_do(tmp_path: Path, name: str,
+                                                                       fragment: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\0" * 16)
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code != 0 and f"{path}: " in result.output and fragment in result.output, result.output
+    assert "Traceback" not in result.output

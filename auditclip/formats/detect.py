@@ -20,7 +20,6 @@ from pathlib import Path
 
 from .dcp import dcp_folder
 from .deepspeed import deepspeed_model_states, is_deepspeed_file, is_deepspeed_tag_folder
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .source import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 
 #: File names a Hugging Face (or DeepSpeed) checkpoint folder keeps its model weights in,
@@ -36,6 +35,10 @@ HF_WEIGHT_NAMES = (
     "diffusion_pytorch_model.bin",
     "mp_rank_00_model_states.pt",
 )
+
+#: A PEFT adapter folder: its config, and the weights files peft writes, in the order it looks for them.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 #: Trainer state saved beside the weights: never model weights, never analysed.
 TRAINER_STATE_FILES = re.compile(
@@ -63,6 +66,88 @@ ACCELERATE_EXTRA_MODEL = re.compile(r"^(?:model|pytorch_model)_(\d+)\.(?:safeten
 ACCELERATE_FSDP_MODEL = re.compile(r"^pytorch_model_fsdp_\d+$")
 #: ... and one per optimizer: optimizer state only.
 DCP_OPTIMIZER_FOLDER = re.compile(r"^optimizer(_\d+)?$")
+
+#: Weight files of other frameworks, recognised by name and not read: (pattern, what it is and what to do).
+FOREIGN_FORMATS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\.msgpack$", re.I), "Flax weights: convert them with transformers (FlaxModel weights load in "
+                                       "PyTorch with from_pretrained(DIR, from_flax=True); save_pretrained() "
+                                       "writes model.safetensors)"),
+    (re.compile(r"\.(h5|keras)$", re.I), "TensorFlow/Keras weights: convert them with transformers "
+                                          "(from_pretrained(DIR, from_tf=True), then save_pretrained())"),
+    (re.compile(r"\.(index|data-\d+-of-\d+)$", re.I), "a TensorFlow checkpoint: convert it to PyTorch first"),
+    (re.compile(r"\.gguf$", re.I), "GGUF (llama.cpp): quantised for inference, not read; audit the checkpoint "
+                                   "it was converted from"),
+    (re.compile(r"\.onnx$", re.I), "ONNX: not read; audit the PyTorch checkpoint it was exported from"),
+    (re.compile(r"\.(npz|npy)$", re.I), "NumPy arrays: write them with safetensors.numpy.save_file(...) to audit them"),
+    (re.compile(r"\.pdparams$", re.I), "PaddlePaddle weights: not read; convert them to safetensors"),
+    (re.compile(r"\.distcp$", re.I), "a torch.distributed.checkpoint storage file: the checkpoint is its folder, "
+                                     "which needs the .metadata file that indexes it (missing: the save did not "
+                                     "finish, or .metadata was not copied)"),
+)
+
+
+def foreign_format(name: str) -> str | None:
+    """What a file of a format auditclip recognises but does not read is, and what to do; else None.
+
+    >>> foreign_format("model.gguf")
+    'GGUF (llama.cpp): quantised for inference, not read; audit the checkpoint it was converted from'
+    >>> foreign_format("model.safetensors") is None
+    True
+    """
+    return next((what for pattern, what in FOREIGN_FORMATS if pattern.search(name)), None)
+
+
+def describe_folder(folder: str | os.PathLike[str], limit: int = 4) -> str:
+    """What a folder holding no checkpoint holds, by name (nothing is read): for "no checkpoints" errors.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for name in ("optimizer.pt", "flax_model.msgpack", "notes.txt"):
+    ...     _ = (folder / name).write_bytes(b"")
+    >>> print(describe_folder(folder))
+    flax_model.msgpack (Flax weights: convert them with transformers (FlaxModel weights load in PyTorch with from_pretrained(DIR, from_flax=True); save_pretrained() writes model.safetensors)); optimizer.pt (trainer state, not model weights); 1 other entry (notes.txt)
+    >>> describe_folder(Path(tempfile.mkdtemp()))
+    'nothing (an empty folder)'
+    """
+    folder = Path(folder)
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        return f"nothing readable ({exc.strerror or exc})"
+    if not entries:
+        return "nothing (an empty folder)"
+    said: list[str] = []
+    others: list[str] = []
+    foreign_seen: set[str] = set()
+    for entry in entries:
+        name = entry.name
+        what = foreign_format(name) if entry.is_file() else None
+        if what is not None:
+            if what not in foreign_seen:  # many .distcp files: one explanation
+                foreign_seen.add(what)
+                said.append(f"{name} ({what})")
+        elif entry.is_file() and (is_trainer_state(name) or RESUME_STATE_FILES.match(name)):
+            said.append(f"{name} (trainer state, not model weights)")
+        elif entry.is_dir() and _optimizer_states_only(entry):
+            said.append(f"{name}/ (a DeepSpeed tag folder with optimizer states but no model states "
+                        "(*model_states.pt): the save did not finish, or was copied in part)")
+        else:
+            others.append(name + ("/" if entry.is_dir() else ""))
+    if len(said) > limit:
+        said = said[:limit] + [f"{len(said) - limit} more"]
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        said.append(f"{len(others)} other {'entry' if len(others) == 1 else 'entries'} ({shown})")
+    return "; ".join(said)
+
+
+def _optimizer_states_only(folder: Path) -> bool:
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return False
+    return any(_MASTER_WEIGHTS.search(n) for n in names) and not any(n.endswith("model_states.pt") for n in names)
+
 
 #: Suffixes of a file that holds tensors itself (a shard, or a single-file checkpoint).
 SHARD_SUFFIXES = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES

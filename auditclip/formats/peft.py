@@ -72,11 +72,9 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..notices import note
+from .detect import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .readers import open_checkpoint_file
 
-ADAPTER_CONFIG = "adapter_config.json"
-#: The weights files peft writes, in the order it looks for them.
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 #: The prefix of every key a PeftModel saves (the base model inside the LoRA model).
 PREFIX = "base_model.model."
 

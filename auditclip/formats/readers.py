@@ -34,6 +34,7 @@ import torch
 
 from ..errors import CheckpointError
 from .dcp import DcpSource, dcp_folder
+from .detect import foreign_format
 from .deepspeed import DeepSpeedSource, is_deepspeed_file, is_deepspeed_run, is_deepspeed_tag_folder
 from .dtypes import dtype_name, is_float_dtype
 from .index import ShardIndex, ShardedSource, read_shard_index
@@ -90,6 +91,9 @@ def _open_source(path: Path, key: str | None) -> Source:
         return SafetensorsSource(path)
     if name.endswith(TORCH_SUFFIXES):
         return TorchSource(path, key)
+    foreign = foreign_format(path.name)
+    if foreign is not None:  # a format recognised by name, not read: say which, and what to do
+        raise CheckpointError(path, foreign, kind="unsupported")
     raise CheckpointError(path, "unknown checkpoint format (expected .safetensors, .pt, .pth, .bin, .ckpt or *.index.json)")
 
 
