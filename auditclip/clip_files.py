@@ -48,7 +48,8 @@ from .formats.torch_pickle import (load_torch_file, load_torch_meta, note_tied, 
                                    weight_copies, zip_byteorder)
 from .selection import name_filter
 from .formats.torch_zip import ZipRecord, zip_records
-from .formats.writers import save_torch, sha256_file, write_json, write_patched_copy, write_safetensors
+from .formats.writers import (PROVENANCE_SUFFIX, provenance_file, save_torch, sha256_file, write_json, write_patched_copy,
+                               write_provenance, write_safetensors)
 
 
 @dataclass
@@ -236,6 +237,7 @@ def _clip_torch(src: Path, dst: Path, clipper: _Clipper, key: str | None, to: st
                 done[ident] = mapping[k]
     if not dry_run:
         save_torch(obj, dst)
+        write_provenance(dst, _provenance(src, clipper.settings))
 
 
 def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dry_run: bool) -> None:
@@ -291,6 +293,7 @@ def _clip_torch_zip(src: Path, dst: Path, clipper: _Clipper, key: str | None, dr
             return
         with f.dup() as fh:  # the file opened and parsed above, not whatever the name points to now
             write_patched_copy(fh, dst, _checked(f, patches()))
+        write_provenance(dst, _provenance(src, clipper.settings))
     finally:
         f.close()
 
@@ -372,8 +375,8 @@ def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
     if ckpt.weights.name.endswith(".index.json"):
         shards = set(read_shard_index(ckpt.weights).shards)
     for extra in sorted(p for p in ckpt.path.iterdir() if p.is_file()):
-        if extra.name in HF_WEIGHT_NAMES or extra.name in shards:
-            continue
+        if extra.name in HF_WEIGHT_NAMES or extra.name in shards or _is_provenance(extra):
+            continue  # the weights are written clipped; an input's provenance is replaced by the output's
         state = is_trainer_state(extra.name)
         if state and (drop_state or is_master_weights(extra.name)):
             found.left.append(extra)
@@ -415,7 +418,10 @@ def _planned_files(ckpt: Checkpoint, dst: Path, out: Path, drop_state: bool = Fa
     tag = _deepspeed_tag(ckpt)
     if tag is not None:
         out_tag = _deepspeed_output(ckpt, tag, dst)
-        files = [out_tag / p.name for p in sorted(tag.iterdir()) if p.is_file()]
+        files = [out_tag / p.name for p in sorted(tag.iterdir()) if p.is_file() and not _is_provenance(p)]
+        files.append(provenance_file(out_tag / ckpt.weights.name))
+    elif _has_provenance_file(dst):
+        files.append(provenance_file(dst))
     if ckpt.weights.name.endswith(".index.json"):
         index = read_shard_index(ckpt.weights)
         files += [member(dst.parent, shard, source=ckpt.weights, what="output shard") for shard in sorted(index.shards)]
@@ -465,6 +471,15 @@ def _deepspeed_run_files(plans: list[tuple[Checkpoint, Path]], root: Path,
     return files, notes
 
 
+def _has_provenance_file(dst: Path) -> bool:
+    """Whether the clipped file ``dst`` gets its provenance beside it (torch pickles: no metadata of their own)."""
+    return not dst.name.endswith((".safetensors", ".index.json"))
+
+
+def _is_provenance(path: Path) -> bool:
+    return path.name.endswith(PROVENANCE_SUFFIX)
+
+
 def _deepspeed_output(ckpt: Checkpoint, tag: Path, dst: Path) -> Path:
     """Where the clipped copy of the tag folder goes: ``dst``'s folder stands for ``ckpt.path``."""
     return dst.parent / os.path.relpath(tag.absolute(), ckpt.path.absolute()) if tag != ckpt.path else dst.parent
@@ -496,7 +511,12 @@ def _clip_deepspeed(ckpt: Checkpoint, tag: Path, dst: Path, settings: ClipSettin
     def transform(entry: DeepSpeedTensor, copies: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return clipper.deepspeed(replace(entry, name=clean_of[entry.name]), copies)  # rows name clean names
 
-    rewrite_deepspeed_tag(index, _deepspeed_output(ckpt, tag, dst), transform, dry_run)
+    out_tag = _deepspeed_output(ckpt, tag, dst)
+    written = rewrite_deepspeed_tag(index, out_tag, transform, dry_run)
+    if written:
+        write_provenance(out_tag / ckpt.weights.name, {
+            "auditclip_source_sha256": {p.name: sha256_file(tag / p.name) for p in written if (tag / p.name).is_file()},
+            "auditclip_spec": describe_settings(settings), "auditclip_version": __version__})
     return pd.DataFrame(clipper.rows, columns=list(CLIP_REPORT_COLUMNS))
 
 
@@ -713,7 +733,10 @@ def clip_run(
         for p in extras.left:
             (master_weights if is_master_weights(p.name) else dropped_state).add(p.name)
         if not dry_run:
-            result.written.append(dst)
+            tag = _deepspeed_tag(ckpt)
+            # what the writer wrote: the weights (every file of a DeepSpeed tag) and their provenance
+            result.written += [p for p in _planned_files(ckpt, dst, out) if p.is_file()] if tag is not None \
+                else [dst] + [p for p in (provenance_file(dst),) if _has_provenance_file(dst) and p.is_file()]
         for extra in extras.copy:
             if dry_run:
                 continue

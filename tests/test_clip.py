@@ -209,3 +209,30 @@ def test_python_api_clip_checkpoint(tmp_path: Path) -> None:
     report = auditclip.clip_checkpoint(src, tmp_path / "b.safetensors", "max_abs=0.1")
     assert report[["tensor", "n_clipped"]].values.tolist() == [["w", 2]]
     assert load_file(str(tmp_path / "b.safetensors"))["w"].tolist() == pytest.approx([0.1, -0.1, 0.001])
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_torch_output_records_its_provenance_beside_it(tmp_path: Path, legacy: bool) -> None:
+    """A .pt has no metadata of its own: NAME.auditclip.json holds the source's digest and the settings;
+    the pickle itself keeps only the user's entries (a strict load_state_dict still works)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    sd = {"fc.weight": torch.tensor([[2.0, -0.5]]), "fc.bias": torch.tensor([3.0])}
+    for step in (1, 2):  # different values: identical files would be folded as one checkpoint
+        torch.save({k: v * step for k, v in sd.items()}, run / f"step_{step}.pt", _use_new_zipfile_serialization=not legacy)
+    result = CliRunner().invoke(cli, ["clip", str(run), "--max-abs", "1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    for step in (1, 2):
+        out = tmp_path / "out" / f"step_{step}.pt"
+        record = json.loads((tmp_path / "out" / f"step_{step}.pt.auditclip.json").read_text())
+        assert record["auditclip_source_sha256"] == hashlib.sha256((run / f"step_{step}.pt").read_bytes()).hexdigest()
+        assert record["auditclip_spec"] == "max_abs=1" and record["auditclip_version"]
+        loaded = torch.load(out, weights_only=True)
+        assert sorted(loaded) == sorted(sd)
+        torch.nn.Linear(2, 1).load_state_dict({k.split(".", 1)[1]: v for k, v in loaded.items()}, strict=True)
+    # a clip of the clipped run records the clipped file as its source, never the old record
+    again = CliRunner().invoke(cli, ["clip", str(tmp_path / "out"), "--max-abs", "0.5", "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    record = json.loads((tmp_path / "again" / "step_1.pt.auditclip.json").read_text())
+    assert record["auditclip_source_sha256"] == hashlib.sha256((tmp_path / "out" / "step_1.pt").read_bytes()).hexdigest()
+    assert record["auditclip_spec"] == "max_abs=0.5"

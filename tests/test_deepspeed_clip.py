@@ -13,6 +13,8 @@ checked against an independent computation.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +80,11 @@ def test_the_clip_writes_a_run_deepspeed_resumes(resumed: dict[str, Any], name: 
     assert (out / "zero_to_fp32.py").is_file()
     got = resumed["resumed"][name]
     assert got["global_steps"] == 3 and got["steps_after"] == 4  # resumed at the saved step and trained on
+    # provenance beside the rank-0 model states: every input file's digest, the settings
+    src = resumed["runs"] / name / "run" / "global_step3"
+    record = next((out / "global_step3").glob("*.auditclip.json"))
+    digests = json.loads(record.read_text())["auditclip_source_sha256"]
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))

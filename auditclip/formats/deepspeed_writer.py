@@ -53,6 +53,7 @@ from auditclip.formats.dtypes import torch_dtype
 from auditclip.formats.pinned import PinnedFile
 from auditclip.formats.torch_pickle import zip_byteorder
 from auditclip.formats.torch_zip import ZipRecord, fix_crcs, zip_records
+from auditclip.formats.writers import PROVENANCE_SUFFIX
 from auditclip.output import atomic_path
 
 __all__ = ["Transform", "copies_of", "rewrite_deepspeed_tag"]
@@ -86,7 +87,8 @@ class _Outputs:
     def __init__(self, index: DeepSpeedIndex, dst: Path, stack: ExitStack) -> None:
         self.index, self.handles, self.records = index, {}, {}
         self.dirty: dict[str, set[int]] = {}
-        for src in sorted(p for p in index.folder.iterdir() if p.is_file()):
+        # an input's provenance record (a clip of a clip) is not copied: the caller writes the output's
+        for src in sorted(p for p in index.folder.iterdir() if p.is_file() and not p.name.endswith(PROVENANCE_SUFFIX)):
             if src.is_symlink():
                 raise CheckpointError(src, "is a symlink; clip copies only the files of the DeepSpeed tag folder",
                                       kind="unsafe")

@@ -17,7 +17,7 @@ import shutil
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -138,3 +138,32 @@ def write_json(doc: object, dest: str | os.PathLike[str]) -> Path:
     with atomic_path(dest) as tmp:
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return dest
+
+
+#: Beside an output whose format has no metadata of its own (torch pickles, DeepSpeed tag
+#: folders), its provenance goes in ``NAME.auditclip.json``: adding an entry to the pickle
+#: itself would change what the user's framework loads (strict ``load_state_dict`` fails).
+PROVENANCE_SUFFIX = ".auditclip.json"
+
+
+def provenance_file(dest: str | os.PathLike[str]) -> Path:
+    """Where the provenance of the output ``dest`` is written when its format cannot hold it.
+
+    >>> provenance_file("out/epoch=3.ckpt").as_posix()
+    'out/epoch=3.ckpt.auditclip.json'
+    """
+    dest = Path(dest)
+    return dest.with_name(dest.name + PROVENANCE_SUFFIX)
+
+
+def write_provenance(dest: str | os.PathLike[str], fields: dict[str, Any]) -> Path:
+    """Record where the output ``dest`` came from (source digest, settings, version) beside it, atomically.
+
+    safetensors outputs keep these fields in their own ``__metadata__`` instead.
+
+    >>> import json, tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "w.pt"
+    >>> json.loads(write_provenance(out, {"auditclip_spec": "max_abs=1"}).read_text())
+    {'auditclip_spec': 'max_abs=1'}
+    """
+    return write_json(fields, provenance_file(dest))
