@@ -34,8 +34,10 @@ from .config import ClipSettings, ClipSpec
 from .errors import CheckpointError, InputError
 from .formats.deepspeed import (LATEST_FILE, DeepSpeedTensor, is_deepspeed_file, is_deepspeed_tag_folder, latest_tag,
                                  read_deepspeed_index)
+from .formats.dcp import METADATA_FILE, DcpTensor, read_dcp_index
+from .formats.dcp_writer import rewrite_dcp_folder
 from .formats.deepspeed_writer import rewrite_deepspeed_tag
-from .formats.detect import HF_WEIGHT_NAMES, is_master_weights, is_trainer_state
+from .formats.detect import DCP_OPTIMIZER_FOLDER, HF_WEIGHT_NAMES, is_master_weights, is_trainer_state
 from .modelref import ModelLoader
 from .output import atomic_path
 from .paths import is_inside, member
@@ -369,8 +371,9 @@ def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
     :func:`_clip_deepspeed`, not from here). A symlink pointing outside the folder is never copied as content.
     """
     found = _Extras([], [], [], [])
-    if not ckpt.path.is_dir() or _deepspeed_tag(ckpt) == ckpt.path:  # a tag folder: rewrite_deepspeed_tag writes it all
-        return found
+    if not ckpt.path.is_dir() or _deepspeed_tag(ckpt) == ckpt.path or (ckpt.format == "dcp" and
+                                                                      ckpt.weights == ckpt.path):
+        return found  # a DeepSpeed tag or DCP folder: its writer writes every file of it
     shards: set[str] = set()
     if ckpt.weights.name.endswith(".index.json"):
         shards = set(read_shard_index(ckpt.weights).shards)
@@ -387,6 +390,12 @@ def _extras(ckpt: Checkpoint, drop_state: bool = False) -> _Extras:
         found.copy.append(extra)
         if state:
             found.state.append(extra)
+    if ckpt.format == "dcp":  # accelerate's FSDP save_state: optimizer_<i>/ DCP folders beside the model's
+        for folder in sorted(p for p in ckpt.path.iterdir() if p.is_dir() and DCP_OPTIMIZER_FOLDER.match(p.name)):
+            files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+            (found.left if drop_state else found.copy).extend(files)
+            if not drop_state:
+                found.state.extend(files)
     return found
 
 
@@ -420,12 +429,16 @@ def _planned_files(ckpt: Checkpoint, dst: Path, out: Path, drop_state: bool = Fa
         out_tag = _deepspeed_output(ckpt, tag, dst)
         files = [out_tag / p.name for p in sorted(tag.iterdir()) if p.is_file() and not _is_provenance(p)]
         files.append(provenance_file(out_tag / ckpt.weights.name))
+    elif ckpt.format == "dcp":
+        out_dcp = _dcp_output(ckpt, dst)
+        files = [out_dcp / p.name for p in sorted(ckpt.weights.iterdir()) if p.is_file() and not _is_provenance(p)]
+        files.append(provenance_file(out_dcp / METADATA_FILE))
     elif _has_provenance_file(dst):
         files.append(provenance_file(dst))
     if ckpt.weights.name.endswith(".index.json"):
         index = read_shard_index(ckpt.weights)
         files += [member(dst.parent, shard, source=ckpt.weights, what="output shard") for shard in sorted(index.shards)]
-    files += [dst.parent / extra.name for extra in _extras(ckpt, drop_state).copy]
+    files += [dst.parent / extra.relative_to(ckpt.path) for extra in _extras(ckpt, drop_state).copy]
     for path in files:
         if not is_inside(path, out):
             raise CheckpointError(ckpt.path, f"refused: its output {path} would lie outside --out {out}", kind="unsafe")
@@ -469,6 +482,42 @@ def _deepspeed_run_files(plans: list[tuple[Checkpoint, Path]], root: Path,
             if (folder / script).is_file() and not (folder / script).is_symlink():
                 files[target / script] = folder / script
     return files, notes
+
+
+def _dcp_output(ckpt: Checkpoint, dst: Path) -> Path:
+    """Where the clipped copy of a DCP folder goes: ``dst`` names it inside a checkpoint folder
+    (accelerate's ``checkpoint_0/pytorch_model_fsdp_0/``); a folder that is the checkpoint is ``dst``'s folder."""
+    return dst.parent if ckpt.weights == ckpt.path else dst
+
+
+def _clip_dcp(ckpt: Checkpoint, dst: Path, settings: ClipSettings, key: str | None, model: ModelLoader | None,
+              dry_run: bool) -> pd.DataFrame:
+    """Clip the model tensors of a ``torch.distributed.checkpoint`` folder (:mod:`auditclip.formats.dcp_writer`).
+
+    The model's tensors as :mod:`auditclip.formats.dcp` tells them from optimizer and training
+    state (or the entry ``key`` names) are clipped in every rank's pieces; the optimizer
+    state and every other entry are copied as they are, so ``dcp.load`` resumes.
+    """
+    index = read_dcp_index(ckpt.weights)
+    if key is not None:
+        where = {t.key[len(key) + 1:]: t.key for t in index.tensors.values() if t.key.startswith(key + ".")}
+    else:
+        where = {t.name: t.key for t in index.tensors.values() if t.role == "model"}
+    kinds = model.kinds_at(sorted(where), str(ckpt.path)) if model is not None else None
+    clipper = _Clipper(settings, ckpt.label, frozenset(where), kinds)
+    name_of = {stored: name for name, stored in where.items()}
+
+    def transform(entry: DcpTensor, full: torch.Tensor) -> torch.Tensor | None:
+        clipped = clipper(name_of[entry.key], full)
+        return None if clipped is full else clipped
+
+    out = _dcp_output(ckpt, dst)
+    written = rewrite_dcp_folder(index, out, list(where.values()), transform, dry_run)
+    if written:
+        write_provenance(out / METADATA_FILE, {
+            "auditclip_source_sha256": {p.name: sha256_file(ckpt.weights / p.name) for p in written},
+            "auditclip_spec": describe_settings(settings), "auditclip_version": __version__})
+    return pd.DataFrame(clipper.rows, columns=list(CLIP_REPORT_COLUMNS))
 
 
 def _has_provenance_file(dst: Path) -> bool:
@@ -553,9 +602,8 @@ def clip_checkpoint(
         specs = ClipSettings(spec=specs if isinstance(specs, ClipSpec) else ClipSpec.parse(specs))
     ckpt = src if isinstance(src, Checkpoint) else open_run(src, key=key)[0]
     ckpt.check()
-    if ckpt.format == "dcp":  # read by formats.dcp; no DCP writer yet (never a half-written folder)
-        raise CheckpointError(ckpt.weights, "clip does not write torch.distributed.checkpoint (DCP) folders yet; "
-                                            "drift, flag, audit and inspect read them", kind="unsupported")
+    if ckpt.format == "dcp":
+        return _clip_dcp(ckpt, Path(dst), specs, key, model, dry_run)
     dst = Path(dst)
     tag = _deepspeed_tag(ckpt)
     if tag is not None:
@@ -703,6 +751,10 @@ def clip_run(
                          "restores in its optimizer files, so clip writes them (clipped) with the moments; run "
                          "without it, and resume with engine.load_checkpoint(dir, load_optimizer_states=False) "
                          "for a fresh optimizer")
+    if drop_trainer_state and any(c.format == "dcp" and c.weights == c.path for c, _ in plans):
+        raise InputError("--drop-trainer-state: a DCP folder keeps its optimizer state in the same storage files "
+                         "as the weights (one .metadata indexes both), so clip keeps it; run without it, and load "
+                         "only the model (dcp.load({'model': ...})) for a fresh optimizer")
     for path in run_files:
         if path.exists() or path.is_symlink():
             existing.append(path)
@@ -725,23 +777,25 @@ def clip_run(
             errors.append(exc.row(ckpt.label))
             continue
         result.notes += [n for n in extras.notes if n not in result.notes]
-        copied_state.update(p.name for p in extras.state)
+        copied_state.update(p.relative_to(ckpt.path).as_posix() for p in extras.state)
         if extras.state and adapter_mode == "delta" and not refactored:
             from .formats.peft import adapter_index_for
 
             refactored = adapter_index_for(ckpt.weights) is not None
         for p in extras.left:
-            (master_weights if is_master_weights(p.name) else dropped_state).add(p.name)
+            (master_weights if is_master_weights(p.name) else dropped_state).add(p.relative_to(ckpt.path).as_posix())
         if not dry_run:
             tag = _deepspeed_tag(ckpt)
             # what the writer wrote: the weights (every file of a DeepSpeed tag) and their provenance
-            result.written += [p for p in _planned_files(ckpt, dst, out) if p.is_file()] if tag is not None \
+            result.written += [p for p in _planned_files(ckpt, dst, out) if p.is_file()] \
+                if tag is not None or ckpt.format == "dcp" \
                 else [dst] + [p for p in (provenance_file(dst),) if _has_provenance_file(dst) and p.is_file()]
         for extra in extras.copy:
             if dry_run:
                 continue
             # byte for byte, streamed, through a temporary file renamed into place like every output
-            target = dst.parent / extra.name
+            target = dst.parent / extra.relative_to(ckpt.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 shutil.copyfile(extra, tmp)
                 shutil.copystat(extra, tmp, follow_symlinks=True)

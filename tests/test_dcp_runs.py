@@ -268,13 +268,70 @@ def test_inspect_and_audit_read_a_dcp_folder(lightning_run: dict[str, Any], tmp_
     assert "- formats: dcp" in summary and "optimizer_0.*" in summary
 
 
-def test_clip_refuses_a_dcp_run_by_name_and_writes_nothing(runs: dict[str, Any], tmp_path: Path) -> None:
-    result = invoke_cli("clip", str(runs["dcp"]), "--max-abs", "0.1", "--out", str(tmp_path / "out"))
-    assert "Traceback" not in result.output
-    errors = csv_rows(tmp_path / "out" / "errors.csv")
-    assert [(r["checkpoint"], r["error"]) for r in errors] == [(f"step-{s}", "unsupported") for s in STEPS]
-    assert all("does not write torch.distributed.checkpoint (DCP) folders" in r["message"] for r in errors)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clip_report.csv", "errors.csv"]
+def _load_dcp(state: dict[str, Any], folder: Path) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=folder)
+    return state
+
+
+def _inward(c: float) -> np.float32:
+    """The largest float32 not above ``c``: the bound auditclip clamps float32 weights to (never beyond ``c``)."""
+    return np.nextafter(np.float32(c), np.float32(0)) if float(np.float32(c)) > c else np.float32(c)
+
+
+def _fresh_state() -> dict[str, Any]:
+    """A model and Adam state dict of the run's shapes, for dcp.load to fill in place."""
+    model = _net()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    _train(model, opt, 1)  # Adam's state exists only after a step
+    return {"model": model.state_dict(), "optim": opt.state_dict()}
+
+
+def test_a_clipped_dcp_run_loads_with_dcp_load_as_numpys_clamp(runs: dict[str, Any], tmp_path: Path) -> None:
+    """clip writes DCP folders torch's own dcp.load reads back: parameters clamped (numpy), buffers and the
+    optimizer state as saved, .metadata byte for byte; the input untouched."""
+    c = 0.3
+    before = {p: p.read_bytes() for p in runs["dcp"].rglob("*") if p.is_file()}
+    result = invoke_cli("clip", runs["dcp"], "--max-abs", c, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert before == {p: p.read_bytes() for p in runs["dcp"].rglob("*") if p.is_file()}
+    bound = _inward(c)
+    report = csv_rows(tmp_path / "out" / "clip_report.csv")
+    for step in STEPS:
+        src, out = runs["dcp"] / f"step-{step}", tmp_path / "out" / f"step-{step}"
+        assert (out / ".metadata").read_bytes() == (src / ".metadata").read_bytes()
+        clipped, original = _load_dcp(_fresh_state(), out), _load_dcp(_fresh_state(), src)
+        for name, want in runs["weights"][step].items():
+            got = clipped["model"][name].numpy()
+            if name in runs["parameters"]:
+                np.testing.assert_array_equal(got, np.clip(want.numpy(), -bound, bound), err_msg=name)
+                row = next(r for r in report if r["checkpoint"] == f"step-{step}" and r["tensor"] == name)
+                assert int(row["n_clipped"]) == int((np.abs(want.numpy()) > bound).sum())
+            else:  # BatchNorm's running statistics: buffers, left alone
+                np.testing.assert_array_equal(got, want.numpy(), err_msg=name)
+        for i, moments in original["optim"]["state"].items():
+            for k, v in moments.items():
+                assert torch.equal(clipped["optim"]["state"][i][k], v), (step, i, k)
+    assert any(int(r["n_clipped"]) for r in report)
+
+
+def test_a_clipped_lightning_fsdp_folder_keeps_its_layout_and_loads(lightning_run: dict[str, Any], tmp_path: Path) -> None:
+    c = 0.2
+    result = invoke_cli("clip", lightning_run["run"], "--max-abs", c, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    for name, step in (("epoch=0-step=4.ckpt", 4), ("last.ckpt", 14)):
+        src, out = lightning_run["run"] / name, tmp_path / "out" / name
+        assert sorted(p.name for p in out.iterdir()) == [".metadata", ".metadata.auditclip.json", "__0_0.distcp",
+                                                        "meta.pt"]
+        assert (out / "meta.pt").read_bytes() == (src / "meta.pt").read_bytes()
+        state = _load_dcp({"model": _net().state_dict()}, out)["model"]
+        for key, want in lightning_run["weights"][step].items():
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                assert torch.equal(state[key], want), key
+            else:
+                np.testing.assert_array_equal(state[key].numpy(), np.clip(want.numpy(), -_inward(c), _inward(c)))
+    assert [c_.step for c_ in open_run(tmp_path / "out")] == [4, 8, 12, 14]
 
 
 def test_a_torchtitan_dump_folder_is_a_run_ordered_by_its_train_state(tmp_path: Path) -> None:
@@ -313,3 +370,27 @@ def test_an_accelerate_fsdp_sharded_project_is_a_run(runs: dict[str, Any], tmp_p
     assert sorted(p.name for p in run.ignored) == ["optimizer_0"] * 3
     with run[2].open() as reader:
         assert torch.equal(reader.get("3.bias"), runs["weights"][30]["3.bias"])
+
+
+def test_a_clipped_accelerate_fsdp_project_keeps_its_optimizer_folders(runs: dict[str, Any], tmp_path: Path) -> None:
+    """accelerate's load_state needs optimizer_0/ beside pytorch_model_fsdp_0/: copied byte for byte
+    (a note says the optimizer state is copied), the model's DCP folder clipped."""
+    folder = tmp_path / "project" / "checkpoints" / "checkpoint_0"
+    _save_dcp({"model": runs["weights"][30]}, folder / "pytorch_model_fsdp_0")
+    _save_dcp({"optimizer": {"state": {"0.weight": {"exp_avg": torch.ones(2)}}}}, folder / "optimizer_0")
+    torch.save({"step": 1}, folder / "random_states_0.pkl")
+    result = invoke_cli("clip", tmp_path / "project", "--max-abs", 0.1, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out" / "checkpoints" / "checkpoint_0"
+    for name in ("optimizer_0/.metadata", "optimizer_0/__0_0.distcp", "random_states_0.pkl"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes(), name
+    assert "optimizer/scheduler state copied as is (optimizer_0/.metadata, optimizer_0/__0_0.distcp, " \
+           "random_states_0.pkl)" in result.output
+    state = _load_dcp({"model": _net().state_dict()}, out / "pytorch_model_fsdp_0")["model"]
+    want = runs["weights"][30]["0.weight"].numpy()
+    np.testing.assert_array_equal(state["0.weight"].numpy(), np.clip(want, -_inward(0.1), _inward(0.1)))
+
+
+def test_drop_trainer_state_is_refused_for_dcp_folders(runs: dict[str, Any], tmp_path: Path) -> None:
+    result = invoke_cli("clip", runs["dcp"], "--max-abs", 0.1, "--out", tmp_path / "out", "--drop-trainer-state")
+    assert result.exit_code == 2 and "same storage files" in result.output and not (tmp_path / "out").exists()

@@ -30,7 +30,8 @@ data), how to read one tensor at a time, and its ``Source``:
   :mod:`auditclip.formats.safe_pickle`, the unpickler that builds no foreign object).
 * :mod:`auditclip.formats.dcp`: ``torch.distributed.checkpoint`` folders
   (``.metadata`` + ``__<rank>_<i>.distcp``), as written by FSDP, torchtitan,
-  accelerate's ``SHARDED_STATE_DICT`` and Lightning's sharded checkpoints.
+  accelerate's ``SHARDED_STATE_DICT`` and Lightning's sharded checkpoints;
+  :mod:`auditclip.formats.dcp_writer` writes one back with tensors changed in every rank's pieces.
 * :mod:`auditclip.formats.deepspeed`: DeepSpeed ``engine.save_checkpoint`` runs
   (``latest`` + ``global_step<N>/`` tag folders, ZeRO stages 0 to 3): the module
   weights, or the fp32 master copy reassembled from every rank's optimizer partitions;
