@@ -1,0 +1,7 @@
+"""Reports people look at, written from what a command computed (never by reading the run again).
+
+* :mod:`auditclip.report.summary`: ``summary.md``, one screen per section;
+* :mod:`auditclip.report.pictures`: the PNG pictures (matplotlib);
+* :mod:`auditclip.report.html`: ``report.html``, one self-contained file;
+* :mod:`auditclip.report.tensorboard`: TensorBoard event files (histograms and scalars per step).
+"""
