@@ -90,7 +90,7 @@ def render_html(result: Any, tolerance: float | None = None) -> str:
     parts = [f"<h1>auditclip audit of <code>{escape(str(run.root))}</code></h1>"]
     verdict = ("FAILED" if failed else "passed") + f" at --fail-on {escape(result.flags.fail_on)}"
     parts.append(f'<div class="verdict {"fail" if failed else "pass"}">'
-                 + "".join(f'<span class="badge {s}">{counts[s]} {s}</span>' for s in SEVERITIES)
+                 + " ".join(f'<span class="badge {s}">{counts[s]} {s}</span>' for s in SEVERITIES)
                  + f" {verdict}</div>")
     sentence = headline(result.evaluation, result.decided_by)
     if sentence:
@@ -104,9 +104,10 @@ def render_html(result: Any, tolerance: float | None = None) -> str:
         ("drift reference", str(analysis.reference)),
     ]
     parts.append("<h2>The run at a glance</h2>" + html_table(pd.DataFrame(glance, columns=["", "value"])))
-    parts.append("<h3>Checkpoints</h3>" + html_table(pd.DataFrame(
+    parts.append(f"<details{' open' if len(run) <= 20 else ''}><summary>{len(run)} checkpoint(s)</summary>"
+                 + html_table(pd.DataFrame(
         [{"checkpoint": c.label, "step": c.step if c.step is not None else "", "format": c.format,
-          "read": "skipped" if c.label in skipped else "yes"} for c in run])))
+          "read": "skipped" if c.label in skipped else "yes"} for c in run])) + "</details>")
     if len(result.errors):
         parts.append("<h3>Unreadable, skipped (errors.csv)</h3>" + html_table(result.errors))
     if result.notes:

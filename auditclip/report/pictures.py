@@ -64,6 +64,14 @@ def save(fig: Any, path: str | Path) -> Path:
     return path
 
 
+def _plain_log(axis: Any) -> None:
+    """Label a log axis in plain numbers (0.01, 200): mathtext's 10^k layout is most of a picture's time."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(minor_thresholds=(1, 0.4)))
+
+
 def _step_text(step: Any, label: str) -> str:
     return str(int(step)) if step is not None and not pd.isna(step) else label
 
@@ -122,7 +130,9 @@ def drift_heatmap_figure(drift: pd.DataFrame, top: int = HEATMAP_ROWS) -> Any:
     ax.set_xlabel("step")
     ax.set_ylabel("tensor (largest final drift first)")
     ax.set_title("relative L2 change from the reference (log colour; grey: 0, infinite or undefined)", fontsize=9)
-    fig.colorbar(image, ax=ax, label="rel_l2_change")
+    bar = fig.colorbar(image, ax=ax, label="rel_l2_change")
+    if norm is not None:
+        _plain_log(bar.ax.yaxis)
     return fig
 
 
@@ -146,6 +156,7 @@ def histogram_figure(histograms: Sequence[TensorHistograms], steps: dict[str, An
     """
     plt = _pyplot()
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     rows = max(1, len(histograms))
     fig, axes = plt.subplots(rows, 2, figsize=(12, 2.6 * rows), squeeze=False,
@@ -161,6 +172,8 @@ def histogram_figure(histograms: Sequence[TensorHistograms], steps: dict[str, An
             left.stairs(h.density(label), h.edges, color=colour, linewidth=1.3,
                         label=f"step {_step_text(steps[label], label)}")
         left.set_yscale("log")
+        _plain_log(left.yaxis)
+        left.xaxis.set_major_locator(MaxNLocator(6))  # readable labels however small the values
         left.set_xlabel("value")
         left.set_ylabel("density (log)")
         left.set_title(h.name, fontsize=9)
@@ -185,7 +198,9 @@ def histogram_figure(histograms: Sequence[TensorHistograms], steps: dict[str, An
         right.set_xlabel("step")
         right.set_ylabel("value")
         right.set_title(f"{h.name}: density by step", fontsize=9)
-        fig.colorbar(image, ax=right, label="density")
+        bar = fig.colorbar(image, ax=right, label="density")
+        if norm is not None:
+            _plain_log(bar.ax.yaxis)
     fig.tight_layout()
     return fig
 
