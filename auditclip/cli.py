@@ -520,7 +520,8 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     out_dir = prepare_out_dir(out)
     written = [write_csv(result.table, out_dir / "sweep.csv")]
     if have_matplotlib():
-        written.append(sweep_plot(result.table, result.metric, out_dir / "sweep.png"))
+        written.append(sweep_plot(result.table, result.metric, out_dir / "sweep.png", tolerance,
+                                  "(lower is better)" not in result.decided_by))
     t = result.table
     echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
                     f"delta_{result.metric}", "recommended"]))

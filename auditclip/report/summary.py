@@ -66,8 +66,8 @@ def first_bad(flags: pd.DataFrame) -> pd.DataFrame:
 
     >>> f = pd.DataFrame({"checkpoint": ["b", "a", "b"], "step": [2, 1, 2], "tensor": ["w", "w", "v"],
     ...                   "rule": ["jump", "outlier", "range"], "severity": ["warning", "warning", "error"]})
-    >>> first_bad(f)[["tensor", "checkpoint", "rules"]].values.tolist()
-    [['v', 'b', 'range'], ['w', 'a', 'outlier, jump']]
+    >>> first_bad(f)[["tensor", "checkpoint", "rules_there", "rules"]].values.tolist()
+    [['v', 'b', 'range (error)', 'range'], ['w', 'a', 'outlier (warning)', 'outlier, jump']]
     """
     columns = ["tensor", "checkpoint", "step", "rules_there", "rules", "severity"]
     found = flags[flags.severity.isin(SEVERITIES) & (flags.tensor != "__all__")] if len(flags) else flags
@@ -80,7 +80,7 @@ def first_bad(flags: pd.DataFrame) -> pd.DataFrame:
         first = group.iloc[0]
         there = group[group.checkpoint == first.checkpoint]
         rows.append({"tensor": tensor, "checkpoint": first.checkpoint, "step": first.step,
-                     "rules_there": ", ".join(dict.fromkeys(there.rule)),
+                     "rules_there": ", ".join(f"{r} ({s})" for r, s in dict.fromkeys(zip(there.rule, there.severity))),
                      "rules": ", ".join(dict.fromkeys(group.rule)),
                      "severity": min(group.severity, key=rank.__getitem__)})
     out = pd.DataFrame(rows, columns=columns)
@@ -184,8 +184,12 @@ def _first_bad_lines(flags: pd.DataFrame) -> list[str]:
     lines = []
     for r in bad.head(MAX_LINES).itertuples(index=False):
         step = f" (step {int(r.step)})" if pd.notna(r.step) else ""
-        later = "" if r.rules == r.rules_there else f"; in the run: {r.rules}"
-        lines.append(f"- `{r.tensor}`: first bad at `{r.checkpoint}`{step}: {r.rules_there} ({r.severity}){later}")
+        at_first = [x.split(" (")[0] for x in r.rules_there.split(", ")]
+        others = [x for x in r.rules.split(", ") if x not in at_first]
+        later = f"; later also {', '.join(others)}" if others else ""
+        if f"({r.severity})" not in r.rules_there:
+            later += f" (worst: {r.severity})"
+        lines.append(f"- `{r.tensor}`: first bad at `{r.checkpoint}`{step}: {r.rules_there}{later}")
     if len(bad) > MAX_LINES:
         lines.append(f"- ... and {len(bad) - MAX_LINES} more tensor(s): see flags.csv")
     return lines

@@ -112,7 +112,10 @@ def write_tensorboard(
     >>> from auditclip.histograms import HistogramCollector
     >>> c = HistogramCollector()
     >>> a = analyze("sample_checkpoints/high_lr", visit=c.visit)
-    >>> out = write_tensorboard("tb/", a, c.result())  # doctest: +SKIP
+    >>> import tempfile
+    >>> out = write_tensorboard(tempfile.mkdtemp(), a, c.result())
+    >>> out.histograms, out.steps["epoch_12.safetensors"]
+    (72, 540)
     """
     check_available()
     from torch.utils.tensorboard import SummaryWriter
@@ -208,9 +211,10 @@ def export_tensorboard(run: Any, log_dir: str | os.PathLike[str], **options: Any
     """Walk ``run`` once (:func:`auditclip.analysis.analyze`, whose options ``options`` are) and
     write its histograms and scalars into ``log_dir`` (``auditclip tensorboard RUN DIR``).
 
-    >>> export = export_tensorboard("sample_checkpoints/high_lr", "tb/")  # doctest: +SKIP
-    >>> export.histograms  # doctest: +SKIP
-    72
+    >>> import tempfile
+    >>> export = export_tensorboard("sample_checkpoints/wgan_clip", tempfile.mkdtemp(), include=["*.weight"])
+    >>> export.histograms, len(export.steps)
+    (36, 12)
     """
     from ..analysis import analyze
     from ..histograms import HistogramCollector, chain
