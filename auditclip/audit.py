@@ -17,7 +17,7 @@ from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend
 from .flags import FlagResult, flag, summary_table
 from .histograms import HistogramCollector, TensorHistograms
 from .notices import collect
-from .output import prepare_out_dir, write_csv
+from .report.writer import Report
 from .report.pictures import PLOT_HINT, drift_heatmap, have_matplotlib, histograms, sweep_plot
 from .report.summary import md_table, top_tensors, write_summary
 
@@ -118,18 +118,19 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
     options = eval_options or EvalOptions(sort=sort, key=key, include=settings.include, exclude=settings.exclude,
                                           buffers=settings.buffers)
     variants = clip_variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
-    out_dir = prepare_out_dir(out)
+    report = Report(out)
+    out_dir = report.out
     pictures = have_matplotlib()
     # counted while each tensor version is in memory: no second read for the pictures or TensorBoard
     collector = HistogramCollector() if pictures or tensorboard is not None else None
     flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress,
                    visit=collector.visit if collector is not None else None)
     analysis = flagged.analysis
-    result = AuditResult(out=out_dir, flags=flagged)
+    result = AuditResult(out=out_dir, flags=flagged, files=report.files)
     if collector is not None:
         result.histograms = collector.result([c.label for c in analysis.run])
     for name, df in (("stats.csv", analysis.stats), ("drift.csv", analysis.drift), ("flags.csv", flagged.flags)):
-        result.files.append(write_csv(df, out_dir / name))
+        report.csv(df, name)
     errors = [analysis.errors]
     primary = None
     if model is not None:
@@ -138,7 +139,7 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
         evaluation["recommended"] = recommend(evaluation, primary, tolerance, order)
         result.evaluation = evaluation
         result.decided_by = primary.describe(tolerance)
-        result.files.append(write_csv(evaluation, out_dir / "evaluation.csv"))
+        report.csv(evaluation, "evaluation.csv")
         errors.append(eval_errors)
         last = evaluation[evaluation.checkpoint == evaluation.checkpoint.iloc[-1]]
         chosen = last[last.recommended]
@@ -148,8 +149,7 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
                 else f"none: no tested clip both changes weights and stays within tolerance on "
                      f"{last.checkpoint.iloc[0]}")
     result.errors = pd.concat([e for e in errors if len(e)] or [errors[0]]).drop_duplicates("checkpoint")
-    if len(result.errors):
-        result.files.append(write_csv(result.errors, out_dir / "errors.csv"))
+    report.errors(result.errors)  # or remove a stale errors.csv of an earlier audit
     if pictures:
         result.files += _pictures(analysis, result, out_dir, primary, tolerance, top, _bound(settings))
     else:

@@ -84,10 +84,15 @@ def lattice_exponent(lo: float, hi: float, bins: int = FINE_BINS) -> int:
     return e
 
 
-def count_fine(t: torch.Tensor, lo: float | None = None, hi: float | None = None) -> Fine:
+def count_fine(t: torch.Tensor, lo: float | None = None, hi: float | None = None, all_finite: bool = False) -> Fine:
     """Count the finite values of ``t`` on its lattice (see :func:`lattice_exponent`).
 
-    ``lo``/``hi``: the finite min and max when already known (the walk's statistics).
+    ``lo``/``hi``: the finite min and max when already known (the walk's statistics);
+    ``all_finite``: no NaN or Inf is there (known from the walk's counts), so none is looked for.
+
+    ``x * 2**-e`` is exact in the tensor's own precision (float32, or float64 for fp64;
+    fp16/bf16 widen exactly to float32), except where it underflows to zero: a negative
+    value then still belongs to bin -1 or below, and is put there.
 
     >>> f = count_fine(torch.tensor([0.0, 0.5, 1.0, float("nan")]))
     >>> f.exp, int(f.counts.sum()), f.n
@@ -104,13 +109,17 @@ def count_fine(t: torch.Tensor, lo: float | None = None, hi: float | None = None
     start = math.floor(lo * scale)
     size = math.floor(hi * scale) - start + 1
     counts = torch.zeros(size, dtype=torch.int64)
+    work = torch.float64 if flat.dtype == torch.float64 else torch.float32
     for begin in range(0, flat.numel(), BLOCK):
-        block = flat[begin:begin + BLOCK].to(torch.float64)
-        ok = torch.isfinite(block)
-        if not bool(ok.all()):
-            block = block[ok]
-        index = torch.floor(block * scale).to(torch.int64) - start  # exact: scale is a power of two
-        counts += torch.bincount(index, minlength=size)
+        block = flat[begin:begin + BLOCK].to(work)
+        if not all_finite:
+            ok = torch.isfinite(block)
+            if not bool(ok.all()):
+                block = block[ok]
+        index = torch.floor(block * scale)  # exact: scale is a power of two and |index| < 2**52
+        if exp > 0:  # scale < 1: a tiny negative value can underflow to -0.0, yet it lies below 0
+            index = torch.where(block < 0, index.clamp(max=-1.0), index)
+        counts += torch.bincount(index.to(torch.int64) - start, minlength=size)
     out = counts.numpy()
     n = int(out.sum())
     # int32 halves what the run's histograms hold in memory; a count above 2**31 keeps int64
@@ -191,7 +200,10 @@ class HistogramCollector:
     def visit(self, label: str, name: str, tensor: torch.Tensor, summary: object) -> None:
         """The :data:`auditclip.analysis.Visitor` signature; min and max come from the walk's statistics."""
         stats = getattr(summary, "stats", {}) or {}
-        self.add(label, name, tensor, stats.get("min"), stats.get("max"))
+        clean = stats.get("n_nan") == 0 and stats.get("n_inf") == 0
+        fine = count_fine(tensor, stats.get("min"), stats.get("max"), all_finite=clean)
+        with self._lock:
+            self._fine.setdefault(name, {})[label] = fine
 
     def result(self, order: Iterable[str] | None = None) -> dict[str, TensorHistograms]:
         """Every tensor's histograms on its run-wide buckets; ``order``: checkpoint labels in run order."""

@@ -275,8 +275,10 @@ def test_summary_fits_a_screen(audited: dict[str, Any]) -> None:
 
 
 def test_summary_at_the_bound_section_for_a_wgan_run(tmp_path: Path) -> None:
+    (tmp_path / "errors.csv").write_text("checkpoint,error,message\nold,unreadable,from an earlier run\n")
     result = invoke("audit", WGAN, "--max-abs", "0.01", "--out", tmp_path)
     assert result.exit_code == 0, result.output
+    assert not (tmp_path / "errors.csv").exists()  # a stale list from an earlier audit would mislead
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     section = summary.split("## At the bound\n", 1)[1].split("\n## ", 1)[0]
     header = next(ln for ln in section.splitlines() if ln.startswith("| tensor"))
