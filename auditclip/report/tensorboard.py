@@ -153,16 +153,14 @@ def write_tensorboard(
 
 def _histograms(writer: Any, stats: pd.DataFrame, histograms: dict[str, TensorHistograms],
                 steps: dict[str, int], times: dict[str, float]) -> int:
-    rows = stats[stats.tensor != "__all__"].set_index(["checkpoint", "tensor"])
+    moments = {(c, t): (m, l2) for c, t, m, l2 in zip(stats.checkpoint, stats.tensor, stats["mean"], stats.l2_norm)}
     n = 0
     for name, h in histograms.items():
         for label, counts in h.counts.items():
             if label not in steps or not counts.sum():
                 continue
-            row = rows.loc[(label, name)] if (label, name) in rows.index else None
             total = int(counts.sum())
-            mean = float(row["mean"]) if row is not None else math.nan
-            l2 = float(row["l2_norm"]) if row is not None else math.nan
+            mean, l2 = (float(v) for v in moments.get((label, name), (math.nan, math.nan)))
             writer.add_histogram_raw(
                 tag_of(name, "weights"), min=h.lo[label], max=h.hi[label], num=total,
                 sum=mean * total if math.isfinite(mean) else 0.0, sum_squares=l2 * l2 if math.isfinite(l2) else 0.0,
