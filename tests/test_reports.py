@@ -274,7 +274,10 @@ def test_summary_fits_a_screen(audited: dict[str, Any]) -> None:
     assert "## At the bound" in summary
 
 
-def test_summary_at_the_bound_section_for_a_wgan_run(tmp_path: Path) -> None:
+def test_summary_at_the_bound_section_for_a_wgan_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("auditclip.audit"), "have_matplotlib", lambda: False)  # no pictures
     (tmp_path / "errors.csv").write_text("checkpoint,error,message\nold,unreadable,from an earlier run\n")
     result = invoke("audit", WGAN, "--max-abs", "0.01", "--out", tmp_path)
     assert result.exit_code == 0, result.output
