@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from .analysis import RunLike
 from .config import ClipSpec, FlagSettings, flag_settings
 from .errors import InputError
 from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend
-from .flags import FlagResult, flag, summary_table
+from .flags import FlagResult, flag
 from .histograms import HistogramCollector, TensorHistograms
 from .notices import collect
 from .report.writer import Report
