@@ -193,10 +193,6 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     finally:
         progress.close()
     written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]
-    if collector is not None:
-        from .report.tensorboard import write_tensorboard
-
-        written.append(write_tensorboard(tensorboard, result, collector.result([c.label for c in result.run])).path)
     errors_csv = out_dir / "errors.csv"
     if len(result.errors):
         written.append(write_csv(result.errors, errors_csv))
@@ -208,6 +204,10 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
         for e in result.errors.itertuples():
             echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
         raise CliError(f"no checkpoint of the run could be read (each is listed in {errors_csv})")
+    if collector is not None:
+        from .report.tensorboard import write_tensorboard
+
+        written.append(write_tensorboard(tensorboard, result, collector.result([c.label for c in result.run])).path)
     echo(f"Audited {len(labels)} checkpoint(s), {len(result.tensors)} tensor(s): {labels[0]} .. {labels[-1]}")
     d = result.drift
     last = d[(d.baseline == "reference") & (d.checkpoint == labels[-1]) & (d.tensor != "__all__")]
