@@ -160,22 +160,31 @@ def rebin(fines: Iterable[Fine], buckets: int = BUCKETS) -> tuple[np.ndarray, li
         return np.array([0.0, 1.0]), [np.zeros(1, dtype=np.int64) for _ in fines]
     lo, hi = min(f.lo for f in present), max(f.hi for f in present)
     span = hi - lo
-    exp = max(f.exp for f in present)
+    # An all-zero version (a bias at initialisation) fits every lattice: 0 is an edge of each,
+    # so its own (arbitrary) width must not coarsen the run's buckets.
+    sized = [f for f in present if not _zero(f)]
+    exp = max((f.exp for f in sized), default=0)
     if span > 0:
         mantissa, ex = math.frexp(span / buckets)
         exp = max(exp, ex - 1 if mantissa == 0.5 else ex)  # the smallest 2**E >= span / buckets
-    first = min(f.start >> (exp - f.exp) for f in present)
-    last = max((f.start + len(f.counts) - 1) >> (exp - f.exp) for f in present)
+    first = min(0 if _zero(f) else f.start >> (exp - f.exp) for f in present)
+    last = max(0 if _zero(f) else (f.start + len(f.counts) - 1) >> (exp - f.exp) for f in present)
     size = last - first + 1
     edges = np.ldexp(np.arange(first, last + 2, dtype=np.float64), exp)
     out = []
     for f in fines:
         counts = np.zeros(size, dtype=np.int64)
-        if f.n:
+        if f.n and _zero(f):
+            counts[-first] += f.n  # every value is 0, in the bucket starting at 0
+        elif f.n:
             coarse = ((f.start + np.arange(len(f.counts), dtype=np.int64)) >> (exp - f.exp)) - first
             np.add.at(counts, coarse, f.counts.astype(np.int64))
         out.append(counts)
     return edges, out
+
+
+def _zero(f: Fine) -> bool:
+    return f.n > 0 and f.lo == 0.0 and f.hi == 0.0
 
 
 class HistogramCollector:

@@ -157,7 +157,7 @@ def test_tensorboard_without_the_package_is_one_clear_error(tmp_path: Path, monk
 
 # ---------------------------------------------------------------- the histograms themselves
 
-@pytest.mark.parametrize("case", ["normal", "nan_inf", "constant", "zeros", "bf16", "wide", "blocks"])
+@pytest.mark.parametrize("case", ["normal", "nan_inf", "constant", "zeros", "zeros_first", "bf16", "wide", "blocks"])
 def test_shared_bins_count_exactly(case: str) -> None:
     g = torch.Generator().manual_seed(3)
     versions = {
@@ -165,6 +165,7 @@ def test_shared_bins_count_exactly(case: str) -> None:
         "nan_inf": [torch.cat([torch.randn(999, generator=g), torch.tensor([math.nan, math.inf, -math.inf])])] * 2,
         "constant": [torch.full((100,), 0.25), torch.full((50,), -3.0)],
         "zeros": [torch.zeros(64), torch.zeros(8)],
+        "zeros_first": [torch.zeros(16), torch.randn(1000, generator=g) * 0.1, -torch.zeros(4)],
         "bf16": [(torch.randn(4000, generator=g) * 0.02).to(torch.bfloat16), torch.randn(10, generator=g).bfloat16()],
         "wide": [torch.tensor([-3e38, 0.0, 1e-30, 3e38]), torch.tensor([1.0, 2.0])],
         "blocks": [torch.randn((1 << 20) + 7, generator=g), torch.randn(3000, generator=g) * 5],
@@ -172,6 +173,8 @@ def test_shared_bins_count_exactly(case: str) -> None:
     fines = [count_fine(t) for t in versions]
     edges, counts = rebin(fines)
     assert len(counts[0]) <= 66 and np.all(np.diff(edges) > 0)
+    if case in ("normal", "zeros_first", "blocks"):
+        assert len(counts[0]) >= 32  # an all-zero version does not coarsen the run's bins
     for t, c in zip(versions, counts):
         values = t.float().numpy().astype(np.float64)
         finite = values[np.isfinite(values)]
