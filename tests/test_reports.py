@@ -381,3 +381,19 @@ def test_inspect_json_keeps_full_precision(tmp_path: Path) -> None:
     for column in ("mean", "std", "l2_norm", "p99", "skew"):
         assert records["w"][column] == float(want.loc["w", column])  # bit for bit, not 10 digits
     assert records["b"]["mean"] is None and records["b"]["n_nan"] == 3
+
+
+def test_report_html_escapes_names_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("auditclip.audit"), "have_matplotlib", lambda: False)
+    hostile = '<img src=x onerror="alert(1)">.weight'
+    for step in (1, 2):
+        save_safetensors(tmp_path / "run" / f"step_{step}.safetensors",
+                         {hostile: torch.full((4, 4), float(step)), "ok.bias": torch.zeros(4)})
+    result = invoke("audit", tmp_path / "run", "--max-abs", "1.5", "--out", tmp_path / "r")
+    assert result.exit_code == 1, result.output  # step 2 breaks the bound
+    parser = _Text()
+    parser.feed((tmp_path / "r" / "report.html").read_text(encoding="utf-8"))
+    assert [t for t, _ in parser.tags if t in ("img", "script")] == []
+    assert hostile in " ".join(parser.text)  # shown as text, not markup
