@@ -138,17 +138,19 @@ def headline(evaluation: pd.DataFrame | None, decided_by: str = "") -> str:
     last = evaluation[evaluation.checkpoint == last_label]
     clipped = last[last.variant != "original"]
     chosen = last[last.recommended.astype(bool)]
+    by = f" Decided by {decided_by}." if decided_by else ""
     if len(chosen):
         c = chosen.iloc[0]
+        delta = float(c[f"delta_{metric}"])
+        change = (f"{delta * 100:+.2f} percentage points" if metric in ("accuracy", "top5_accuracy")
+                  else f"{delta:+.4g}")
         return (f"Clip with {c.variant} ({last_label}): it changes {int(c.n_clipped)} weight(s) "
-                f"({float(c.frac_clipped):.3%}) and {metric} moves by {float(c[f'delta_{metric}']):+.4g}, "
-                f"within the tolerance{f' ({decided_by})' if decided_by else ''}.")
+                f"({float(c.frac_clipped):.3%}) and {metric} moves by {change}, within the tolerance.{by}")
     if not clipped.n_clipped.astype(float).gt(0).any():
         return (f"No clip needed for {last_label}: no tested clip changes a weight of it "
                 f"({', '.join(clipped.variant)} leaves it as it is).")
     return (f"No tested clip is safe for {last_label}: each one that changes weights costs more {metric} than "
-            f"the tolerance{f' ({decided_by})' if decided_by else ''} allows; keep the weights unclipped or try "
-            "looser settings.")
+            f"the tolerance allows; keep the weights unclipped or try looser settings.{by}")
 
 
 def at_bound_table(stats: pd.DataFrame, max_rows: int = MAX_LINES, max_columns: int = MAX_COLUMNS) -> pd.DataFrame:
