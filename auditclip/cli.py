@@ -127,22 +127,37 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
 
         echo(formula_safe_frame(df).to_csv(index=False), nl=False)
     elif fmt == "json":
-        echo(df.to_json(orient="records", indent=1))
+        from .output import json_records
+
+        echo(json_records(df))  # every float as repr writes it: full precision
     else:
         columns = list(TABLE_COLUMNS) + (["spectral_norm", "stable_rank"] if spectral else [])
         echo(_table(df, columns))
 
 
+_BOUND_HELP = {"max_abs": "The run's clip bound [-C, C]: stats.csv gains frac_at_bound (parameters within one ulp of "
+                          "it).", "range": "The run's clip bound [LO, HI], as --max-abs."}
+
+
+def _bounds(run: Any, max_abs: float | None, range_: str | None) -> Any:
+    """The bound as flag reads it (parameters, as the run's format records them), or None."""
+    if max_abs is None and range_ is None:
+        return None
+    from .config import flag_settings
+    from .flags import run_bounds
+
+    return run_bounds(run, flag_settings(options={"max_abs": max_abs, "range": range_}, search=False))
+
+
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Directory for stats.csv and drift.csv.")
-@use("sort", "reference", "top", "quiet", "workers", "max_abs", "range",
-     help={"max_abs": "The run's clip bound [-C, C]: stats.csv gains frac_at_bound (parameters within one ulp of it).",
-           "range": "The run's clip bound [LO, HI], as --max-abs."})
+@use("sort", "reference", "top", "quiet", "workers", "max_abs", "range", "tensorboard", help=_BOUND_HELP)
 @_run_options
 def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
           workers: int | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          spectral: bool, max_abs: float | None = None, range_: str | None = None) -> None:
+          spectral: bool, max_abs: float | None = None, range_: str | None = None,
+          tensorboard: str | None = None) -> None:
     """Per-tensor statistics at every checkpoint and how they move.
 
     RUN is a directory of checkpoints (files or checkpoint-<step>/ folders), a glob,
@@ -156,22 +171,26 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
       auditclip drift 'sample_checkpoints/high_lr/epoch_0*.safetensors' --out report/ --include '*.weight' --spectral
       auditclip drift sample_checkpoints/high_lr --out report/ --reference sample_checkpoints/high_lr/epoch_06.safetensors
       auditclip drift sample_checkpoints/wgan_clip --max-abs 0.01 --out report/
+      auditclip drift sample_checkpoints/high_lr --out report/ --tensorboard tb/
     """
     from .analysis import analyze
     from .output import prepare_out_dir, write_csv
 
     opened = _open_run(run, sort, key)
-    bounds = None
-    if max_abs is not None or range_ is not None:  # the bound as flag reads it: parameters only
-        from .config import flag_settings
-        from .flags import run_bounds
+    bounds = _bounds(opened, max_abs, range_)
+    collector = None
+    if tensorboard is not None:
+        from .histograms import HistogramCollector
+        from .report.tensorboard import check_available
 
-        bounds = run_bounds(opened, flag_settings(options={"max_abs": max_abs, "range": range_}, search=False))
+        check_available()
+        collector = HistogramCollector()
     out_dir = prepare_out_dir(out)
     progress = _Progress(hidden=quiet or not sys.stderr.isatty())
     try:
         result = analyze(opened, include=include, exclude=exclude, spectral=spectral, reference=reference,
-                         sort=sort, key=key, progress=progress, workers=workers, bounds=bounds)
+                         sort=sort, key=key, progress=progress, workers=workers, bounds=bounds,
+                         visit=collector.visit if collector is not None else None)
     finally:
         progress.close()
     written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]
@@ -186,6 +205,10 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
         for e in result.errors.itertuples():
             echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
         raise CliError(f"no checkpoint of the run could be read (each is listed in {errors_csv})")
+    if collector is not None:
+        from .report.tensorboard import write_tensorboard
+
+        written.append(write_tensorboard(tensorboard, result, collector.result([c.label for c in result.run])).path)
     echo(f"Audited {len(labels)} checkpoint(s), {len(result.tensors)} tensor(s): {labels[0]} .. {labels[-1]}")
     d = result.drift
     last = d[(d.baseline == "reference") & (d.checkpoint == labels[-1]) & (d.tensor != "__all__")]
@@ -198,6 +221,47 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     for e in result.errors.itertuples():
         echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
     if len(result.errors):
+        sys.exit(1)
+
+
+@cli.command("tensorboard")
+@click.argument("run", nargs=-1, required=True)
+@click.argument("log_dir", metavar="DIR", type=click.Path(path_type=str))
+@use("sort", "reference", "quiet", "workers", "max_abs", "range", help=_BOUND_HELP)
+@_run_options
+def tensorboard_command(run: tuple[str, ...], log_dir: str, sort: str, reference: str | None, quiet: bool,
+                        workers: int | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+                        spectral: bool, max_abs: float | None = None, range_: str | None = None) -> None:
+    """TensorBoard histograms and scalars of a run, after the fact.
+
+    Reads RUN once and writes event files into DIR: per tensor a histogram at each
+    checkpoint's step (bins fixed per tensor across the run) and the scalars l2_norm,
+    abs_max, rel_l2_change vs the previous checkpoint and the reference (and
+    frac_at_bound with a bound), at the checkpoint file's time. Open it with
+    `tensorboard --logdir DIR`, or `wandb sync DIR` for W&B. Needs
+    pip install 'auditclip[tensorboard]'. Exit 1 when checkpoints could not be read.
+
+    \b
+    Examples:
+      auditclip tensorboard sample_checkpoints/high_lr tb/
+      auditclip tensorboard sample_checkpoints/wgan_clip tb/ --max-abs 0.01 --include '*.weight'
+    """
+    from .report.tensorboard import export_tensorboard
+
+    progress = _Progress(hidden=quiet or not sys.stderr.isatty())
+    try:
+        opened = _open_run(run, sort, key)
+        export = export_tensorboard(opened, log_dir, include=include, exclude=exclude,
+                                    spectral=spectral, reference=reference, sort=sort, key=key, progress=progress,
+                                    workers=workers, bounds=_bounds(opened, max_abs, range_))
+    finally:
+        progress.close()
+    echo(f"Wrote {export.histograms} histogram(s) and {export.scalars} scalar(s) at {len(export.steps)} step(s) "
+         f"to {export.path}")
+    errors = export.analysis.errors
+    for e in errors.itertuples():
+        echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+    if len(errors):
         sys.exit(1)
 
 
@@ -458,7 +522,8 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     out_dir = prepare_out_dir(out)
     written = [write_csv(result.table, out_dir / "sweep.csv")]
     if have_matplotlib():
-        written.append(sweep_plot(result.table, result.metric, out_dir / "sweep.png"))
+        written.append(sweep_plot(result.table, result.metric, out_dir / "sweep.png", tolerance,
+                                  "(lower is better)" not in result.decided_by))
     t = result.table
     echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
                     f"delta_{result.metric}", "recommended"]))
@@ -478,7 +543,7 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@use("out", "clip", "tolerance", *RULES, "sort", "reference", "key", "quiet", *SELECTION, *EVALUATION,
+@use("out", "clip", "tolerance", *RULES, "sort", "reference", "key", "quiet", "tensorboard", *SELECTION, *EVALUATION,
      help={"out": "Directory for every report.",
            "clip": "Evaluate a clipped variant too (needs --model/--data): max_abs=C, percentile=P... (repeatable).",
            "override": "Per-pattern setting: a bound ('*.bias:max_abs=1') for the rules and the clipped variants, "
@@ -487,15 +552,16 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
     """The whole job: stats, drift, flags and (with a model) evaluation, in one report.
 
     Writes OUT/stats.csv, drift.csv, flags.csv, evaluation.csv (with --model and
-    --data), summary.md and, with matplotlib, drift_heatmap.png, histograms.png,
-    sweep.png. Exit codes as for flag: 1 when a finding reaches --fail-on.
+    --data), summary.md, report.html (one self-contained page) and, with matplotlib,
+    drift_heatmap.png, histograms.png, sweep.png; with --tensorboard DIR, event files.
+    Exit codes as for flag: 1 when a finding reaches --fail-on.
     The clipped variants select tensors as clip does with the same options.
 
     \b
     Examples:
       auditclip audit sample_checkpoints/high_lr --model sample_checkpoints/digits_mlp.py:make_model \\
           --data sample_checkpoints/digits_test.safetensors --clip max_abs=1.5 --clip max_abs=3 --out report/
-      auditclip audit sample_checkpoints/wgan_clip --max-abs 0.01 --out report/
+      auditclip audit sample_checkpoints/wgan_clip --max-abs 0.01 --out report/ --tensorboard tb/
     """
     from .audit import audit as run_audit
     from .config import split_overrides
@@ -510,7 +576,7 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
     try:
         result = run_audit(_open_run(run, kw["sort"], kw["key"]), out, model=model, data=data, clips=clips,
                            settings=settings, eval_options=options, tolerance=tolerance, reference=kw["reference"],
-                           sort=kw["sort"], key=kw["key"], progress=progress)
+                           sort=kw["sort"], key=kw["key"], progress=progress, tensorboard=kw["tensorboard"])
     finally:
         progress.close()
     counts = result.flags.flags.severity.value_counts()
@@ -531,6 +597,8 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
     if PLOT_HINT in result.notes:  # every other note was said on stderr as it came
         echo(f"note: {PLOT_HINT}")
     echo(f"Wrote {', '.join(p.name for p in result.files)} to {result.out}")
+    if result.tensorboard is not None:
+        echo(f"Wrote TensorBoard events to {result.tensorboard}")
     if result.failed:
         sys.exit(1)
 

@@ -408,13 +408,15 @@ def flag(
     sort: str = "step",
     key: str | None = None,
     progress: Any = None,
+    visit: Any = None,
     **options: Any,
 ) -> FlagResult:
     """Check every tensor of a run against the rules; one row per finding (``flags.csv``).
 
     ``settings`` from :func:`auditclip.config.flag_settings`, or rule options
     directly: ``max_abs``, ``range``, ``zscore``, ``jump``, ``norm_growth``,
-    ``spike``, ``include``, ``exclude``, ``fail_on``.
+    ``spike``, ``include``, ``exclude``, ``fail_on``. ``visit``: a further
+    :data:`auditclip.analysis.Visitor`, called on every tensor version read, as the rules are.
 
     The sample WGAN critic, clipped to +-0.01 after every step, stays inside the bound;
     the run trained with too high a learning rate does not:
@@ -437,7 +439,11 @@ def flag(
     names, kinds = _tensor_names(run)
     rules_for = _rules_cache(settings, names, kinds)
 
-    def visit(label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
+    also = visit
+
+    def check(label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
+        if also is not None:
+            also(label, name, tensor, summary)
         rules = rules_for(name)
         findings = element_findings(name, tensor, summary, settings, rules=rules)  # type: ignore[arg-type]
         if findings:
@@ -450,7 +456,7 @@ def flag(
     bound = bounds_of(settings, names, kinds)
     bounded = settings.rules.range is not None or any("range" in changes for _, changes in settings.overrides)
     result = analyze(run, include=settings.include, exclude=settings.exclude, reference=reference, sort=sort,
-                     key=key, progress=progress, visit=visit, bounds=bound if bounded else None)
+                     key=key, progress=progress, visit=check, bounds=bound if bounded else None)
     if not checked[0]:
         raise InputError(f"nothing was checked, so the gate cannot pass: {_why_nothing(result, settings)}")
     order = {c.label: i for i, c in enumerate(result.run)}

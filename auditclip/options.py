@@ -61,6 +61,9 @@ OPTIONS: dict[str, Option] = {
                    help="Also compute spectral_norm and stable_rank for tensors of 2+ dimensions."),
     "workers": _o("--workers", type=click.IntRange(1), metavar="N",
                   help="Threads walking tensors in parallel (default: the number of cores); results do not change."),
+    "tensorboard": _o("--tensorboard", "tensorboard", type=click.Path(path_type=str), metavar="DIR",
+                      help="Also write TensorBoard event files into DIR: a histogram per tensor at each checkpoint's "
+                           "step and scalars (needs pip install 'auditclip[tensorboard]'; wandb sync DIR for W&B)."),
     "top": _o("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table."),
     # flag rules
     "range": _o("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error)."),

@@ -174,6 +174,28 @@ def formula_safe_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df if out is None else out
 
 
+def json_records(df: pd.DataFrame, indent: int = 1) -> str:
+    """``df`` as a JSON list of records with every float at full precision (``repr``: it reads
+    back bit for bit), missing values and NaN as ``null``, infinities as ``Infinity``/``-Infinity``.
+
+    >>> print(json_records(pd.DataFrame({"a": [0.1 + 0.2], "b": [float("nan")]}), indent=None))
+    [{"a": 0.30000000000000004, "b": null}]
+    """
+    import json
+
+    def plain(v: object) -> object:
+        if v is None or v is pd.NA or v is pd.NaT:
+            return None
+        if hasattr(v, "item"):  # numpy scalars
+            v = v.item()  # type: ignore[union-attr]
+        if isinstance(v, float) and v != v:
+            return None
+        return v
+
+    records = [{str(k): plain(v) for k, v in zip(df.columns, row)} for row in df.itertuples(index=False)]
+    return json.dumps(records, indent=indent, ensure_ascii=False)
+
+
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write ``df`` as CSV (no index, empty cells for missing values), atomically.
 

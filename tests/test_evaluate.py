@@ -88,7 +88,7 @@ def test_audit_writes_every_file(tmp_path: Path) -> None:
                     "--clip", "max_abs=10", "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
     names = {p.name for p in (tmp_path / "r").iterdir()}
-    assert names == {"stats.csv", "drift.csv", "flags.csv", "evaluation.csv", "summary.md",
+    assert names == {"stats.csv", "drift.csv", "flags.csv", "evaluation.csv", "summary.md", "report.html",
                      "drift_heatmap.png", "histograms.png", "sweep.png"}
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert "## Top drifting tensors" in summary and "## Flags" in summary and "## Recommendation" in summary
@@ -107,7 +107,8 @@ def test_audit_without_matplotlib_still_writes_reports(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(audit_module, "have_matplotlib", lambda: False)
     result = audit(SAMPLES / "wgan_clip", tmp_path, model=MODEL, data=DATA)
-    assert {p.name for p in tmp_path.iterdir()} == {"stats.csv", "drift.csv", "flags.csv", "evaluation.csv", "summary.md"}
+    assert {p.name for p in tmp_path.iterdir()} == {"stats.csv", "drift.csv", "flags.csv", "evaluation.csv", "summary.md",
+                                                    "report.html"}
     assert any("pip install 'auditclip[plot]'" in n for n in result.notes)
     assert "pip install 'auditclip[plot]'" in (tmp_path / "summary.md").read_text()
 
