@@ -93,9 +93,9 @@ def audit(
     >>> result = audit("sample_checkpoints/high_lr", "report/", model="sample_checkpoints/digits_mlp.py:make_model",
     ...                data="sample_checkpoints/digits_test.safetensors", clips=["max_abs=1.5"])  # doctest: +SKIP
     """
-    if (model is None) != (data is None):
+    if model is not None and data is None:
         raise InputError("--model and --data go together: give both to evaluate, or neither")
-    if clips and model is None:
+    if clips and data is None:
         raise InputError("--clip needs --model and --data to evaluate the clipped variants")
     with collect() as said:
         result = _audit(run, out, model, data, clips, settings, eval_options, tolerance, reference, sort, key, top,
@@ -125,7 +125,7 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
         result.files.append(write_csv(df, out_dir / name))
     errors = [analysis.errors]
     primary = None
-    if model is not None:
+    if data is not None:  # without --model: hf where the checkpoints have config.json, else an error
         evaluation, eval_errors, primary, _ = evaluate_rows(analysis.run, model, data, variants, options)  # type: ignore[arg-type]
         order = sorted((v for v, _ in variants), key=_tightness)
         evaluation["recommended"] = recommend(evaluation, primary, tolerance, order)

@@ -405,7 +405,7 @@ def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) 
     from .evaluation import evaluate as run_evaluate
     from .output import prepare_out_dir, write_csv
 
-    model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
+    model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
     options = eval_options(kw)
     df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
     out_dir = prepare_out_dir(out)
@@ -450,7 +450,7 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
         raise CliError("give exactly one of --max-abs, --percentile, --sigma with a list of settings")
     (family, text), = families.items()
     values = parse_values(text, f"--{family.replace('_', '-')}")
-    model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
+    model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
     options = eval_options(kw)
     result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values, tolerance=tolerance,
                        options=options)

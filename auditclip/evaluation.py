@@ -22,7 +22,8 @@ from .data import HeldOut, load_data
 from .errors import CheckpointError, InputError
 from .metrics import TASKS, CustomMetric, MetricTotals, Primary, infer_task, load_custom_metric, model_outputs, \
     resolve_primary
-from .modelref import ModelLoader, one_line, raised
+from .lm import decide_shift
+from .modelref import ModelLoader, call_model, one_line, raised
 from .kinds import tensor_kind
 from .notices import note
 
@@ -61,6 +62,15 @@ class EvalOptions:
     buffers: bool | None = None
     #: without ``config``, read ``[tool.auditclip]`` of the nearest pyproject.toml (as the CLI does)
     search_config: bool = False
+    #: language models: compare logits at t with labels at t + 1 (``auto``: a causal LM whose labels are its inputs)
+    shift_labels: str = "auto"
+    #: the folder of a saved tokenizer, for ``--data texts.jsonl``
+    tokenizer: str | None = None
+    #: ``--model hf``: the task (auto class) instead of config.architectures'; the base model of an adapter;
+    #: whether the checkpoint's own code may run
+    hf_task: str | None = None
+    base: str | None = None
+    trust_remote_code: bool = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -88,11 +98,11 @@ class Evaluator:
             raise InputError(f"--task {options.task!r}: use one of {', '.join(TASKS)}")
         self.options = options
         self.device = pick_device(options.device)
-        self.loader = ModelLoader(model_ref, strict=options.strict, strip_prefix=options.strip_prefix,
-                                  add_prefix=options.add_prefix, device=self.device)
+        self.loader = make_loader(model_ref, options, self.device)
         self.data = data if isinstance(data, HeldOut) else load_data(
             data, inputs_key=options.inputs_key, targets_key=options.targets_key, target=options.target,
-            batch_size=options.batch_size, limit=options.limit)
+            batch_size=options.batch_size, limit=options.limit, tokenizer=options.tokenizer)
+        self._said: set[Any] = set()
         self.custom: tuple[CustomMetric, ...] = tuple(
             load_custom_metric(m) if isinstance(m, str) else m for m in options.metrics)
         self.task: str | None = None if options.task == "auto" else options.task
@@ -102,12 +112,9 @@ class Evaluator:
         totals: MetricTotals | None = None
         with torch.inference_mode():
             for inputs, targets in self.data.batches():
-                if self.task is None:
-                    self.task = infer_task(targets)
-                totals = totals or MetricTotals(self.task, self.custom)
                 inputs = _to(inputs, self.device)
                 try:
-                    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                    out = call_model(model, inputs, self._said)
                 except KeyboardInterrupt:
                     raise
                 except SystemExit as exc:
@@ -117,10 +124,60 @@ class Evaluator:
                     shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
                     raise InputError(f"--data {self.data.source}: the model cannot take inputs of shape {shape}: "
                                      f"{one_line(exc)}") from exc
-                totals.update(model_outputs(out).float().cpu(), targets)
+                outputs = model_outputs(out).float().cpu()
+                if self.task is None:
+                    self.task = infer_task(targets, outputs)
+                totals = totals or MetricTotals(self.task, self.custom)
+                if self.task == "lm":
+                    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                    shift = decide_shift(self.options.shift_labels, getattr(self.loader, "causal", False) or
+                                         _is_causal(model), _to(inputs, torch.device("cpu")), targets, self._said)
+                    totals.update(outputs, targets, mask.cpu() if mask is not None else None, shift)
+                else:
+                    totals.update(outputs, targets)
         if totals is None:
             raise InputError(f"--data {self.data.source}: no samples")
         return totals.result()
+
+
+def make_loader(model_ref: str, options: EvalOptions, device: torch.device) -> ModelLoader:
+    """The loader of ``--model``: ``hf`` (the checkpoint's config.json, :mod:`auditclip.hf_models`),
+    a factory or a ``.pt2`` program."""
+    if model_ref == "hf":
+        from .hf_models import HFModelLoader
+
+        return HFModelLoader(strict=options.strict, strip_prefix=options.strip_prefix, add_prefix=options.add_prefix,
+                             device=device, task=options.hf_task, base=options.base,
+                             trust_remote_code=options.trust_remote_code)
+    for name, value in (("--hf-task", options.hf_task), ("--base", options.base),
+                        ("--trust-remote-code", options.trust_remote_code)):
+        if value:
+            raise InputError(f"{name} goes with --model hf (the model built from the checkpoint's config.json)")
+    return ModelLoader(model_ref, strict=options.strict, strip_prefix=options.strip_prefix,
+                       add_prefix=options.add_prefix, device=device)
+
+
+def default_model(run: Any, model: str | None) -> str:
+    """``--model`` as given, else ``hf`` when the run's checkpoints are Hugging Face folders
+    (``config.json`` or ``adapter_config.json`` beside the weights)."""
+    if model:
+        return model
+    from .hf_models import is_hf_run
+
+    if is_hf_run([c.weights for c in run]):
+        return "hf"
+    raise InputError("Missing option '--model': give module:factory, file.py:factory or a .pt2 file "
+                     "(--model hf, the default, needs a config.json beside the checkpoints)")
+
+
+def _is_causal(model: torch.nn.Module) -> bool:
+    """A model of a factory is a causal LM when transformers says so (its class name, else its config)."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    from .hf_models import task_of
+
+    return task_of(getattr(getattr(model, "config", None), "architectures", None)) == "causal-lm"
 
 
 def _to(inputs: Any, device: torch.device) -> Any:
@@ -231,7 +288,7 @@ def evaluate_rows(
     :func:`evaluate`, :func:`sweep` and :func:`auditclip.audit.audit` (``variants`` from
     :func:`clip_variants`); see :func:`evaluate` for an example."""
     run = open_run(run, sort=options.sort, key=options.key)
-    evaluator = Evaluator(model, data, options)
+    evaluator = Evaluator(default_model(run, model), data, options)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     primary: Primary | None = None
