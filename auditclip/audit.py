@@ -13,7 +13,7 @@ import pandas as pd
 from .analysis import RunLike
 from .config import ClipSpec, FlagSettings, flag_settings
 from .errors import InputError
-from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend
+from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend, recommendations
 from .flags import FlagResult, flag, summary_table
 from .notices import collect
 from .output import atomic_path, prepare_out_dir, write_csv
@@ -135,6 +135,8 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
         errors.append(eval_errors)
         last = evaluation[evaluation.checkpoint == evaluation.checkpoint.iloc[-1]]
         chosen = last[last.recommended]
+        if clips and len(chosen):
+            result.recommendation_cost = recommendations(last, primary, tolerance)[str(chosen.checkpoint.iloc[0])]
         if clips:
             result.recommendation = (
                 f"{chosen.variant.iloc[0]} for {chosen.checkpoint.iloc[0]}" if len(chosen)
@@ -201,6 +203,8 @@ def _write_summary(result: AuditResult, analysis: Any, tolerance: float | None, 
         lines.append(md_table(ev.drop(columns=[c for c in ev.columns if c.startswith("delta_") and c != f"delta_{metric}"])))
         if result.recommendation:
             lines += ["", "## Recommendation", "", f"Tightest clip that keeps {metric}: **{result.recommendation}**."]
+            if result.recommendation_cost:
+                lines += ["", f"Cost: {result.recommendation_cost}."]
     lines += ["", "## Files", ""] + [f"- `{p.name}`" for p in result.files] + ["- `summary.md`"]
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]

@@ -441,7 +441,7 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
       auditclip sweep sample_checkpoints/high_lr/epoch_12.safetensors --model sample_checkpoints/digits_mlp.py:make_model \\
           --data sample_checkpoints/digits_test.safetensors --percentile 99,99.9,99.99 --primary-metric loss --out sweep/
     """
-    from .evaluation import parse_values, sweep as run_sweep
+    from .evaluation import parse_values, sweep as run_sweep, write_sweep_summary
     from .output import prepare_out_dir, write_csv
     from .plots import PLOT_HINT, have_matplotlib, sweep_plot
 
@@ -462,11 +462,9 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
                     f"delta_{result.metric}", "recommended"]))
     echo(f"Decided by {result.decided_by}")
-    for checkpoint, group in t.groupby("checkpoint", sort=False):
-        chosen = group[group.recommended]
-        echo(f"recommended for {checkpoint}: "
-             + (chosen.variant.iloc[0] if len(chosen)
-                else "none (no tested setting both changes weights and stays within tolerance)"))
+    for checkpoint, text in result.recommendations.items():
+        echo(f"recommended for {checkpoint}: {text}")
+    written.append(write_sweep_summary(result, out_dir / "summary.md"))
     _write_errors(result.errors, out_dir, written)
     echo("\nWrote " + ", ".join(str(p) for p in written))
     if not have_matplotlib():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -26,6 +27,7 @@ from .lm import decide_shift
 from .modelref import ModelLoader, call_model, one_line, raised
 from .kinds import tensor_kind
 from .notices import note
+from .output import atomic_path
 
 SWEEP_FAMILIES = ("max_abs", "percentile", "sigma")
 #: evaluation.csv's columns after the metrics and their deltas
@@ -142,7 +144,11 @@ class Evaluator:
 
 def make_loader(model_ref: str, options: EvalOptions, device: torch.device) -> ModelLoader:
     """The loader of ``--model``: ``hf`` (the checkpoint's config.json, :mod:`auditclip.hf_models`),
-    a factory or a ``.pt2`` program."""
+    a factory or a ``.pt2`` program.
+
+    >>> type(make_loader("hf", EvalOptions(), torch.device("cpu"))).__name__
+    'HFModelLoader'
+    """
     if model_ref == "hf":
         from .hf_models import HFModelLoader
 
@@ -159,7 +165,13 @@ def make_loader(model_ref: str, options: EvalOptions, device: torch.device) -> M
 
 def default_model(run: Any, model: str | None) -> str:
     """``--model`` as given, else ``hf`` when the run's checkpoints are Hugging Face folders
-    (``config.json`` or ``adapter_config.json`` beside the weights)."""
+    (``config.json`` or ``adapter_config.json`` beside the weights).
+
+    >>> default_model(open_run("sample_checkpoints/high_lr"), None)
+    Traceback (most recent call last):
+    ...
+    auditclip.errors.InputError: Missing option '--model': ...
+    """
     if model:
         return model
     from .hf_models import is_hf_run
@@ -377,6 +389,68 @@ def recommend(df: pd.DataFrame, primary: Primary, tolerance: float | None, tight
     return marks
 
 
+def cost_text(variant: str, frac_clipped: float, base: float, value: float, primary: Primary,
+              tolerance: float | None) -> str:
+    """What a clip costs, in words: the weights it changes and the primary metric's move.
+
+    >>> cost_text("max_abs=1", 0.004, 2.0, 2.012, Primary("loss", False), None)
+    'max_abs=1 clips 0.4% of weights, loss +0.6% (within 1%)'
+    >>> cost_text("max_abs=1", 0.5, 0.9, 0.897, Primary("accuracy", True), None)
+    'max_abs=1 clips 50% of weights, accuracy -0.3 points (within 0.5 points)'
+    """
+    tol = primary.tolerance(tolerance)
+    if primary.points:
+        move = f"{(value - base) * 100:+.3g} points (within {tol:g} points)"
+    else:
+        rel = (value - base) / abs(base) * 100 if base else math.copysign(math.inf, value - base) if value != base else 0.0
+        move = f"{rel:+.3g}% (within {tol:g}%)"
+    return f"{variant} clips {frac_clipped * 100:.3g}% of weights, {primary.name} {move}"
+
+
+def recommendations(df: pd.DataFrame, primary: Primary, tolerance: float | None) -> dict[str, str]:
+    """Per checkpoint, the recommended variant (``recommended`` column) and its cost
+    (:func:`cost_text`), or why there is none.
+
+    >>> df = pd.DataFrame({"checkpoint": ["c", "c"], "variant": ["original", "max_abs=1"], "frac_clipped": [0, 0.01],
+    ...                    "loss": [2.0, 2.01], "recommended": [False, True]})
+    >>> recommendations(df, Primary("loss", False), None)
+    {'c': 'max_abs=1 clips 1% of weights, loss +0.5% (within 1%)'}
+    """
+    out: dict[str, str] = {}
+    for checkpoint, group in df.groupby("checkpoint", sort=False):
+        chosen = group[group.recommended]
+        base = group[group.variant == "original"]
+        if len(chosen) and len(base):
+            row = chosen.iloc[0]
+            out[str(checkpoint)] = cost_text(str(row.variant), float(row.frac_clipped),
+                                             float(base[primary.name].iloc[0]), float(row[primary.name]), primary,
+                                             tolerance)
+        else:
+            out[str(checkpoint)] = "none (no tested setting both changes weights and stays within tolerance)"
+    return out
+
+
+def write_sweep_summary(result: SweepResult, path: str | Path) -> Path:
+    """Write ``summary.md`` of a sweep (atomically): the primary metric and tolerance that
+    decided, and per checkpoint the recommendation with its cost.
+
+    >>> import tempfile
+    >>> r = SweepResult(pd.DataFrame(), "lm", "loss", pd.DataFrame(), "loss (lower is better), tolerance 1 %",
+    ...                 {"c": "max_abs=1 clips 1% of weights, loss +0.5% (within 1%)"})
+    >>> print(write_sweep_summary(r, Path(tempfile.mkdtemp()) / "summary.md").read_text().splitlines()[-1])
+    - `c`: max_abs=1 clips 1% of weights, loss +0.5% (within 1%)
+    """
+    lines = ["# auditclip sweep", "",
+             f"- primary metric (`--primary-metric`): `{result.metric}`",
+             f"- decided by: {result.decided_by} (`--tolerance`)", "",
+             "## Recommendation", ""]
+    lines += [f"- `{c}`: {text}" for c, text in result.recommendations.items()]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def check_tolerance(tolerance: float | None) -> None:
     """``--tolerance`` must be a finite number >= 0 (None: the task's default)."""
     if tolerance is None:
@@ -398,6 +472,8 @@ class SweepResult:
     errors: pd.DataFrame
     #: the metric the tolerance applied to, its direction and the tolerance, in words
     decided_by: str = ""
+    #: per checkpoint: the recommended setting and its cost (:func:`cost_text`), or "none (...)"
+    recommendations: dict[str, str] = field(default_factory=dict)
 
 
 def sweep(
@@ -425,7 +501,8 @@ def sweep(
     df, errors, primary, task = evaluate_rows(run, model, data, variants, options)
     df.insert(3, "setting", [math.nan if v == "original" else float(v.split("=")[1]) for v in df.variant])
     df["recommended"] = recommend(df, primary, tolerance, [name for name, _ in variants])
-    return SweepResult(df, task, primary.name, errors, primary.describe(tolerance))
+    return SweepResult(df, task, primary.name, errors, primary.describe(tolerance),
+                       recommendations(df, primary, tolerance))
 
 
 def parse_values(text: str, what: str) -> list[float]:

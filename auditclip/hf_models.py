@@ -18,6 +18,7 @@ it (``set_peft_model_state_dict``): the scores are ``PeftModel``'s own forward.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,12 @@ def base_weights_file(folder: Path) -> Path:
 class HFModelLoader(ModelLoader):
     """Builds Hugging Face models from ``config.json`` and loads each checkpoint into them in place.
 
-    >>> loader = HFModelLoader()  # doctest: +SKIP
-    >>> model = loader.load(state, "checkpoint-24", "run/checkpoint-24")  # doctest: +SKIP
+    ``load(state, label, path)`` builds (once per distinct config) the model of ``path``'s
+    ``config.json`` (or base + adapter for a PEFT adapter folder) and copies ``state`` into it.
+
+    >>> loader = HFModelLoader(task="causal-lm")
+    >>> loader.ref, loader.causal
+    ('hf', False)
     """
 
     _is_hf = True
@@ -203,7 +208,9 @@ class HFModelLoader(ModelLoader):
             try:
                 config = PeftConfig.from_pretrained(str(adapter))
                 config.inference_mode = True
-                model = get_peft_model(base, config)
+                with warnings.catch_warnings():  # "base_model_name_or_path was renamed": --base, said below
+                    warnings.simplefilter("ignore")
+                    model = get_peft_model(base, config)
             except Exception as exc:
                 raise InputError(f"{adapter / ADAPTER_CONFIG}: peft cannot apply it to the base model in "
                                  f"{base_folder}: {one_line(exc)}") from exc
