@@ -73,6 +73,8 @@ class EvalOptions:
     hf_task: str | None = None
     base: str | None = None
     trust_remote_code: bool = False
+    #: PEFT adapter runs: clip the merged weights (base + scaling · B @ A) instead of the adapter's tensors
+    clip_merged: bool = False
 
 
 def pick_device(name: str) -> torch.device:
@@ -156,7 +158,7 @@ def make_loader(model_ref: str, options: EvalOptions, device: torch.device) -> M
                              device=device, task=options.hf_task, base=options.base,
                              trust_remote_code=options.trust_remote_code)
     for name, value in (("--hf-task", options.hf_task), ("--base", options.base),
-                        ("--trust-remote-code", options.trust_remote_code)):
+                        ("--trust-remote-code", options.trust_remote_code), ("--clip-merged", options.clip_merged)):
         if value:
             raise InputError(f"{name} goes with --model hf (the model built from the checkpoint's config.json)")
     return ModelLoader(model_ref, strict=options.strict, strip_prefix=options.strip_prefix,
@@ -180,6 +182,16 @@ def default_model(run: Any, model: str | None) -> str:
         return "hf"
     raise InputError("Missing option '--model': give module:factory, file.py:factory or a .pt2 file "
                      "(--model hf, the default, needs a config.json beside the checkpoints)")
+
+
+def _merged(evaluator: Evaluator, state: dict[str, torch.Tensor], label: str,
+            path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``--clip-merged``: the base weights with the checkpoint's adapter merged in, and the base folder."""
+    merged = evaluator.loader.merged(state, path)  # type: ignore[attr-defined]
+    if merged is None:
+        raise InputError(f"--clip-merged: {label} is no PEFT adapter folder; --clip-merged clips base + adapter "
+                         "merged, for adapter runs")
+    return merged
 
 
 def _is_causal(model: torch.nn.Module) -> bool:
@@ -319,12 +331,18 @@ def evaluate_rows(
         counts = {"n_loaded": loaded, "n_model_tensors": model_tensors, "primary_metric": primary.name}
         rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": "original", "n_clipped": 0,
                      "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}, "kind_rule": "", **counts})
+        path = str(ckpt.path)
+        if options.clip_merged and variants:  # clip base + adapter merged, scored by the plain base model
+            state, path = _merged(evaluator, state, ckpt.label, path)
+            tied, adapter = {}, None
+            n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
         # the model tells its buffers from its parameters (a custom register_buffer has no telltale name)
-        kinds = evaluator.loader.kinds(list(state))
+        kinds = evaluator.loader.kinds_at(list(state), path) if options.clip_merged else \
+            evaluator.loader.kinds(list(state))
         for name, clipped, report in clip_variant_states(state, variants, kinds, adapter):
             _say_buffers(report)
             n_clipped = sum(r["n_clipped"] for r in report)
-            metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, str(ckpt.path))
+            metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, path)
             rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": name, "n_clipped": n_clipped,
                          "frac_clipped": n_clipped / n_float if n_float else 0.0, **metrics,
                          **{f"delta_{k}": metrics[k] - base[k] for k in base}, "kind_rule": _kind_rule(report),

@@ -133,6 +133,7 @@ class HFModelLoader(ModelLoader):
         self._factory, self._per_checkpoint = None, True
         self._model: torch.nn.Module | None = None
         self._models: dict[tuple[str, ...], torch.nn.Module] = {}
+        self._base_states: dict[str, dict[str, torch.Tensor]] = {}
         self._said: set[str] = set()
         #: whether the last model loaded is a causal LM (``--shift-labels auto``)
         self.causal = False
@@ -218,20 +219,38 @@ class HFModelLoader(ModelLoader):
             self._models[key] = model.eval()
         return self._models[key]
 
-    def _plain_copy(self, folder: Path) -> torch.nn.Module:
-        """A fresh model of ``folder``'s config with its weights loaded (peft wraps it in place)."""
+    def _base_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The base model's weights as stored (read once per folder)."""
         from .formats.readers import open_checkpoint_file
 
+        key = str(folder.resolve())
+        if key not in self._base_states:
+            weights = base_weights_file(folder)
+            try:
+                with open_checkpoint_file(weights) as reader:
+                    self._base_states[key] = {n: reader.get(n) for n in reader.names()}
+            except CheckpointError as exc:
+                raise InputError(f"--base {folder}: cannot read its weights: {exc}") from exc
+        return self._base_states[key]
+
+    def merged(self, state: Mapping[str, torch.Tensor], path: str) -> tuple[dict[str, torch.Tensor], str] | None:
+        """``--clip-merged``: (the base weights with the adapter at ``path`` merged in, the base folder
+        to evaluate them with), or None when ``path`` is no adapter folder."""
+        from .adapters import merged_weights
+        from .formats.peft import read_adapter_index
+
+        folder = model_folder(path)
+        if folder is None or not is_adapter_folder(folder):
+            return None
+        base = self._base_folder(folder)
+        return merged_weights(self._base_state(base), dict(state), read_adapter_index(folder)), str(base)
+
+    def _plain_copy(self, folder: Path) -> torch.nn.Module:
+        """A fresh model of ``folder``'s config with its weights loaded (peft wraps it in place)."""
         config = self._config(folder)
         task = self.task or task_of(getattr(config, "architectures", None))
         model = getattr(_transformers(), HF_TASKS[task]).from_config(config, trust_remote_code=self.trust_remote_code)
-        weights = base_weights_file(folder)
-        try:
-            with open_checkpoint_file(weights) as reader:
-                state = {n: reader.get(n) for n in reader.names()}
-        except CheckpointError as exc:
-            raise InputError(f"--base {folder}: cannot read its weights: {exc}") from exc
-        self._load_into(model, state, str(weights))
+        self._load_into(model, self._base_state(folder), str(base_weights_file(folder)))
         self.causal = task == "causal-lm"
         return model.eval()
 

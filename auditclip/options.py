@@ -124,6 +124,9 @@ OPTIONS: dict[str, Option] = {
     "base": _o("--base", metavar="PATH",
                help="--model hf on PEFT adapter folders: the base model's folder, when adapter_config.json's "
                     "base_model_name_or_path is not a local folder (nothing is downloaded)."),
+    "clip_merged": _o("--clip-merged", is_flag=True,
+                      help="--model hf on PEFT adapter folders: clipped variants clip the merged weights (base + "
+                           "scaling*B@A), scored by the base model, instead of the adapter's own tensors."),
     "trust_remote_code": _o("--trust-remote-code", is_flag=True,
                             help="--model hf: allow a checkpoint whose config names its own Python code (auto_map); "
                                  "this RUNS that code. Off by default."),
@@ -149,7 +152,7 @@ RULES = ("range", "max_abs", "zscore", "jump", "norm_growth", "spike", "fail_on"
 SELECTION = ("include", "exclude", "override", "config", "buffers")
 EVALUATION = ("model", "data", "inputs_key", "targets_key", "target", "task", "metrics", "primary_metric",
               "batch_size", "limit", "device", "strict", "strip_prefix", "add_prefix", "tokenizer", "shift_labels",
-              "hf_task", "base", "trust_remote_code")
+              "hf_task", "base", "trust_remote_code", "clip_merged")
 _EVAL_FIELDS = tuple(n for n in EVALUATION if n not in ("model", "data"))
 
 

@@ -224,3 +224,25 @@ def test_shift_auto_follows_the_model_and_the_labels() -> None:
     assert decide_shift("auto", True, {"input_ids": ids}, ids.masked_fill(ids == 3, -100))
     assert not decide_shift("auto", True, {"input_ids": ids}, other)  # already aligned: said in a note
     assert decide_shift("yes", False, {"input_ids": ids}, other) and not decide_shift("no", True, {}, ids)
+
+
+def test_clip_merged_clips_base_plus_adapter(lora: dict[str, Any]) -> None:
+    from peft import PeftModel
+
+    base, adapter, ids = lora["base"], lora["run"] / "checkpoint-2", lora["ids"]
+    df = evaluate(adapter, "hf", str(lora["root"] / "heldout.safetensors"), clips=["max_abs=0.05"], clip_merged=True)
+    # independently: peft merges the adapter, torch clamps every parameter (the tied embedding once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)),
+                                           str(adapter)).merge_and_unload().eval()
+    n_clipped = 0
+    with torch.no_grad():
+        for p in merged.parameters():
+            n_clipped += int((p.abs() > 0.05).sum())
+            p.clamp_(-0.05, 0.05)
+        want = float(merged(input_ids=ids, labels=ids).loss)
+    row = df[df.variant == "max_abs=0.05"].iloc[0]
+    assert int(row.n_clipped) == n_clipped > 0 and row.kind_rule == "model"
+    assert float(row.loss) == pytest.approx(want, rel=1e-5)
+    assert float(df[df.variant == "original"].loss.iloc[0]) == pytest.approx(_peft_loss(base, adapter, ids), rel=1e-5)
