@@ -246,3 +246,29 @@ def test_clip_merged_clips_base_plus_adapter(lora: dict[str, Any]) -> None:
     assert int(row.n_clipped) == n_clipped > 0 and row.kind_rule == "model"
     assert float(row.loss) == pytest.approx(want, rel=1e-5)
     assert float(df[df.variant == "original"].loss.iloc[0]) == pytest.approx(_peft_loss(base, adapter, ids), rel=1e-5)
+
+
+def test_readme_language_model_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shlex
+    import shutil
+
+    from conftest import ROOT, SAMPLES
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Language models\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    claimed = section.split("`recommended for ", 1)[1].split("`", 1)[0]
+    shutil.copytree(SAMPLES, tmp_path / "sample_checkpoints")
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for line in block.splitlines():
+        argv = shlex.split(line)
+        assert argv[0] == "auditclip"
+        result = invoke_cli(*argv[1:])
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+        outputs.append(result.output)
+    assert f"recommended for {claimed}" in outputs[-1]
+    assert f"- `{claimed.split(':', 1)[0]}`:{claimed.split(':', 1)[1]}" in (tmp_path / "sweep_lm" / "summary.md").read_text()
+    tokens, texts = csv_rows(tmp_path / "eval_lm" / "evaluation.csv"), csv_rows(tmp_path / "eval_lm_text" / "evaluation.csv")
+    assert [float(r["loss"]) for r in tokens if r["variant"] == "original"] == pytest.approx(
+        [float(r["loss"]) for r in texts], rel=1e-9)
