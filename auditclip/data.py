@@ -130,6 +130,8 @@ def load_data(
         raise InputError("--batch-size must be at least 1")
     path = Path(ref)
     suffix = path.suffix.lower()
+    if tokenizer and suffix != ".jsonl":
+        raise InputError(f"--tokenizer tokenises a JSONL file of texts; --data {ref} is not one (.jsonl)")
     if suffix in (".safetensors", ".pt", ".pth", ".npz", ".csv", ".parquet", ".jsonl", ".arrow") and not path.is_file():
         raise InputError(f"--data {ref}: no such file")
     try:

@@ -107,16 +107,41 @@ class Evaluator:
             data, inputs_key=options.inputs_key, targets_key=options.targets_key, target=options.target,
             batch_size=options.batch_size, limit=options.limit, tokenizer=options.tokenizer)
         self._said: set[Any] = set()
+        #: keep the batches on the device after the first pass (off the CPU: moving them is the cost)
+        self.cache = self.device.type != "cpu"
+        self._cache: list[tuple[Any, torch.Tensor]] | None = None
         self.custom: tuple[CustomMetric, ...] = tuple(
             load_custom_metric(m) if isinstance(m, str) else m for m in options.metrics)
         self.task: str | None = None if options.task == "auto" else options.task
+
+    #: held-out data kept on the device between evaluations (``--device cuda``), up to this many bytes
+    CACHE_BYTES = 1 << 30
+
+    def _batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        """The held-out batches with their inputs on the device. Off the CPU, the first pass keeps
+        them there (up to :attr:`CACHE_BYTES`), so N checkpoints x V variants move the data once."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        keep: list[tuple[Any, torch.Tensor]] | None = [] if self.cache else None
+        size = 0
+        for inputs, targets in self.data.batches():
+            inputs = _to(inputs, self.device)
+            if keep is not None:
+                tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
+                size += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+                if size <= self.CACHE_BYTES:
+                    keep.append((inputs, targets))
+                else:
+                    keep = None
+            yield inputs, targets
+        self._cache = keep
 
     def run(self, state: dict[str, torch.Tensor], checkpoint: str, path: str | None = None) -> dict[str, float]:
         model = self.loader.load(state, checkpoint, path)
         totals: MetricTotals | None = None
         with torch.inference_mode():
-            for inputs, targets in self.data.batches():
-                inputs = _to(inputs, self.device)
+            for inputs, targets in self._batches():
                 try:
                     out = call_model(model, inputs, self._said)
                 except KeyboardInterrupt:

@@ -286,3 +286,36 @@ def test_audit_without_model_scores_the_hf_run_and_names_the_cost(lm: dict[str, 
     cost = (f"{chosen['variant']} clips {float(chosen['frac_clipped']) * 100:.3g}% of weights, "
             f"loss {rel:+.3g}% (within 50%)")
     assert f"Cost: {cost}." in (tmp_path / "report" / "summary.md").read_text(encoding="utf-8")
+
+
+def test_device_batches_are_kept_after_the_first_pass(lm: dict[str, Any]) -> None:
+    from auditclip.evaluation import EvalOptions, Evaluator
+
+    evaluator = Evaluator("hf", str(lm["root"] / "heldout.safetensors"), EvalOptions(batch_size=4, device="cpu"))
+    evaluator.cache = True  # as off the CPU, where moving the data is the cost
+    reads = []
+    real = evaluator.data.batches
+    evaluator.data.batches = lambda: (reads.append(1), *real())[1:]  # type: ignore[method-assign]
+    path = lm["runs"]["gpt2"] / "checkpoint-24"
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "model.safetensors"))
+    first = evaluator.run(state, "checkpoint-24", str(path))
+    assert evaluator.run(state, "checkpoint-24", str(path)) == first and len(reads) == 1
+    assert first["loss"] == pytest.approx(_hf_loss(path, lm["ids"], lm["ids"]), rel=1e-5)
+
+
+def test_factory_model_and_data_with_tied_weights_load_strictly(lm: dict[str, Any], tmp_path: Path) -> None:
+    run, ids = lm["runs"]["gpt2"], lm["ids"]
+    torch.save({"input_ids": ids}, tmp_path / "ids.pt")
+    (tmp_path / "lmfactory.py").write_text(
+        "import torch, transformers\n"
+        "def make_model(checkpoint):\n"
+        "    return transformers.GPT2LMHeadModel(transformers.GPT2Config.from_pretrained(checkpoint))\n"
+        "def make_data():\n"
+        f"    ids = torch.load({str(tmp_path / 'ids.pt')!r})['input_ids']\n"
+        "    return [({'input_ids': ids[i:i + 4], 'attention_mask': torch.ones_like(ids[i:i + 4])}, ids[i:i + 4])\n"
+        "            for i in range(0, len(ids), 4)]\n")
+    df = evaluate(run / "checkpoint-24", f"{tmp_path / 'lmfactory.py'}:make_model", f"{tmp_path / 'lmfactory.py'}:make_data")
+    assert df.n_loaded.iloc[0] == df.n_model_tensors.iloc[0]  # lm_head.weight filled by the embedding it is tied to
+    assert float(df.loss.iloc[0]) == pytest.approx(_hf_loss(run / "checkpoint-24", ids, ids), rel=1e-5)
