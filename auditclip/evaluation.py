@@ -153,15 +153,17 @@ class Evaluator:
                     shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
                     raise InputError(f"--data {self.data.source}: the model cannot take inputs of shape {shape}: "
                                      f"{one_line(exc)}") from exc
-                outputs = model_outputs(out).float().cpu()
+                outputs = model_outputs(out)
                 if self.task is None:
                     self.task = infer_task(targets, outputs)
+                if self.task != "lm" or self.custom:  # token sums run on the device: [B, T, V] logits stay
+                    outputs = outputs.float().cpu()
                 totals = totals or MetricTotals(self.task, self.custom)
                 if self.task == "lm":
                     mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
                     shift = decide_shift(self.options.shift_labels, getattr(self.loader, "causal", False) or
-                                         _is_causal(model), _to(inputs, torch.device("cpu")), targets, self._said)
-                    totals.update(outputs, targets, mask.cpu() if mask is not None else None, shift)
+                                         _is_causal(model), inputs, targets, self._said)
+                    totals.update(outputs, targets, mask, shift)
                 else:
                     totals.update(outputs, targets)
         if totals is None:

@@ -65,7 +65,7 @@ def token_sums(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | 
     if logits.shape[:2] != labels.shape:
         raise InputError(f"outputs of shape {list(logits.shape)} do not fit token labels of shape "
                          f"{list(labels.shape)} (expected [batch, tokens, vocab] against [batch, tokens])")
-    labels = labels.long()
+    labels = labels.to(logits.device).long()
     if mask is not None:
         labels = labels.masked_fill(mask.to(labels.device).reshape(labels.shape) == 0, IGNORE_INDEX)
     if shift:

@@ -276,7 +276,7 @@ def test_readme_language_model_examples_run(tmp_path: Path, monkeypatch: pytest.
 
 def test_audit_without_model_scores_the_hf_run_and_names_the_cost(lm: dict[str, Any], tmp_path: Path) -> None:
     run, root = lm["runs"]["gpt2"], lm["root"]
-    result = invoke_cli("audit", str(run), "--data", str(root / "heldout.safetensors"), "--clip", "max_abs=0.3",
+    result = invoke_cli("audit", str(run / "checkpoint-24"), "--data", str(root / "heldout.safetensors"), "--clip", "max_abs=0.3",
                         "--clip", "max_abs=0.1", "--tolerance", "50", "--out", str(tmp_path / "report"))
     assert result.exit_code in (0, 1), result.output  # 1: a flag rule fired; the evaluation is what is checked
     rows = [r for r in csv_rows(tmp_path / "report" / "evaluation.csv") if r["checkpoint"] == "checkpoint-24"]
@@ -318,4 +318,21 @@ def test_factory_model_and_data_with_tied_weights_load_strictly(lm: dict[str, An
         "            for i in range(0, len(ids), 4)]\n")
     df = evaluate(run / "checkpoint-24", f"{tmp_path / 'lmfactory.py'}:make_model", f"{tmp_path / 'lmfactory.py'}:make_data")
     assert df.n_loaded.iloc[0] == df.n_model_tensors.iloc[0]  # lm_head.weight filled by the embedding it is tied to
+    assert float(df.loss.iloc[0]) == pytest.approx(_hf_loss(run / "checkpoint-24", ids, ids), rel=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_arrow_and_parquet_token_tables(lm: dict[str, Any], tmp_path: Path, suffix: str) -> None:
+    pa = pytest.importorskip("pyarrow", reason="Arrow/Parquet token tables need pyarrow")
+    import pyarrow.parquet as pq
+
+    run, ids = lm["runs"]["gpt2"], lm["ids"]
+    table = pa.table({"input_ids": ids.tolist(), "labels": ids.tolist(), "text": ["s"] * len(ids)})
+    path = tmp_path / f"held{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(table, str(path))
+    else:  # what datasets' save_to_disk / cache files hold: an Arrow IPC stream
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    df = evaluate(run / "checkpoint-24", "hf", str(path), batch_size=4)
     assert float(df.loss.iloc[0]) == pytest.approx(_hf_loss(run / "checkpoint-24", ids, ids), rel=1e-5)
