@@ -313,7 +313,7 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 @use("out", "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "to", "buffers", "force", "dry_run",
      "drop_trainer_state", "adapter_mode", "sort", "key", "include", "exclude", "override", "config", "model",
      help={"out": "Directory for the clipped checkpoints.", "range": "Clip every selected tensor to [LO, HI].",
-           "model": "module:factory or file.py:factory whose named_buffers() decide what a buffer is "
+           "model": "module:factory, file.py:factory or hf (config.json) whose named_buffers() decide what a buffer is "
                     "(default: the names).",
            "max_abs": "Clip to [-C, C].", "include": "Only clip tensors whose name matches (repeatable).",
            "exclude": "Never clip tensors whose name matches (repeatable).",

@@ -447,7 +447,10 @@ def cost_text(variant: str, frac_clipped: float, base: float, value: float, prim
     if primary.points:
         move = f"{(value - base) * 100:+.3g} points (within {tol:g} points)"
     else:
-        rel = (value - base) / abs(base) * 100 if base else math.copysign(math.inf, value - base) if value != base else 0.0
+        if base:
+            rel = (value - base) / abs(base) * 100
+        else:  # a move away from 0 is infinitely many percent of it
+            rel = 0.0 if value == base else math.copysign(math.inf, value - base)
         move = f"{rel:+.3g}% (within {tol:g}%)"
     return f"{variant} clips {frac_clipped * 100:.3g}% of weights, {primary.name} {move}"
 

@@ -287,6 +287,12 @@ class HFModelLoader(ModelLoader):
             raise InputError(f"{checkpoint}: peft left adapter tensors unused: {', '.join(result.unexpected_keys[:5])}")
         return len(wanted & given), len(wanted)
 
+    def kinds_at(self, names: list[str], path: str) -> tuple[frozenset[str], frozenset[str]]:
+        folder = model_folder(path)
+        if folder is not None and is_adapter_folder(folder):
+            return frozenset(), frozenset()  # an adapter folder's config decides (adapter_kinds_of)
+        return super().kinds_at(names, path)
+
     def kinds(self, names: list[str]) -> tuple[frozenset[str], frozenset[str]]:
         if self._model is not None and hasattr(self._model, "peft_config"):
             return frozenset(), frozenset()  # an adapter folder's config decides (adapter_kinds_of)

@@ -336,3 +336,20 @@ def test_arrow_and_parquet_token_tables(lm: dict[str, Any], tmp_path: Path, suff
             writer.write_table(table)
     df = evaluate(run / "checkpoint-24", "hf", str(path), batch_size=4)
     assert float(df.loss.iloc[0]) == pytest.approx(_hf_loss(run / "checkpoint-24", ids, ids), rel=1e-5)
+
+
+def test_a_clipped_variant_scores_the_file_clip_writes(lm: dict[str, Any], tmp_path: Path) -> None:
+    from auditclip.hf_models import HF_TASKS
+    from auditclip.options import OPTIONS
+
+    assert list(OPTIONS["hf_task"].settings["type"].choices) == list(HF_TASKS)  # one list of tasks
+    run, root, ids = lm["runs"]["llama"], lm["root"], lm["ids"]
+    data = str(root / "heldout.safetensors")
+    df = evaluate(run / "checkpoint-24", "hf", data, clips=["max_abs=0.1"], exclude=("*norm*",))
+    clipped = invoke_cli("clip", str(run / "checkpoint-24"), "--model", "hf", "--max-abs", "0.1", "--exclude", "*norm*",
+                         "--out", str(tmp_path / "clipped"))
+    assert clipped.exit_code == 0, clipped.output
+    folder = next(p.parent for p in (tmp_path / "clipped").rglob("model.safetensors"))
+    row = df[df.variant == "max_abs=0.1"].iloc[0]
+    assert int(row.n_clipped) > 0
+    assert float(row.loss) == pytest.approx(_hf_loss(folder, ids, ids), rel=1e-5)
