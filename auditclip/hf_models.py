@@ -146,7 +146,7 @@ class HFModelLoader(ModelLoader):
                                                            trust_remote_code=self.trust_remote_code)
         except Exception as exc:
             text = one_line(exc)
-            if "trust_remote_code" in text and not self.trust_remote_code:
+            if "trust_remote_code" in str(exc) and not self.trust_remote_code:
                 raise InputError(f"{folder / CONFIG}: this model's code ships with the checkpoint (auto_map); "
                                  "--trust-remote-code runs that code, only for checkpoints you trust") from exc
             raise InputError(f"{folder / CONFIG}: transformers cannot read it: {text}") from exc

@@ -353,3 +353,19 @@ def test_a_clipped_variant_scores_the_file_clip_writes(lm: dict[str, Any], tmp_p
     row = df[df.variant == "max_abs=0.1"].iloc[0]
     assert int(row.n_clipped) > 0
     assert float(row.loss) == pytest.approx(_hf_loss(folder, ids, ids), rel=1e-5)
+
+
+def test_checkpoint_code_runs_only_with_trust_remote_code(lm: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "remote"
+    shutil.copytree(lm["runs"]["gpt2"] / "checkpoint-24", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="mything", architectures=["MyModel"],
+                  auto_map={"AutoConfig": "my.MyConfig", "AutoModelForCausalLM": "my.MyModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "my.py").write_text("raise SystemExit('the checkpoint code ran')\n")
+    result = invoke_cli("evaluate", str(folder), "--data", str(lm["root"] / "heldout.safetensors"),
+                        "--out", str(tmp_path / "e"))
+    assert result.exit_code == 2 and "--trust-remote-code runs that code" in result.output
+    assert "checkpoint code ran" not in result.output
