@@ -62,12 +62,12 @@ def _table(df: Any, columns: tuple[str, ...] | list[str]) -> str:
 class _Progress:
     """A click progress bar on stderr, created once the number of tensors is known."""
 
-    def __init__(self, hidden: bool) -> None:
-        self.hidden, self.bar, self.done = hidden, None, 0
+    def __init__(self, hidden: bool, label: str = "Analysing tensors") -> None:
+        self.hidden, self.bar, self.done, self.label = hidden, None, 0, label
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(length=total, label="Analysing tensors", file=sys.stderr, hidden=self.hidden)
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, hidden=self.hidden)
             self.bar.__enter__()
         self.bar.update(done - self.done)
         self.done = done
@@ -407,7 +407,11 @@ def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) 
 
     model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
     options = eval_options(kw)
-    df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
+    options.progress = progress = _Progress(not sys.stderr.isatty(), "Evaluating checkpoints x variants")
+    try:
+        df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
+    finally:
+        progress.close()
     out_dir = prepare_out_dir(out)
     written = [write_csv(df, out_dir / "evaluation.csv")]
     errors = df.attrs.get("errors")
@@ -452,8 +456,12 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     values = parse_values(text, f"--{family.replace('_', '-')}")
     model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
     options = eval_options(kw)
-    result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values, tolerance=tolerance,
-                       options=options)
+    options.progress = progress = _Progress(not sys.stderr.isatty(), "Evaluating checkpoints x settings")
+    try:
+        result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values,
+                           tolerance=tolerance, options=options)
+    finally:
+        progress.close()
     out_dir = prepare_out_dir(out)
     written = [write_csv(result.table, out_dir / "sweep.csv")]
     if have_matplotlib():

@@ -7,7 +7,7 @@ nothing is written. One checkpoint's weights are in memory at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,8 @@ class EvalOptions:
     trust_remote_code: bool = False
     #: PEFT adapter runs: clip the merged weights (base + scaling · B @ A) instead of the adapter's tensors
     clip_merged: bool = False
+    #: called with (evaluations done, evaluations in all: checkpoints x (original + variants)), e.g. a progress bar
+    progress: Callable[[int, int], None] | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -343,15 +345,25 @@ def evaluate_rows(
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     primary: Primary | None = None
+    total, done = len(run) * (1 + len(variants)), 0
+
+    def tick(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if options.progress is not None:
+            options.progress(done, total)
+
     for ckpt in run:
         try:
             state, tied = _read_state(ckpt, options.key or run.key)
             adapter = adapter_kinds_of(ckpt)  # a PEFT adapter folder's config names its LoRA factors
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
+            tick(1 + len(variants))
             continue
         n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
         base = evaluator.run(_with_tied(state, tied), ckpt.label, str(ckpt.path))
+        tick()
         if primary is None:  # known once the first scores are: fail after one pass, not after the run
             primary = resolve_primary(options.primary_metric, evaluator.task or "classification", list(base))
         loaded, model_tensors = evaluator.loader.last_loaded
@@ -370,6 +382,7 @@ def evaluate_rows(
             _say_buffers(report)
             n_clipped = sum(r["n_clipped"] for r in report)
             metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, path)
+            tick()
             rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": name, "n_clipped": n_clipped,
                          "frac_clipped": n_clipped / n_float if n_float else 0.0, **metrics,
                          **{f"delta_{k}": metrics[k] - base[k] for k in base}, "kind_rule": _kind_rule(report),

@@ -369,3 +369,10 @@ def test_checkpoint_code_runs_only_with_trust_remote_code(lm: dict[str, Any], tm
                         "--out", str(tmp_path / "e"))
     assert result.exit_code == 2 and "--trust-remote-code runs that code" in result.output
     assert "checkpoint code ran" not in result.output
+
+
+def test_progress_counts_checkpoints_times_variants(lm: dict[str, Any]) -> None:
+    seen: list[tuple[int, int]] = []
+    evaluate(lm["runs"]["gpt2"], "hf", str(lm["root"] / "heldout.safetensors"), clips=["max_abs=0.1", "max_abs=0.2"],
+             progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 6) for i in range(1, 7)]  # 2 checkpoints x (original + 2 variants)
