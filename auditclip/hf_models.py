@@ -134,6 +134,7 @@ class HFModelLoader(ModelLoader):
         self._model: torch.nn.Module | None = None
         self._models: dict[tuple[str, ...], torch.nn.Module] = {}
         self._base_states: dict[str, dict[str, torch.Tensor]] = {}
+        self._tasks: dict[tuple[str, ...], str] = {}
         self._said: set[str] = set()
         #: whether the last model loaded is a causal LM (``--shift-labels auto``)
         self.causal = False
@@ -152,14 +153,12 @@ class HFModelLoader(ModelLoader):
             raise InputError(f"{folder / CONFIG}: transformers cannot read it: {text}") from exc
 
     def _plain(self, folder: Path) -> torch.nn.Module:
-        """The model of ``config.json`` in ``folder``, built once per distinct config and task."""
-        config_text = (folder / CONFIG).read_text(encoding="utf-8")
-        config = self._config(folder)
-        task = self.task or task_of(getattr(config, "architectures", None))
-        key = ("plain", config_text, task)
+        """The model of ``config.json`` in ``folder``, built once per distinct config (and ``--hf-task``)."""
+        key = ("plain", (folder / CONFIG).read_text(encoding="utf-8"), self.task or "")
         if key not in self._models:
-            transformers = _transformers()
-            auto = getattr(transformers, HF_TASKS[task])
+            config = self._config(folder)
+            task = self.task or task_of(getattr(config, "architectures", None))
+            auto = getattr(_transformers(), HF_TASKS[task])
             try:
                 model = auto.from_config(config, trust_remote_code=self.trust_remote_code)
             except Exception as exc:
@@ -170,7 +169,8 @@ class HFModelLoader(ModelLoader):
                 self._said.add(said)
                 note(said)
             self._models[key] = model.eval()
-        self.causal = task == "causal-lm"
+            self._tasks[key] = task
+        self.causal = self._tasks[key] == "causal-lm"
         return self._models[key]
 
     def _model_for(self, path: str) -> torch.nn.Module:
