@@ -102,7 +102,11 @@ def _transformers() -> Any:
 
 
 def base_weights_file(folder: Path) -> Path:
-    """The weights file of a Hugging Face model folder (safetensors first, an index before a file)."""
+    """The weights file of a Hugging Face model folder (safetensors first, an index before a file).
+
+    >>> base_weights_file(Path("sample_checkpoints/tiny_lm/checkpoint-36")).name
+    'model.safetensors'
+    """
     for name in _BASE_WEIGHTS:
         if (folder / name).is_file():
             return folder / name

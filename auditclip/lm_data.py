@@ -52,7 +52,13 @@ def labels_from(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
 
 
 def token_batches(source: str, doc: Mapping[str, Any], batch_size: int) -> Callable[[], Iterable[tuple[Any, Any]]]:
-    """Batches of a mapping holding ``input_ids`` ``[N, T]`` (optional ``labels``, ``attention_mask``...)."""
+    """Batches of a mapping holding ``input_ids`` ``[N, T]`` (optional ``labels``, ``attention_mask``...).
+
+    >>> make = token_batches("d", {"input_ids": torch.ones(3, 4, dtype=torch.long),
+    ...                            "labels": torch.ones(3, 4, dtype=torch.long)}, batch_size=2)
+    >>> [(sorted(x), list(y.shape)) for x, y in make()]
+    [(['input_ids'], [2, 4]), (['input_ids'], [1, 4])]
+    """
     tensors: dict[str, torch.Tensor] = {}
     for key, value in doc.items():
         try:
@@ -89,7 +95,11 @@ def token_batches(source: str, doc: Mapping[str, Any], batch_size: int) -> Calla
 
 
 def read_texts(path: Path, source: str) -> list[str]:
-    """The texts of a JSONL file: each line a JSON object with a ``text`` field, or a JSON string."""
+    """The texts of a JSONL file: each line a JSON object with a ``text`` field, or a JSON string.
+
+    >>> read_texts(Path("sample_checkpoints/tiny_lm_heldout.jsonl"), "d")[0].split()[:3]
+    ['w85', 'w118', 'w109']
+    """
     texts: list[str] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -113,7 +123,13 @@ def read_texts(path: Path, source: str) -> list[str]:
 
 
 def load_tokenizer(path: str) -> Any:
-    """The tokenizer saved in folder ``path`` (``save_pretrained``), from local files only."""
+    """The tokenizer saved in folder ``path`` (``save_pretrained``), from local files only.
+
+    >>> load_tokenizer("sample_checkpoints/tiny_lm_heldout.jsonl")
+    Traceback (most recent call last):
+    ...
+    auditclip.errors.InputError: --tokenizer sample_checkpoints/tiny_lm_heldout.jsonl: not a folder (...)
+    """
     if not Path(path).is_dir():
         raise InputError(f"--tokenizer {path}: not a folder (expected what tokenizer.save_pretrained writes)")
     try:
@@ -129,7 +145,13 @@ def load_tokenizer(path: str) -> Any:
 
 def text_batches(source: str, path: Path, tokenizer_path: str | None,
                  batch_size: int) -> Callable[[], Iterable[tuple[Any, Any]]]:
-    """Batches of a JSONL file of texts, tokenised once and padded per batch (masked padding)."""
+    """Batches of a JSONL file of texts, tokenised once and padded per batch (masked padding).
+
+    >>> text_batches("t.jsonl", Path("t.jsonl"), None, 8)
+    Traceback (most recent call last):
+    ...
+    auditclip.errors.InputError: --data t.jsonl: a JSONL file of texts needs --tokenizer PATH (...)
+    """
     if not tokenizer_path:
         raise InputError(f"--data {source}: a JSONL file of texts needs --tokenizer PATH (the folder a "
                          "tokenizer was saved to with save_pretrained, e.g. beside the checkpoints)")
