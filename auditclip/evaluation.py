@@ -75,6 +75,9 @@ class EvalOptions:
     trust_remote_code: bool = False
     #: PEFT adapter runs: clip the merged weights (base + scaling · B @ A) instead of the adapter's tensors
     clip_merged: bool = False
+    #: PEFT adapter runs, as ``clip --adapter-mode``: clip the stored factors (``factors``) or each update ΔW
+    #: refactored to rank r (``delta``)
+    adapter_mode: str = "factors"
     #: called with (evaluations done, evaluations in all: checkpoints x (original + variants)), e.g. a progress bar
     progress: Callable[[int, int], None] | None = None
 
@@ -309,6 +312,37 @@ def clip_variant_states(
         yield name, clipped, report
 
 
+def delta_variant_states(
+    ckpt: Any, variants: Sequence[tuple[str, ClipSettings]],
+) -> Iterator[tuple[str, dict[str, torch.Tensor], list[dict[str, Any]]]]:
+    """``--adapter-mode delta``: each clip variant of a PEFT adapter checkpoint as ``clip`` writes it
+    (each LoRA update ΔW clipped and refactored to rank r, :func:`auditclip.adapters.clip_adapter_checkpoint`,
+    into a temporary folder and read back): (its name, the adapter's state dict, its report rows)."""
+    import tempfile
+
+    from .adapters import clip_adapter_checkpoint
+    from .formats.readers import open_checkpoint_file
+
+    weights = Path(ckpt.weights)
+    for name, settings in variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = clip_adapter_checkpoint(weights.parent, Path(tmp) / weights.name, settings, label=ckpt.label)
+            with open_checkpoint_file(Path(tmp) / weights.name) as reader:
+                state = {n: reader.get(n).clone() for n in reader.names()}
+        yield name, state, report.to_dict("records")
+
+
+def _delta_numel(ckpt: Any, state: dict[str, torch.Tensor]) -> int:
+    """What ``--adapter-mode delta`` can clip: every LoRA update's elements, and the other floating tensors."""
+    from .formats.peft import adapter_index_for
+
+    index = adapter_index_for(ckpt.weights)
+    modules = [m for m in index.modules if m.problem is None] if index is not None else []
+    factors = {n for m in modules for n in (m.a_name, m.b_name)}
+    return (sum(m.delta_shape[0] * m.delta_shape[1] for m in modules)
+            + sum(t.numel() for n, t in state.items() if t.is_floating_point() and n not in factors))
+
+
 def _kind_rule(report: list[dict[str, Any]]) -> str:
     """Which rule told parameters from buffers for a variant: ``model``, ``name`` or both."""
     rules = sorted({str(r["kind_rule"]).split(":", 1)[0] for r in report})
@@ -378,7 +412,12 @@ def evaluate_rows(
         # the model tells its buffers from its parameters (a custom register_buffer has no telltale name)
         kinds = evaluator.loader.kinds_at(list(state), path) if options.clip_merged else \
             evaluator.loader.kinds(list(state))
-        for name, clipped, report in clip_variant_states(state, variants, kinds, adapter):
+        if options.adapter_mode == "delta" and adapter is not None and not options.clip_merged:
+            n_float = _delta_numel(ckpt, state)  # n_clipped counts elements of the updates ΔW
+            states = delta_variant_states(ckpt, variants)
+        else:
+            states = clip_variant_states(state, variants, kinds, adapter)
+        for name, clipped, report in states:
             _say_buffers(report)
             n_clipped = sum(r["n_clipped"] for r in report)
             metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, path)

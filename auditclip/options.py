@@ -153,7 +153,7 @@ RULES = ("range", "max_abs", "zscore", "jump", "norm_growth", "spike", "fail_on"
 SELECTION = ("include", "exclude", "override", "config", "buffers")
 EVALUATION = ("model", "data", "inputs_key", "targets_key", "target", "task", "metrics", "primary_metric",
               "batch_size", "limit", "device", "strict", "strip_prefix", "add_prefix", "tokenizer", "shift_labels",
-              "hf_task", "base", "trust_remote_code", "clip_merged")
+              "hf_task", "base", "trust_remote_code", "clip_merged", "adapter_mode")
 _EVAL_FIELDS = tuple(n for n in EVALUATION if n not in ("model", "data"))
 
 

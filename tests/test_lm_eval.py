@@ -376,3 +376,21 @@ def test_progress_counts_checkpoints_times_variants(lm: dict[str, Any]) -> None:
     evaluate(lm["runs"]["gpt2"], "hf", str(lm["root"] / "heldout.safetensors"), clips=["max_abs=0.1", "max_abs=0.2"],
              progress=lambda done, total: seen.append((done, total)))
     assert seen == [(i, 6) for i in range(1, 7)]  # 2 checkpoints x (original + 2 variants)
+
+
+def test_adapter_mode_delta_variant_scores_the_adapter_clip_writes(lora: dict[str, Any], tmp_path: Path) -> None:
+    run, ids = lora["run"], lora["ids"]
+    data = str(lora["root"] / "heldout.safetensors")
+    result = invoke_cli("evaluate", str(run / "checkpoint-2"), "--data", data, "--clip", "max_abs=0.001",
+                        "--adapter-mode", "delta", "--out", str(tmp_path / "eval"))
+    assert result.exit_code == 0, result.output
+    clipped = invoke_cli("clip", str(run / "checkpoint-2"), "--max-abs", "0.001", "--adapter-mode", "delta",
+                         "--out", str(tmp_path / "clipped"))
+    assert clipped.exit_code == 0, clipped.output
+    report = csv_rows(tmp_path / "clipped" / "clip_report.csv")
+    row = next(r for r in csv_rows(tmp_path / "eval" / "evaluation.csv") if r["variant"] == "max_abs=0.001")
+    assert int(row["n_clipped"]) == sum(int(r["n_clipped"]) for r in report) > 0
+    folder = next(p.parent for p in (tmp_path / "clipped").rglob("adapter_model.safetensors"))
+    assert float(row["loss"]) == pytest.approx(_peft_loss(lora["base"], folder, ids), rel=1e-5)
+    factors = evaluate(run / "checkpoint-2", "hf", data, clips=["max_abs=0.001"])
+    assert float(factors.loss.iloc[1]) != pytest.approx(float(row["loss"]), rel=1e-6)  # the modes differ
