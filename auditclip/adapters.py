@@ -53,7 +53,7 @@ from .config import ClipSettings, ClipSpec
 from .distances import DRIFT_METRICS, ratio
 from .formats.dtypes import dtype_name
 from .errors import InputError
-from .formats.peft import ADAPTER_CONFIG, AdapterIndex, AdapterTensor, LoraModule, adapter_weights_file, read_adapter_index
+from .formats.peft import ADAPTER_CONFIG, AdapterIndex, LoraModule, adapter_weights_file, read_adapter_index
 from .notices import note
 from .output import atomic_path
 from .formats.readers import open_checkpoint_file
@@ -673,6 +673,7 @@ def merged_weights(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tenso
     in the base dtype. An adapter whose update is not scaling · B @ A (DoRA and other
     variants, a module with a problem, a tensor of unknown role) is an :class:`InputError`.
 
+    >>> from auditclip.formats.peft import AdapterTensor
     >>> index = AdapterIndex(Path("a"), Path("a/adapter_config.json"), Path("a/adapter_model.safetensors"), {},
     ...                      "LORA", modules=[LoraModule("base_model.model.fc", "fc", "A", "B", 1, 2.0, 2.0)],
     ...                      tensors=[AdapterTensor("A", "lora_A", "fc", "float32", (1, 2)),
