@@ -661,3 +661,58 @@ def adapter_delta_drift(prev: str | Path, cur: str | Path) -> list[dict[str, Any
             rows.append({**_module_fields(mb, A2), **d})
     return rows
 
+
+
+def merged_weights(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor],
+                   index: AdapterIndex) -> dict[str, torch.Tensor]:
+    """The base model's weights with an adapter merged in, as peft's ``merge_and_unload`` gives them:
+    each LoRA target ``W + scaling · B @ A`` (transposed for ``fan_in_fan_out`` layers and
+    embeddings, reshaped for a convolution kernel), a ``lora_bias`` added to the base bias
+    scaled likewise, and each ``modules_to_save`` copy in place of the base tensor. Names are
+    the base model's; every tensor not adapted is the base's own. Computed in float64, stored
+    in the base dtype. An adapter whose update is not scaling · B @ A (DoRA and other
+    variants, a module with a problem, a tensor of unknown role) is an :class:`InputError`.
+
+    >>> from auditclip.formats.peft import AdapterTensor
+    >>> index = AdapterIndex(Path("a"), Path("a/adapter_config.json"), Path("a/adapter_model.safetensors"), {},
+    ...                      "LORA", modules=[LoraModule("base_model.model.fc", "fc", "A", "B", 1, 2.0, 2.0)],
+    ...                      tensors=[AdapterTensor("A", "lora_A", "fc", "float32", (1, 2)),
+    ...                               AdapterTensor("B", "lora_B", "fc", "float32", (2, 1))])
+    >>> merged_weights({"fc.weight": torch.zeros(2, 2)}, {"A": torch.tensor([[1.0, 0.0]]),
+    ...                "B": torch.tensor([[1.0], [3.0]])}, index)["fc.weight"].tolist()
+    [[2.0, 0.0], [6.0, 0.0]]
+    """
+    from .formats.peft import PREFIX
+
+    out = dict(base)
+    folder = index.folder
+    for m in index.modules:
+        if m.problem or m.variant:
+            raise InputError(f"--clip-merged: {folder}: LoRA module {m.module} "
+                             f"{'has ' + m.problem if m.problem else 'is ' + str(m.variant)}; its merged update is "
+                             "not scaling · B @ A, so it cannot be merged here")
+        if m.target not in base:
+            raise InputError(f"--clip-merged: {folder}: the base model has no {m.target} for LoRA module {m.module}")
+        weight = base[m.target]
+        delta = materialise_delta(adapter[m.a_name], adapter[m.b_name], m.scaling)  # type: ignore[index]
+        if m.fan_in_fan_out or m.embedding:
+            delta = delta.T
+        if delta.numel() != weight.numel():
+            raise InputError(f"--clip-merged: {folder}: LoRA module {m.module}'s update {list(delta.shape)} does not "
+                             f"fit {m.target} {list(weight.shape)}")
+        out[m.target] = (weight.double() + delta.reshape(weight.shape)).to(weight.dtype)
+        if m.bias_name is not None:
+            bias_name = f"{m.key}.bias"
+            bias = base.get(bias_name)
+            if bias is None:
+                raise InputError(f"--clip-merged: {folder}: lora_bias of {m.module} but the base has no {bias_name}")
+            out[bias_name] = (bias.double() + m.scaling * adapter[m.bias_name].double()).to(bias.dtype)
+    for t in index.tensors:
+        if t.role == "modules_to_save":
+            name = t.name[len(PREFIX):] if t.name.startswith(PREFIX) else t.name
+            if name not in base:
+                raise InputError(f"--clip-merged: {folder}: modules_to_save copy {t.name} has no base tensor {name}")
+            out[name] = adapter[t.name]
+        elif t.module is None:
+            raise InputError(f"--clip-merged: {folder}: {t.name} is a {t.role} tensor auditclip cannot merge")
+    return out

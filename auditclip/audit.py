@@ -12,7 +12,7 @@ import pandas as pd
 from .analysis import RunLike
 from .config import ClipSpec, FlagSettings, flag_settings
 from .errors import InputError
-from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend
+from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend, recommendations
 from .flags import FlagResult, flag
 from .histograms import HistogramCollector, TensorHistograms
 from .notices import collect
@@ -40,6 +40,8 @@ class AuditResult:
     histograms: dict[str, TensorHistograms] = field(default_factory=dict)
     #: the TensorBoard event file written (with ``tensorboard``)
     tensorboard: Path | None = None
+    #: what the recommended clip costs, e.g. "max_abs=1 clips 0.4% of weights, loss +0.6% (within 1%)"
+    recommendation_cost: str = ""
 
     @property
     def failed(self) -> bool:
@@ -85,9 +87,9 @@ def audit(
     >>> result = audit("sample_checkpoints/high_lr", "report/", model="sample_checkpoints/digits_mlp.py:make_model",
     ...                data="sample_checkpoints/digits_test.safetensors", clips=["max_abs=1.5"])  # doctest: +SKIP
     """
-    if (model is None) != (data is None):
+    if model is not None and data is None:
         raise InputError("--model and --data go together: give both to evaluate, or neither")
-    if clips and model is None:
+    if clips and data is None:
         raise InputError("--clip needs --model and --data to evaluate the clipped variants")
     if tensorboard is not None:
         from .report.tensorboard import check_available
@@ -132,7 +134,7 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
         report.csv(df, name)
     errors = [analysis.errors]
     primary = None
-    if model is not None:
+    if data is not None:  # without --model: hf where the checkpoints have config.json, else an error
         evaluation, eval_errors, primary, _ = evaluate_rows(analysis.run, model, data, variants, options)  # type: ignore[arg-type]
         order = sorted((v for v, _ in variants), key=_tightness)
         evaluation["recommended"] = recommend(evaluation, primary, tolerance, order)
@@ -142,6 +144,8 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
         errors.append(eval_errors)
         last = evaluation[evaluation.checkpoint == evaluation.checkpoint.iloc[-1]]
         chosen = last[last.recommended]
+        if clips and len(chosen):
+            result.recommendation_cost = recommendations(last, primary, tolerance)[str(chosen.checkpoint.iloc[0])]
         if clips:
             result.recommendation = (
                 f"{chosen.variant.iloc[0]} for {chosen.checkpoint.iloc[0]}" if len(chosen)

@@ -62,12 +62,12 @@ def _table(df: Any, columns: tuple[str, ...] | list[str]) -> str:
 class _Progress:
     """A click progress bar on stderr, created once the number of tensors is known."""
 
-    def __init__(self, hidden: bool) -> None:
-        self.hidden, self.bar, self.done = hidden, None, 0
+    def __init__(self, hidden: bool, label: str = "Analysing tensors") -> None:
+        self.hidden, self.bar, self.done, self.label = hidden, None, 0, label
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(length=total, label="Analysing tensors", file=sys.stderr, hidden=self.hidden)
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, hidden=self.hidden)
             self.bar.__enter__()
         self.bar.update(done - self.done)
         self.done = done
@@ -378,7 +378,7 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
 @use("out", "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "to", "buffers", "force", "dry_run",
      "drop_trainer_state", "adapter_mode", "sort", "key", "include", "exclude", "override", "config", "model",
      help={"out": "Directory for the clipped checkpoints.", "range": "Clip every selected tensor to [LO, HI].",
-           "model": "module:factory or file.py:factory whose named_buffers() decide what a buffer is "
+           "model": "module:factory, file.py:factory or hf (config.json) whose named_buffers() decide what a buffer is "
                     "(default: the names).",
            "max_abs": "Clip to [-C, C].", "include": "Only clip tensors whose name matches (repeatable).",
            "exclude": "Never clip tensors whose name matches (repeatable).",
@@ -470,9 +470,13 @@ def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) 
     from .evaluation import evaluate as run_evaluate
     from .output import prepare_out_dir, write_csv
 
-    model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
+    model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
     options = eval_options(kw)
-    df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
+    options.progress = progress = _Progress(not sys.stderr.isatty(), "Evaluating checkpoints x variants")
+    try:
+        df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
+    finally:
+        progress.close()
     out_dir = prepare_out_dir(out)
     written = [write_csv(df, out_dir / "evaluation.csv")]
     errors = df.attrs.get("errors")
@@ -506,7 +510,7 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
       auditclip sweep sample_checkpoints/high_lr/epoch_12.safetensors --model sample_checkpoints/digits_mlp.py:make_model \\
           --data sample_checkpoints/digits_test.safetensors --percentile 99,99.9,99.99 --primary-metric loss --out sweep/
     """
-    from .evaluation import parse_values, sweep as run_sweep
+    from .evaluation import parse_values, sweep as run_sweep, write_sweep_summary
     from .output import prepare_out_dir, write_csv
     from .plots import PLOT_HINT, have_matplotlib, sweep_plot
 
@@ -515,10 +519,14 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
         raise CliError("give exactly one of --max-abs, --percentile, --sigma with a list of settings")
     (family, text), = families.items()
     values = parse_values(text, f"--{family.replace('_', '-')}")
-    model, data = _need(kw.pop("model"), "--model"), _need(kw.pop("data"), "--data")
+    model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
     options = eval_options(kw)
-    result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values, tolerance=tolerance,
-                       options=options)
+    options.progress = progress = _Progress(not sys.stderr.isatty(), "Evaluating checkpoints x settings")
+    try:
+        result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values,
+                           tolerance=tolerance, options=options)
+    finally:
+        progress.close()
     out_dir = prepare_out_dir(out)
     written = [write_csv(result.table, out_dir / "sweep.csv")]
     if have_matplotlib():
@@ -528,11 +536,9 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     echo(_table(t, ["checkpoint", "variant", "n_clipped", "frac_clipped", result.metric,
                     f"delta_{result.metric}", "recommended"]))
     echo(f"Decided by {result.decided_by}")
-    for checkpoint, group in t.groupby("checkpoint", sort=False):
-        chosen = group[group.recommended]
-        echo(f"recommended for {checkpoint}: "
-             + (chosen.variant.iloc[0] if len(chosen)
-                else "none (no tested setting both changes weights and stays within tolerance)"))
+    for checkpoint, text in result.recommendations.items():
+        echo(f"recommended for {checkpoint}: {text}")
+    written.append(write_sweep_summary(result, out_dir / "summary.md"))
     _write_errors(result.errors, out_dir, written)
     echo("\nWrote " + ", ".join(str(p) for p in written))
     if not have_matplotlib():

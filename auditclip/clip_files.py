@@ -569,6 +569,15 @@ def _clip_deepspeed(ckpt: Checkpoint, tag: Path, dst: Path, settings: ClipSettin
     return pd.DataFrame(clipper.rows, columns=list(CLIP_REPORT_COLUMNS))
 
 
+def _loader(model: str) -> ModelLoader:
+    """``clip --model``: a factory, a .pt2 program, or ``hf`` (the checkpoint's config.json), as ``evaluate`` builds it."""
+    if model == "hf":
+        from .hf_models import HFModelLoader
+
+        return HFModelLoader()
+    return ModelLoader(model)
+
+
 def clip_checkpoint(
     src: str | os.PathLike[str] | Checkpoint,
     dst: str | os.PathLike[str],
@@ -713,7 +722,7 @@ def clip_run(
     if to not in (None, "safetensors"):
         raise InputError(f"--to {to!r}: only safetensors is supported")
     # with a model, its named_buffers() decide what clipping leaves alone, as in evaluate
-    loader = ModelLoader(model) if model else None
+    loader = _loader(model) if model else None
     run = open_run(src, sort=sort, key=key)
     out = Path(out)
     if out.exists() and not out.is_dir():

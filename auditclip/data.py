@@ -4,6 +4,8 @@
 targets (keys ``x``/``y`` by default), a CSV or Parquet table (``--target
 COLUMN``, the other columns as float features), or ``module:factory`` returning
 a ``Dataset``, a ``DataLoader`` or an iterable of ``(inputs, targets)`` batches.
+Token data for language models (a file with ``input_ids``, a ``datasets``-style
+Arrow/Parquet table, a JSONL file of texts with ``--tokenizer``): :mod:`auditclip.lm_data`.
 """
 
 from __future__ import annotations
@@ -114,8 +116,11 @@ def load_data(
     target: str | None = None,
     batch_size: int = 256,
     limit: int | None = None,
+    tokenizer: str | None = None,
 ) -> HeldOut:
     """Open ``--data`` as batches of (inputs, targets).
+
+    ``tokenizer``: the folder of a saved tokenizer, for a ``.jsonl`` file of texts.
 
     >>> data = load_data("sample_checkpoints/digits_test.safetensors")  # doctest: +SKIP
     >>> x, y = next(data.batches()); x.shape  # doctest: +SKIP
@@ -125,7 +130,9 @@ def load_data(
         raise InputError("--batch-size must be at least 1")
     path = Path(ref)
     suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".pt", ".pth", ".npz", ".csv", ".parquet") and not path.is_file():
+    if tokenizer and suffix != ".jsonl":
+        raise InputError(f"--tokenizer tokenises a JSONL file of texts; --data {ref} is not one (.jsonl)")
+    if suffix in (".safetensors", ".pt", ".pth", ".npz", ".csv", ".parquet", ".jsonl", ".arrow") and not path.is_file():
         raise InputError(f"--data {ref}: no such file")
     try:
         if suffix == ".safetensors":
@@ -136,6 +143,16 @@ def load_data(
             doc = torch.load(path, map_location="cpu", weights_only=True)
         elif suffix == ".npz":
             doc = dict(np.load(path, allow_pickle=False))
+        elif suffix == ".jsonl":
+            from .lm_data import text_batches
+
+            return HeldOut(ref, text_batches(ref, path, tokenizer, batch_size), limit)
+        elif suffix in (".arrow", ".parquet") and target is None:
+            from .lm_data import arrow_token_doc
+
+            doc = arrow_token_doc(path, ref)
+            if doc is None:
+                return _table(ref, path, target, batch_size, limit)
         elif suffix in (".csv", ".parquet"):
             return _table(ref, path, target, batch_size, limit)
         else:
@@ -146,6 +163,10 @@ def load_data(
         raise InputError(f"--data {ref}: cannot read it: {one_line(exc)}") from exc
     if not isinstance(doc, dict):
         raise InputError(f"--data {ref}: expected a mapping of tensors, found {type(doc).__name__}")
+    from .lm_data import is_token_mapping, token_batches
+
+    if is_token_mapping(doc, inputs_key):
+        return HeldOut(ref, token_batches(ref, doc, batch_size), limit)
     x, y = _pick(ref, doc, inputs_key, "inputs"), _pick(ref, doc, targets_key, "targets")
     if len(x) != len(y):
         raise InputError(f"--data {ref}: {len(x)} inputs but {len(y)} targets")

@@ -7,8 +7,9 @@ nothing is written. One checkpoint's weights are in memory at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,9 +23,11 @@ from .data import HeldOut, load_data
 from .errors import CheckpointError, InputError
 from .metrics import TASKS, CustomMetric, MetricTotals, Primary, infer_task, load_custom_metric, model_outputs, \
     resolve_primary
-from .modelref import ModelLoader, one_line, raised
+from .lm import decide_shift
+from .modelref import ModelLoader, call_model, one_line, raised
 from .kinds import tensor_kind
 from .notices import note
+from .output import atomic_path
 
 SWEEP_FAMILIES = ("max_abs", "percentile", "sigma")
 #: evaluation.csv's columns after the metrics and their deltas
@@ -61,6 +64,22 @@ class EvalOptions:
     buffers: bool | None = None
     #: without ``config``, read ``[tool.auditclip]`` of the nearest pyproject.toml (as the CLI does)
     search_config: bool = False
+    #: language models: compare logits at t with labels at t + 1 (``auto``: a causal LM whose labels are its inputs)
+    shift_labels: str = "auto"
+    #: the folder of a saved tokenizer, for ``--data texts.jsonl``
+    tokenizer: str | None = None
+    #: ``--model hf``: the task (auto class) instead of config.architectures'; the base model of an adapter;
+    #: whether the checkpoint's own code may run
+    hf_task: str | None = None
+    base: str | None = None
+    trust_remote_code: bool = False
+    #: PEFT adapter runs: clip the merged weights (base + scaling · B @ A) instead of the adapter's tensors
+    clip_merged: bool = False
+    #: PEFT adapter runs, as ``clip --adapter-mode``: clip the stored factors (``factors``) or each update ΔW
+    #: refactored to rank r (``delta``)
+    adapter_mode: str = "factors"
+    #: called with (evaluations done, evaluations in all: checkpoints x (original + variants)), e.g. a progress bar
+    progress: Callable[[int, int], None] | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -88,26 +107,48 @@ class Evaluator:
             raise InputError(f"--task {options.task!r}: use one of {', '.join(TASKS)}")
         self.options = options
         self.device = pick_device(options.device)
-        self.loader = ModelLoader(model_ref, strict=options.strict, strip_prefix=options.strip_prefix,
-                                  add_prefix=options.add_prefix, device=self.device)
+        self.loader = make_loader(model_ref, options, self.device)
         self.data = data if isinstance(data, HeldOut) else load_data(
             data, inputs_key=options.inputs_key, targets_key=options.targets_key, target=options.target,
-            batch_size=options.batch_size, limit=options.limit)
+            batch_size=options.batch_size, limit=options.limit, tokenizer=options.tokenizer)
+        self._said: set[Any] = set()
+        #: keep the batches on the device after the first pass (off the CPU: moving them is the cost)
+        self.cache = self.device.type != "cpu"
+        self._cache: list[tuple[Any, torch.Tensor]] | None = None
         self.custom: tuple[CustomMetric, ...] = tuple(
             load_custom_metric(m) if isinstance(m, str) else m for m in options.metrics)
         self.task: str | None = None if options.task == "auto" else options.task
+
+    #: held-out data kept on the device between evaluations (``--device cuda``), up to this many bytes
+    CACHE_BYTES = 1 << 30
+
+    def _batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
+        """The held-out batches with their inputs on the device. Off the CPU, the first pass keeps
+        them there (up to :attr:`CACHE_BYTES`), so N checkpoints x V variants move the data once."""
+        if self._cache is not None:
+            yield from self._cache
+            return
+        keep: list[tuple[Any, torch.Tensor]] | None = [] if self.cache else None
+        size = 0
+        for inputs, targets in self.data.batches():
+            inputs = _to(inputs, self.device)
+            if keep is not None:
+                tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
+                size += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+                if size <= self.CACHE_BYTES:
+                    keep.append((inputs, targets))
+                else:
+                    keep = None
+            yield inputs, targets
+        self._cache = keep
 
     def run(self, state: dict[str, torch.Tensor], checkpoint: str, path: str | None = None) -> dict[str, float]:
         model = self.loader.load(state, checkpoint, path)
         totals: MetricTotals | None = None
         with torch.inference_mode():
-            for inputs, targets in self.data.batches():
-                if self.task is None:
-                    self.task = infer_task(targets)
-                totals = totals or MetricTotals(self.task, self.custom)
-                inputs = _to(inputs, self.device)
+            for inputs, targets in self._batches():
                 try:
-                    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+                    out = call_model(model, inputs, self._said)
                 except KeyboardInterrupt:
                     raise
                 except SystemExit as exc:
@@ -117,10 +158,82 @@ class Evaluator:
                     shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
                     raise InputError(f"--data {self.data.source}: the model cannot take inputs of shape {shape}: "
                                      f"{one_line(exc)}") from exc
-                totals.update(model_outputs(out).float().cpu(), targets)
+                outputs = model_outputs(out)
+                if self.task is None:
+                    self.task = infer_task(targets, outputs)
+                if self.task != "lm" or self.custom:  # token sums run on the device: [B, T, V] logits stay
+                    outputs = outputs.float().cpu()
+                totals = totals or MetricTotals(self.task, self.custom)
+                if self.task == "lm":
+                    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                    shift = decide_shift(self.options.shift_labels, getattr(self.loader, "causal", False) or
+                                         _is_causal(model), inputs, targets, self._said)
+                    totals.update(outputs, targets, mask, shift)
+                else:
+                    totals.update(outputs, targets)
         if totals is None:
             raise InputError(f"--data {self.data.source}: no samples")
         return totals.result()
+
+
+def make_loader(model_ref: str, options: EvalOptions, device: torch.device) -> ModelLoader:
+    """The loader of ``--model``: ``hf`` (the checkpoint's config.json, :mod:`auditclip.hf_models`),
+    a factory or a ``.pt2`` program.
+
+    >>> type(make_loader("hf", EvalOptions(), torch.device("cpu"))).__name__
+    'HFModelLoader'
+    """
+    if model_ref == "hf":
+        from .hf_models import HFModelLoader
+
+        return HFModelLoader(strict=options.strict, strip_prefix=options.strip_prefix, add_prefix=options.add_prefix,
+                             device=device, task=options.hf_task, base=options.base,
+                             trust_remote_code=options.trust_remote_code)
+    for name, value in (("--hf-task", options.hf_task), ("--base", options.base),
+                        ("--trust-remote-code", options.trust_remote_code), ("--clip-merged", options.clip_merged)):
+        if value:
+            raise InputError(f"{name} goes with --model hf (the model built from the checkpoint's config.json)")
+    return ModelLoader(model_ref, strict=options.strict, strip_prefix=options.strip_prefix,
+                       add_prefix=options.add_prefix, device=device)
+
+
+def default_model(run: Any, model: str | None) -> str:
+    """``--model`` as given, else ``hf`` when the run's checkpoints are Hugging Face folders
+    (``config.json`` or ``adapter_config.json`` beside the weights).
+
+    >>> default_model(open_run("sample_checkpoints/high_lr"), None)
+    Traceback (most recent call last):
+    ...
+    auditclip.errors.InputError: Missing option '--model': ...
+    """
+    if model:
+        return model
+    from .hf_models import is_hf_run
+
+    if is_hf_run([c.weights for c in run]):
+        return "hf"
+    raise InputError("Missing option '--model': give module:factory, file.py:factory or a .pt2 file "
+                     "(--model hf, the default, needs a config.json beside the checkpoints)")
+
+
+def _merged(evaluator: Evaluator, state: dict[str, torch.Tensor], label: str,
+            path: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``--clip-merged``: the base weights with the checkpoint's adapter merged in, and the base folder."""
+    merged = evaluator.loader.merged(state, path)  # type: ignore[attr-defined]
+    if merged is None:
+        raise InputError(f"--clip-merged: {label} is no PEFT adapter folder; --clip-merged clips base + adapter "
+                         "merged, for adapter runs")
+    return merged
+
+
+def _is_causal(model: torch.nn.Module) -> bool:
+    """A model of a factory is a causal LM when transformers says so (its class name, else its config)."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    from .hf_models import task_of
+
+    return task_of(getattr(getattr(model, "config", None), "architectures", None)) == "causal-lm"
 
 
 def _to(inputs: Any, device: torch.device) -> Any:
@@ -199,6 +312,37 @@ def clip_variant_states(
         yield name, clipped, report
 
 
+def delta_variant_states(
+    ckpt: Any, variants: Sequence[tuple[str, ClipSettings]],
+) -> Iterator[tuple[str, dict[str, torch.Tensor], list[dict[str, Any]]]]:
+    """``--adapter-mode delta``: each clip variant of a PEFT adapter checkpoint as ``clip`` writes it
+    (each LoRA update ΔW clipped and refactored to rank r, :func:`auditclip.adapters.clip_adapter_checkpoint`,
+    into a temporary folder and read back): (its name, the adapter's state dict, its report rows)."""
+    import tempfile
+
+    from .adapters import clip_adapter_checkpoint
+    from .formats.readers import open_checkpoint_file
+
+    weights = Path(ckpt.weights)
+    for name, settings in variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = clip_adapter_checkpoint(weights.parent, Path(tmp) / weights.name, settings, label=ckpt.label)
+            with open_checkpoint_file(Path(tmp) / weights.name) as reader:
+                state = {n: reader.get(n).clone() for n in reader.names()}
+        yield name, state, report.to_dict("records")
+
+
+def _delta_numel(ckpt: Any, state: dict[str, torch.Tensor]) -> int:
+    """What ``--adapter-mode delta`` can clip: every LoRA update's elements, and the other floating tensors."""
+    from .formats.peft import adapter_index_for
+
+    index = adapter_index_for(ckpt.weights)
+    modules = [m for m in index.modules if m.problem is None] if index is not None else []
+    factors = {n for m in modules for n in (m.a_name, m.b_name)}
+    return (sum(m.delta_shape[0] * m.delta_shape[1] for m in modules)
+            + sum(t.numel() for n, t in state.items() if t.is_floating_point() and n not in factors))
+
+
 def _kind_rule(report: list[dict[str, Any]]) -> str:
     """Which rule told parameters from buffers for a variant: ``model``, ``name`` or both."""
     rules = sorted({str(r["kind_rule"]).split(":", 1)[0] for r in report})
@@ -231,31 +375,53 @@ def evaluate_rows(
     :func:`evaluate`, :func:`sweep` and :func:`auditclip.audit.audit` (``variants`` from
     :func:`clip_variants`); see :func:`evaluate` for an example."""
     run = open_run(run, sort=options.sort, key=options.key)
-    evaluator = Evaluator(model, data, options)
+    evaluator = Evaluator(default_model(run, model), data, options)
     rows: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     primary: Primary | None = None
+    total, done = len(run) * (1 + len(variants)), 0
+
+    def tick(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if options.progress is not None:
+            options.progress(done, total)
+
     for ckpt in run:
         try:
             state, tied = _read_state(ckpt, options.key or run.key)
             adapter = adapter_kinds_of(ckpt)  # a PEFT adapter folder's config names its LoRA factors
         except CheckpointError as exc:
             errors.append(exc.row(ckpt.label))
+            tick(1 + len(variants))
             continue
         n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
         base = evaluator.run(_with_tied(state, tied), ckpt.label, str(ckpt.path))
+        tick()
         if primary is None:  # known once the first scores are: fail after one pass, not after the run
             primary = resolve_primary(options.primary_metric, evaluator.task or "classification", list(base))
         loaded, model_tensors = evaluator.loader.last_loaded
         counts = {"n_loaded": loaded, "n_model_tensors": model_tensors, "primary_metric": primary.name}
         rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": "original", "n_clipped": 0,
                      "frac_clipped": 0.0, **base, **{f"delta_{k}": 0.0 for k in base}, "kind_rule": "", **counts})
+        path = str(ckpt.path)
+        if options.clip_merged and variants:  # clip base + adapter merged, scored by the plain base model
+            state, path = _merged(evaluator, state, ckpt.label, path)
+            tied, adapter = {}, None
+            n_float = sum(t.numel() for t in state.values() if t.is_floating_point())
         # the model tells its buffers from its parameters (a custom register_buffer has no telltale name)
-        kinds = evaluator.loader.kinds(list(state))
-        for name, clipped, report in clip_variant_states(state, variants, kinds, adapter):
+        kinds = evaluator.loader.kinds_at(list(state), path) if options.clip_merged else \
+            evaluator.loader.kinds(list(state))
+        if options.adapter_mode == "delta" and adapter is not None and not options.clip_merged:
+            n_float = _delta_numel(ckpt, state)  # n_clipped counts elements of the updates ΔW
+            states = delta_variant_states(ckpt, variants)
+        else:
+            states = clip_variant_states(state, variants, kinds, adapter)
+        for name, clipped, report in states:
             _say_buffers(report)
             n_clipped = sum(r["n_clipped"] for r in report)
-            metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, str(ckpt.path))
+            metrics = evaluator.run(_with_tied(clipped, tied), ckpt.label, path)
+            tick()
             rows.append({"checkpoint": ckpt.label, "step": ckpt.step, "variant": name, "n_clipped": n_clipped,
                          "frac_clipped": n_clipped / n_float if n_float else 0.0, **metrics,
                          **{f"delta_{k}": metrics[k] - base[k] for k in base}, "kind_rule": _kind_rule(report),
@@ -320,6 +486,71 @@ def recommend(df: pd.DataFrame, primary: Primary, tolerance: float | None, tight
     return marks
 
 
+def cost_text(variant: str, frac_clipped: float, base: float, value: float, primary: Primary,
+              tolerance: float | None) -> str:
+    """What a clip costs, in words: the weights it changes and the primary metric's move.
+
+    >>> cost_text("max_abs=1", 0.004, 2.0, 2.012, Primary("loss", False), None)
+    'max_abs=1 clips 0.4% of weights, loss +0.6% (within 1%)'
+    >>> cost_text("max_abs=1", 0.5, 0.9, 0.897, Primary("accuracy", True), None)
+    'max_abs=1 clips 50% of weights, accuracy -0.3 points (within 0.5 points)'
+    """
+    tol = primary.tolerance(tolerance)
+    if primary.points:
+        move = f"{(value - base) * 100:+.3g} points (within {tol:g} points)"
+    else:
+        if base:
+            rel = (value - base) / abs(base) * 100
+        else:  # a move away from 0 is infinitely many percent of it
+            rel = 0.0 if value == base else math.copysign(math.inf, value - base)
+        move = f"{rel:+.3g}% (within {tol:g}%)"
+    return f"{variant} clips {frac_clipped * 100:.3g}% of weights, {primary.name} {move}"
+
+
+def recommendations(df: pd.DataFrame, primary: Primary, tolerance: float | None) -> dict[str, str]:
+    """Per checkpoint, the recommended variant (``recommended`` column) and its cost
+    (:func:`cost_text`), or why there is none.
+
+    >>> df = pd.DataFrame({"checkpoint": ["c", "c"], "variant": ["original", "max_abs=1"], "frac_clipped": [0, 0.01],
+    ...                    "loss": [2.0, 2.01], "recommended": [False, True]})
+    >>> recommendations(df, Primary("loss", False), None)
+    {'c': 'max_abs=1 clips 1% of weights, loss +0.5% (within 1%)'}
+    """
+    out: dict[str, str] = {}
+    for checkpoint, group in df.groupby("checkpoint", sort=False):
+        chosen = group[group.recommended]
+        base = group[group.variant == "original"]
+        if len(chosen) and len(base):
+            row = chosen.iloc[0]
+            out[str(checkpoint)] = cost_text(str(row.variant), float(row.frac_clipped),
+                                             float(base[primary.name].iloc[0]), float(row[primary.name]), primary,
+                                             tolerance)
+        else:
+            out[str(checkpoint)] = "none (no tested setting both changes weights and stays within tolerance)"
+    return out
+
+
+def write_sweep_summary(result: SweepResult, path: str | Path) -> Path:
+    """Write ``summary.md`` of a sweep (atomically): the primary metric and tolerance that
+    decided, and per checkpoint the recommendation with its cost.
+
+    >>> import tempfile
+    >>> r = SweepResult(pd.DataFrame(), "lm", "loss", pd.DataFrame(), "loss (lower is better), tolerance 1 %",
+    ...                 {"c": "max_abs=1 clips 1% of weights, loss +0.5% (within 1%)"})
+    >>> print(write_sweep_summary(r, Path(tempfile.mkdtemp()) / "summary.md").read_text().splitlines()[-1])
+    - `c`: max_abs=1 clips 1% of weights, loss +0.5% (within 1%)
+    """
+    lines = ["# auditclip sweep", "",
+             f"- primary metric (`--primary-metric`): `{result.metric}`",
+             f"- decided by: {result.decided_by} (`--tolerance`)", "",
+             "## Recommendation", ""]
+    lines += [f"- `{c}`: {text}" for c, text in result.recommendations.items()]
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def check_tolerance(tolerance: float | None) -> None:
     """``--tolerance`` must be a finite number >= 0 (None: the task's default)."""
     if tolerance is None:
@@ -341,6 +572,8 @@ class SweepResult:
     errors: pd.DataFrame
     #: the metric the tolerance applied to, its direction and the tolerance, in words
     decided_by: str = ""
+    #: per checkpoint: the recommended setting and its cost (:func:`cost_text`), or "none (...)"
+    recommendations: dict[str, str] = field(default_factory=dict)
 
 
 def sweep(
@@ -368,7 +601,8 @@ def sweep(
     df, errors, primary, task = evaluate_rows(run, model, data, variants, options)
     df.insert(3, "setting", [math.nan if v == "original" else float(v.split("=")[1]) for v in df.variant])
     df["recommended"] = recommend(df, primary, tolerance, [name for name, _ in variants])
-    return SweepResult(df, task, primary.name, errors, primary.describe(tolerance))
+    return SweepResult(df, task, primary.name, errors, primary.describe(tolerance),
+                       recommendations(df, primary, tolerance))
 
 
 def parse_values(text: str, what: str) -> list[float]:

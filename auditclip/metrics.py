@@ -2,7 +2,9 @@
 
 The task is inferred from the targets: integer class labels -> classification
 (``loss`` = cross-entropy, ``accuracy``, ``top5_accuracy`` with more than 5
-classes); float targets -> regression (``loss`` = MSE, ``mae``).
+classes); float targets -> regression (``loss`` = MSE, ``mae``); logits
+``[B, T, V]`` against token labels ``[B, T]`` -> ``lm`` (token-weighted ``loss``,
+``perplexity``, next-token ``accuracy``: :mod:`auditclip.lm`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch
 
 from .errors import InputError
 
-TASKS = ("auto", "classification", "regression")
+TASKS = ("auto", "classification", "regression", "lm")
 CustomMetric = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
 #: names a custom metric may not use: the built-in metrics and the columns of evaluation.csv/sweep.csv
-RESERVED = frozenset({"loss", "accuracy", "top5_accuracy", "mae", "checkpoint", "step", "variant", "setting",
+RESERVED = frozenset({"loss", "perplexity", "accuracy", "top5_accuracy", "mae", "checkpoint", "step", "variant", "setting",
                       "n_clipped", "frac_clipped", "recommended", "n_loaded",
                       "n_model_tensors", "kind_rule", "primary_metric"})
 
@@ -74,16 +76,26 @@ class MetricTotals:
     def __init__(self, task: str, custom: tuple[CustomMetric, ...] = ()) -> None:
         self.task, self.custom = task, custom
         self.n = 0
+        self.tokens = 0  # lm: scored tokens, the weight of loss and accuracy
         self.sums: dict[str, float] = {}
         self._keys: dict[int, set[str]] = {}  # position of a custom metric -> the names it returns
 
     def _add(self, key: str, value: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+               shift: bool = False) -> None:
+        """Add one batch; ``mask`` (attention mask) and ``shift`` (causal LM) for the ``lm`` task only."""
         n = len(targets)
-        outputs = outputs.detach().to(torch.float64)
-        if self.task == "classification":
+        if self.task == "lm":
+            from .lm import token_sums
+
+            sums = token_sums(outputs.detach(), targets, mask, shift)
+            self._add("loss", sums.loss)
+            self._add("accuracy", float(sums.correct))
+            self.tokens += sums.tokens
+        elif self.task == "classification":
+            outputs = outputs.detach().to(torch.float64)
             if outputs.dim() != 2 or outputs.shape[0] != n:
                 raise InputError(f"outputs of shape {list(outputs.shape)} do not fit {n} class labels "
                                  "(expected [batch, classes])")
@@ -99,6 +111,7 @@ class MetricTotals:
                 top5 = outputs.topk(5, dim=1).indices
                 self._add("top5_accuracy", float((top5 == targets[:, None]).any(1).sum()))
         else:
+            outputs = outputs.detach().to(torch.float64)
             targets = targets.to(torch.float64).reshape(outputs.shape) if targets.numel() == outputs.numel() else None
             if targets is None:
                 raise InputError(f"outputs of shape {list(outputs.shape)} do not fit the regression targets")
@@ -150,25 +163,37 @@ class MetricTotals:
     def result(self) -> dict[str, float]:
         if self.n == 0:
             raise InputError("the held-out data is empty")
+        if self.task == "lm":  # token-weighted; custom metrics stay sequence-weighted
+            from .lm import lm_result
+
+            built = lm_result(self.sums["loss"], self.tokens, int(self.sums["accuracy"]))
+            return {**built, **{k: v / self.n for k, v in self.sums.items() if k not in built}}
         return {k: v / self.n for k, v in self.sums.items()}
 
 
-def infer_task(targets: torch.Tensor) -> str:
-    """``classification`` for integer (or bool) labels, ``regression`` for floats.
+def infer_task(targets: torch.Tensor, outputs: torch.Tensor | None = None) -> str:
+    """``classification`` for integer (or bool) labels, ``regression`` for floats, ``lm`` for
+    ``[B, T, V]`` outputs against integer ``[B, T]`` labels.
 
     >>> infer_task(torch.tensor([0, 3])), infer_task(torch.tensor([0.5]))
     ('classification', 'regression')
+    >>> infer_task(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, 9))
+    'lm'
     """
+    from .lm import is_token_output
+
+    if outputs is not None and is_token_output(outputs, targets):
+        return "lm"
     return "regression" if targets.is_floating_point() else "classification"
 
 
 def primary_metric(task: str) -> str:
-    """The metric sweeps and recommendations judge by: accuracy, or loss for regression."""
+    """The metric sweeps and recommendations judge by: accuracy, or loss for regression and language models."""
     return "accuracy" if task == "classification" else "loss"
 
 
 #: built-in metrics and whether higher is better
-DIRECTIONS = {"accuracy": True, "top5_accuracy": True, "loss": False, "mae": False}
+DIRECTIONS = {"accuracy": True, "top5_accuracy": True, "loss": False, "perplexity": False, "mae": False}
 
 
 @dataclass(frozen=True)

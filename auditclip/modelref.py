@@ -141,8 +141,7 @@ class ModelLoader:
     def kinds_at(self, names: list[str], path: str) -> tuple[frozenset[str], frozenset[str]]:
         """:meth:`kinds` for the checkpoint at ``path``, building the model first if no load did
         (``clip --model``: the model decides what a buffer is, as in ``evaluate``)."""
-        if self._model is None or self._per_checkpoint:
-            self._model = self._build(path)
+        self._model_for(path)
         return self.kinds(names)
 
     def kinds(self, names: list[str]) -> tuple[frozenset[str], frozenset[str]]:
@@ -162,6 +161,13 @@ class ModelLoader:
         return (frozenset(n for n in names if self._rename_one(n) in params),
                 frozenset(n for n in names if self._rename_one(n) in buffers))
 
+    def _model_for(self, path: str) -> torch.nn.Module:
+        """The model to load the checkpoint at ``path`` into: built once, or per checkpoint
+        for a factory that takes ``checkpoint``."""
+        if self._model is None or self._per_checkpoint:
+            self._model = self._build(path)
+        return self._model
+
     def load(self, state: Mapping[str, torch.Tensor], checkpoint: str, path: str | None = None) -> torch.nn.Module:
         """The model with ``state`` loaded, in eval mode on the chosen device.
 
@@ -170,32 +176,92 @@ class ModelLoader:
         from any working directory. ``last_loaded`` is (tensors loaded, tensors the model has).
         With ``--no-strict``, loading under half of the model's tensors is an error: the
         rest would keep their random initial values, and scoring that model would lie.
+        A name the model ties to another (``lm_head.weight`` to the embedding) is filled by
+        its partner: a checkpoint that stores the tied tensor once is complete.
         """
-        if self._model is None or self._per_checkpoint:
-            self._model = self._build(path or checkpoint)
-        model = self._model
+        model = self._model_for(path or checkpoint)
+        self.last_loaded = self._load_into(model, state, checkpoint)
+        model = unwrap(model.to(self.device))
+        if self._factory is not None or getattr(self, "_is_hf", False):
+            model.eval()  # an exported program was traced in its own mode; it refuses eval()
+        return model
+
+    def _load_into(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor], checkpoint: str) -> tuple[int, int]:
+        """Copy ``state`` into ``model``'s tensors in place (the model is built once and reused);
+        (tensors loaded, tensors the model has)."""
         state = self._rename(state)
         # The model's own wrapper prefixes (torch.compile's _orig_mod., DataParallel/DDP's
         # module.) are dropped like the checkpoint's, so a factory may return either.
         raw_of = normalize_names(list(model.state_dict()))
         expected = set(raw_of)
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        partners = tied_names(model, raw_of)
+        given = set(state)
+        missing = sorted(n for n in expected - given if not partners.get(n, frozenset()) & given)
+        unexpected = sorted(given - expected)
         if self.strict and (missing or unexpected):
-            raise InputError(_key_mismatch(checkpoint, missing, unexpected, expected, set(state)))
+            raise InputError(_key_mismatch(checkpoint, missing, unexpected, expected, given))
         loaded = len(expected) - len(missing)
-        self.last_loaded = (loaded, len(expected))
         if expected and 2 * loaded < len(expected):
             raise InputError(f"{checkpoint}: --no-strict would load only {loaded} of the model's {len(expected)} "
                              "tensors, leaving the rest at their initial values; the names do not line up "
-                             f"({_key_mismatch(checkpoint, missing, unexpected, expected, set(state), strict=False).split('; ', 1)[1]})")
+                             f"({_key_mismatch(checkpoint, missing, unexpected, expected, given, strict=False).split('; ', 1)[1]})")
+        chosen: dict[str, torch.Tensor] = {}
+        for n, t in state.items():
+            if n not in raw_of:
+                continue
+            first = next((p for p in sorted(partners.get(n, ())) if p in chosen), None)
+            if first is not None:  # one storage, one copy: the first name given fills it
+                if chosen[first].shape != t.shape or not torch.equal(chosen[first], t):
+                    note(f"{checkpoint}: {n} and {first} differ in the checkpoint but the model ties them "
+                         f"(one tensor); {first} is used")
+                continue
+            chosen[n] = t
         try:
-            model.load_state_dict({raw_of[n]: t for n, t in state.items() if n in raw_of}, strict=False)
+            model.load_state_dict({raw_of[n]: t for n, t in chosen.items()}, strict=False)
         except RuntimeError as exc:
             raise InputError(f"{checkpoint}: the weights do not fit --model {self.ref}: {one_line(exc)}") from exc
-        model = unwrap(model.to(self.device))
-        if self._factory is not None:
-            model.eval()  # an exported program was traced in its own mode; it refuses eval()
-        return model
+        return loaded, len(expected)
+
+
+def tied_names(model: torch.nn.Module, raw_of: Mapping[str, str] | None = None) -> dict[str, frozenset[str]]:
+    """Each state-dict name the model ties to others (one tensor under several names), and those others.
+
+    ``raw_of``: clean name -> the model's own name (:func:`auditclip.formats.readers.normalize_names`).
+
+    >>> m = torch.nn.ModuleDict({"emb": torch.nn.Embedding(3, 2), "head": torch.nn.Linear(2, 3, bias=False)})
+    >>> m.head.weight = m.emb.weight
+    >>> tied_names(m)
+    {'emb.weight': frozenset({'head.weight'}), 'head.weight': frozenset({'emb.weight'})}
+    """
+    raw_of = raw_of if raw_of is not None else {n: n for n in model.state_dict()}
+    clean_of = {raw: clean for clean, raw in raw_of.items()}
+    groups: dict[int, list[str]] = {}
+    for raw, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(clean_of.get(raw, raw))
+    return {n: frozenset(g) - {n} for g in groups.values() if len(g) > 1 for n in g}
+
+
+def call_model(model: torch.nn.Module, inputs: Any, said: set[str] | None = None) -> Any:
+    """Run ``model`` on a batch: a tensor positionally, a dict as keyword arguments, keeping
+    only the keys its ``forward`` names (a ``token_type_ids`` a model lacks is left out, with a note).
+
+    >>> call_model(torch.nn.Linear(2, 1, bias=False), torch.zeros(1, 2)).tolist()
+    [[0.0]]
+    """
+    if not isinstance(inputs, dict):
+        return model(inputs)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return model(**inputs)
+    named = {k: v for k, v in inputs.items() if k in params}
+    if not named:  # a forward(**kwargs) or one taking none of these names: let it decide
+        return model(**inputs)
+    left = sorted(set(inputs) - set(named))
+    if left and said is not None and tuple(left) not in said:
+        said.add(tuple(left))  # type: ignore[arg-type]
+        note(f"the model's forward takes no {', '.join(left)}; called without")
+    return model(**named)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -105,20 +105,45 @@ OPTIONS: dict[str, Option] = {
                          "else percent of the original value (default 1)."),
     "primary_metric": _o("--primary-metric", metavar="NAME",
                          help="Metric the tolerance applies to (default: accuracy for classification, loss "
-                              "otherwise); a custom metric as NAME:higher or NAME:lower."),
+                              "otherwise, language models included); a custom metric as NAME:higher or NAME:lower."),
     "model": _o("--model", "model", metavar="REF",
-                help="module:factory, path/to/file.py:factory (returns a torch.nn.Module), or a .pt2 export."),
+                help="module:factory, path/to/file.py:factory (returns a torch.nn.Module), a .pt2 export, or hf: "
+                     "the Hugging Face model of the checkpoints' config.json (the default when they have one; "
+                     "a PEFT adapter folder is evaluated as base + adapter)."),
     "data": _o("--data", "data", metavar="REF",
-               help="Held-out data: .safetensors/.pt/.npz with x/y, a CSV/Parquet table, or module:factory."),
+               help="Held-out data: .safetensors/.pt/.npz with x/y (or input_ids/labels/attention_mask for a "
+                    "language model), a CSV/Parquet table, a JSONL file of texts (with --tokenizer), or "
+                    "module:factory."),
+    "tokenizer": _o("--tokenizer", metavar="PATH",
+                    help="Folder of a saved tokenizer (save_pretrained) that tokenises a JSONL --data; local only."),
+    "shift_labels": _o("--shift-labels", type=click.Choice(["auto", "yes", "no"]), default="auto",
+                       show_default=True,
+                       help="Language models: score the logits at t against the label at t+1; auto: when the model "
+                            "is a causal LM and the labels are its input ids."),
+    "hf_task": _o("--hf-task", type=click.Choice(["causal-lm", "masked-lm", "seq2seq-lm", "sequence-classification",
+                                                  "token-classification", "question-answering",
+                                                  "image-classification", "base"]),
+                  help="--model hf: the AutoModelFor<Task> to build (default: from config.json's architectures)."),
+    "base": _o("--base", metavar="PATH",
+               help="--model hf on PEFT adapter folders: the base model's folder, when adapter_config.json's "
+                    "base_model_name_or_path is not a local folder (nothing is downloaded)."),
+    "clip_merged": _o("--clip-merged", is_flag=True,
+                      help="--model hf on PEFT adapter folders: clipped variants clip the merged weights (base + "
+                           "scaling*B@A), scored by the base model, instead of the adapter's own tensors."),
+    "trust_remote_code": _o("--trust-remote-code", is_flag=True,
+                            help="--model hf: allow a checkpoint whose config names its own Python code (auto_map); "
+                                 "this RUNS that code. Off by default."),
     "inputs_key": _o("--inputs-key", default="x", show_default=True, help="Key of the inputs in a data file."),
     "targets_key": _o("--targets-key", default="y", show_default=True, help="Key of the targets in a data file."),
     "target": _o("--target", metavar="COLUMN", help="Target column of a CSV/Parquet table."),
-    "task": _o("--task", type=click.Choice(["auto", "classification", "regression"]), default="auto",
-               show_default=True, help="auto: integer targets are classes, float targets regression."),
+    "task": _o("--task", type=click.Choice(["auto", "classification", "regression", "lm"]), default="auto",
+               show_default=True, help="auto: integer targets are classes, float targets regression, [batch, tokens, "
+                                       "vocab] outputs against [batch, tokens] labels a language model (lm)."),
     "metrics": _o("--metric", "metrics", multiple=True, metavar="REF",
                   help="Extra metric module:fn, fn(outputs, targets) -> dict[str, float] (repeatable)."),
     "batch_size": _o("--batch-size", type=click.IntRange(1), default=256, show_default=True),
-    "limit": _o("--limit", type=click.IntRange(1), metavar="N", help="Evaluate on the first N samples only."),
+    "limit": _o("--limit", type=click.IntRange(1), metavar="N",
+                help="Evaluate on the first N samples (sequences for a language model) only."),
     "device": _o("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True),
     "strict": _o("--strict/--no-strict", default=True, show_default=True,
                  help="Missing or unexpected state-dict keys are an error."),
@@ -130,7 +155,8 @@ OPTIONS: dict[str, Option] = {
 RULES = ("range", "max_abs", "zscore", "jump", "norm_growth", "spike", "fail_on")
 SELECTION = ("include", "exclude", "override", "config", "buffers")
 EVALUATION = ("model", "data", "inputs_key", "targets_key", "target", "task", "metrics", "primary_metric",
-              "batch_size", "limit", "device", "strict", "strip_prefix", "add_prefix")
+              "batch_size", "limit", "device", "strict", "strip_prefix", "add_prefix", "tokenizer", "shift_labels",
+              "hf_task", "base", "trust_remote_code", "clip_merged", "adapter_mode")
 _EVAL_FIELDS = tuple(n for n in EVALUATION if n not in ("model", "data"))
 
 

@@ -257,3 +257,66 @@ def fit_peft_trainer(
                                  logging_steps=100, save_only_model=True, disable_tqdm=True, seed=seed)
         Trainer(model=model, args=args, train_dataset=Tokens()).train()
     return root / "base", root / "run", model
+
+
+def word_texts(n: int, words: int = 15, vocab: int = 120, seed: int = 0) -> list[str]:
+    """``n`` synthetic sentences of ``words`` words ``w0..w{vocab-1}``, each word mostly following
+    from the one before (a pattern a tiny LM learns in a few dozen steps)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w = int(torch.randint(0, vocab, (1,), generator=g))
+        line = []
+        for _ in range(words):
+            line.append(f"w{w}")
+            noisy = float(torch.rand(1, generator=g)) < 0.2
+            w = int(torch.randint(0, vocab, (1,), generator=g)) if noisy else (w * 7 + 3) % vocab
+        out.append(" ".join(line))
+    return out
+
+
+def save_word_tokenizer(folder: str | os.PathLike[str], vocab: int = 120) -> Any:
+    """A word-level tokenizer over ``w0..w{vocab-1}`` (plus ``[UNK]``, ``[PAD]``), built locally with
+    ``tokenizers`` and saved with ``PreTrainedTokenizerFast.save_pretrained``; returns it."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    table = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i + 2 for i in range(vocab)}}
+    core = Tokenizer(WordLevel(table, unk_token="[UNK]"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def fit_causal_lm(output_dir: str | os.PathLike[str], arch: str, input_ids: torch.Tensor, *, vocab: int,
+                  max_steps: int = 24, save_steps: int = 12) -> Path:
+    """Train a tiny ``gpt2`` (tied embeddings) or ``llama`` causal LM with a real ``transformers.Trainer``
+    on CPU over ``input_ids`` [N, T] (labels = inputs), saving ``checkpoint-<step>/`` every ``save_steps``.
+    Returns ``output_dir``."""
+    import warnings
+
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer,
+                              TrainingArguments, set_seed)
+
+    set_seed(0)
+    if arch == "gpt2":
+        model: Any = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                                bos_token_id=0, eos_token_id=0))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                                             pad_token_id=1, tie_word_embeddings=False))
+    data = [{"input_ids": row, "labels": row.clone()} for row in input_ids]
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
+        per_device_train_batch_size=8, learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True,
+        logging_strategy="no", seed=0, save_only_model=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=model, args=args, train_dataset=data).train()
+    return Path(output_dir)

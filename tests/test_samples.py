@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -58,6 +59,29 @@ def test_held_out_data_and_model_load_every_checkpoint() -> None:
 
 def test_samples_are_small() -> None:
     assert sum(p.stat().st_size for p in SAMPLES.rglob("*") if p.is_file()) < 5_000_000
+    lm = [p for p in SAMPLES.rglob("*") if p.is_file() and p.relative_to(SAMPLES).parts[0].startswith("tiny_lm")]
+    assert lm and sum(p.stat().st_size for p in lm) < 2_000_000
+    assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in lm)  # no pickles shipped
+
+
+def test_lm_sample_is_what_the_readme_says() -> None:
+    pytest.importorskip("transformers", reason="the language-model sample is read with transformers")
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    run = SAMPLES / "tiny_lm"
+    assert [c.label for c in open_run(run)] == ["checkpoint-12", "checkpoint-24", "checkpoint-36"]
+    data = load_file(str(SAMPLES / "tiny_lm_heldout.safetensors"))
+    assert data["input_ids"].shape == (16, 15) and torch.equal(data["input_ids"], data["labels"])
+    texts = [line for line in (SAMPLES / "tiny_lm_heldout.jsonl").read_text().splitlines() if line]
+    tokenizer = AutoTokenizer.from_pretrained(str(run), local_files_only=True)
+    import json
+
+    assert torch.equal(torch.tensor(tokenizer([json.loads(t)["text"] for t in texts])["input_ids"]), data["input_ids"])
+    model = GPT2LMHeadModel.from_pretrained(str(run / "checkpoint-36")).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied, stored once
+    with torch.inference_mode():
+        loss = float(model(input_ids=data["input_ids"], labels=data["labels"]).loss)
+    assert loss < 0.9 * math.log(122)  # it learnt something: well below a uniform guess
 
 
 def test_regeneration_reproduces_what_is_stable_across_machines(tmp_path: Path) -> None:
@@ -72,6 +96,8 @@ def test_regeneration_reproduces_what_is_stable_across_machines(tmp_path: Path) 
         sys.path.remove(str(SAMPLES))
     make_samples.main(tmp_path)
     shipped = sorted(p.relative_to(SAMPLES) for p in SAMPLES.rglob("*.safetensors"))
+    if importlib.util.find_spec("transformers") is None:  # the language-model sample needs it
+        shipped = [p for p in shipped if not str(p).startswith("tiny_lm")]
     assert shipped == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.safetensors"))
     for rel in shipped:
         with safe_open(str(SAMPLES / rel), "pt") as a, safe_open(str(tmp_path / rel), "pt") as b:
@@ -81,7 +107,7 @@ def test_regeneration_reproduces_what_is_stable_across_machines(tmp_path: Path) 
             for key in a.keys():
                 x, y = a.get_tensor(key), b.get_tensor(key)
                 assert x.shape == y.shape and x.dtype == y.dtype, (rel, key)
-                if rel.name == "digits_test.safetensors":
+                if rel.name in ("digits_test.safetensors", "tiny_lm_heldout.safetensors"):
                     assert torch.equal(x, y), (rel, key)
                 elif rel.name == "epoch_01.safetensors":  # one epoch in, replays still agree closely
                     assert float((x - y).norm()) <= 1e-3 * float(x.norm()) + 1e-6, (rel, key)

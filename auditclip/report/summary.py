@@ -217,6 +217,8 @@ def write_summary(result: Any, tolerance: float | None, top: int, out: Path) -> 
     if result.recommendation or sentence:
         metric = str(result.evaluation.primary_metric.iloc[0])
         lines += ["", "## Recommendation", "", sentence or f"Tightest clip that keeps {metric}: {result.recommendation}."]
+        if getattr(result, "recommendation_cost", ""):
+            lines += ["", f"Cost: {result.recommendation_cost}."]
     lines += ["", f"## Top drifting tensors (by the last checkpoint, vs `{analysis.reference}`)", ""]
     top_df = top_tensors(analysis.drift, top)
     lines.append(md_table(top_df[["tensor", "status", "rel_l2_change", "cosine", "max_abs_change", "ks", "wasserstein"]])
