@@ -451,7 +451,7 @@ _CLIP_OVERRIDE = {"override": "Per-pattern spec for the clipped variants, as for
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@use("out", "clip", "sort", "key", *SELECTION, *EVALUATION,
+@use("out", "clip", "sort", "key", "quiet", *SELECTION, *EVALUATION,
      help={"out": "Directory for evaluation.csv.", **_CLIP_OVERRIDE})
 def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) -> None:
     """Evaluate every checkpoint (and clipped variants) on held-out data.
@@ -471,8 +471,9 @@ def evaluate(run: tuple[str, ...], out: str, clips: tuple[str, ...], **kw: Any) 
     from .output import prepare_out_dir, write_csv
 
     model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
+    quiet = kw.pop("quiet")
     options = eval_options(kw)
-    options.progress = progress = _Progress(not sys.stderr.isatty(), "Evaluating checkpoints x variants")
+    options.progress = progress = _Progress(quiet or not sys.stderr.isatty(), "Evaluating checkpoints x variants")
     try:
         df = run_evaluate(_open_run(run, options.sort, options.key), model, data, clips, options)
     finally:
@@ -496,7 +497,7 @@ _TAIL = ("kind_rule", "n_loaded", "n_model_tensors", "primary_metric", "recommen
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@use("out", "sweep_max_abs", "sweep_percentile", "sweep_sigma", "tolerance", "sort", "key", *SELECTION,
+@use("out", "sweep_max_abs", "sweep_percentile", "sweep_sigma", "tolerance", "sort", "key", "quiet", *SELECTION,
      *EVALUATION, help={"out": "Directory for sweep.csv (and sweep.png).", **_CLIP_OVERRIDE})
 def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str | None, sigma: str | None,
           tolerance: float | None, **kw: Any) -> None:
@@ -520,8 +521,9 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
     (family, text), = families.items()
     values = parse_values(text, f"--{family.replace('_', '-')}")
     model, data = kw.pop("model"), _need(kw.pop("data"), "--data")  # no --model: hf where config.json is
+    quiet = kw.pop("quiet")
     options = eval_options(kw)
-    options.progress = progress = _Progress(not sys.stderr.isatty(), "Evaluating checkpoints x settings")
+    options.progress = progress = _Progress(quiet or not sys.stderr.isatty(), "Evaluating checkpoints x settings")
     try:
         result = run_sweep(_open_run(run, options.sort, options.key), model, data, family, values,
                            tolerance=tolerance, options=options)
