@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
@@ -48,7 +47,7 @@ from .formats.torch_pickle import (load_torch_file, load_torch_meta, note_tied, 
                                    weight_copies, zip_byteorder)
 from .selection import name_filter
 from .formats.torch_zip import ZipRecord, zip_records
-from .formats.writers import (PROVENANCE_SUFFIX, provenance_file, save_torch, sha256_file, write_json, write_patched_copy,
+from .formats.writers import (PROVENANCE_SUFFIX, copy_file, provenance_file, save_torch, sha256_file, write_json, write_patched_copy,
                                write_provenance, write_safetensors)
 
 
@@ -743,8 +742,7 @@ def clip_run(
             # byte for byte, streamed, through a temporary file renamed into place like every output
             target = dst.parent / extra.name
             with atomic_path(target) as tmp:
-                shutil.copyfile(extra, tmp)
-                shutil.copystat(extra, tmp, follow_symlinks=True)
+                copy_file(extra, tmp)
             result.written.append(target)
     run_files, run_notes = _deepspeed_run_files(clipped, run.root, out)  # for the tags clipped, not those refused
     for text in run_notes:
@@ -754,8 +752,7 @@ def clip_run(
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 if isinstance(content, Path):
-                    shutil.copyfile(content, tmp)
-                    shutil.copystat(content, tmp, follow_symlinks=True)
+                    copy_file(content, tmp)
                 else:
                     tmp.write_text(content, encoding="utf-8")
             result.written.append(target)

@@ -61,6 +61,9 @@ OPTIONS: dict[str, Option] = {
                    help="Also compute spectral_norm and stable_rank for tensors of 2+ dimensions."),
     "workers": _o("--workers", type=click.IntRange(1), metavar="N",
                   help="Threads walking tensors in parallel (default: the number of cores); results do not change."),
+    "io_workers": _o("--io-workers", type=click.IntRange(1), default=8, show_default=True, metavar="N",
+                     help="Ranged reads in flight at once for runs named by URL (s3://, gs://, az://, hf://, "
+                          "https://)."),
     "top": _o("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table."),
     # flag rules
     "range": _o("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error)."),

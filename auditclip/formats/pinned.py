@@ -5,7 +5,8 @@ read (``torch.save`` over an existing name during a live run does exactly that)
 kills the process with SIGBUS. A short ``pread`` is an ordinary error instead,
 and the file's size, mtime and inode are compared after every read, so a file
 rewritten in place (even at the same size) is reported as ``changed``, never
-read half old, half new.
+read half old, half new. A placeholder of a remote run's local view opens as a
+:class:`~auditclip.formats.remote.RemoteFile` (ranged reads, the same interface).
 
 >>> import tempfile
 >>> path = Path(tempfile.mkdtemp()) / "x.bin"
@@ -39,6 +40,16 @@ class PinnedFile:
     file has not changed: a checkpoint rewritten while auditclip reads it is a
     :class:`CheckpointError` of kind ``changed``, never a crash or a mixed read.
     """
+
+    def __new__(cls, path: Path) -> Any:
+        # a placeholder of a remote run's local view is read from its object, never from the placeholder
+        if cls is PinnedFile:
+            from .remote import remote_file
+
+            remote = remote_file(path)
+            if remote is not None:
+                return remote
+        return super().__new__(cls)
 
     def __init__(self, path: Path) -> None:
         self.path = path
