@@ -61,6 +61,11 @@ class PinnedFile:
         self.size = st.st_size
         self._stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
+    @property
+    def stamp(self) -> tuple[int, ...]:
+        """(size, mtime_ns, inode) when opened: what an index records to notice a file changed since."""
+        return self._stamp[:3]
+
     def check(self) -> None:
         """Raise ``changed`` if the file is not the one opened (size, mtime or inode differ)."""
         st = os.fstat(self.fd)

@@ -60,7 +60,7 @@ from typing import Any, TypeVar
 from ..errors import SHOWN_PATHS, CheckpointError, InputError
 
 __all__ = ["BLOCK_BYTES", "CHECK_SECONDS", "EDGE_BYTES", "RETRIES", "RemoteFile", "is_url", "local_view",
-           "open_binary", "remote_file", "remote_output", "set_io_workers"]
+           "open_binary", "remote_file", "remote_output", "set_io_workers", "url_filesystem"]
 
 #: Bytes of one ranged request: a larger read is split into blocks fetched in parallel.
 BLOCK_BYTES = 8 << 20
@@ -180,6 +180,11 @@ class RemoteFile:
         except PermissionError as exc:
             raise CheckpointError(self.path, f"access refused: {exc}") from None
 
+    @property
+    def stamp(self) -> tuple[Any, ...]:
+        """(size, ETag/generation/time...) when opened: what an index records to notice a change since."""
+        return self._stamp
+
     def check(self) -> None:
         """Raise ``changed`` if the object is not the one opened (size or ETag/generation/time differ)."""
         now = self._info_stamp()
@@ -296,6 +301,15 @@ def open_binary(path: str | os.PathLike[str]) -> Any:
     """
     remote = remote_file(path)
     return open(path, "rb") if remote is None else remote.dup()
+
+
+def url_filesystem(url: str) -> Any:
+    """The fsspec filesystem that reads ``url`` (fsspec caches one per protocol and options).
+
+    >>> type(url_filesystem("memory://x")).__name__
+    'MemoryFileSystem'
+    """
+    return _filesystem(url)[0]
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
