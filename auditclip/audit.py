@@ -12,7 +12,7 @@ import pandas as pd
 
 from .analysis import RunLike
 from .config import ClipSpec, FlagSettings, flag_settings
-from .errors import InputError
+from .errors import InputError, shown_path
 from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend
 from .flags import FlagResult, flag, summary_table
 from .notices import collect
@@ -175,7 +175,7 @@ def _write_summary(result: AuditResult, analysis: Any, tolerance: float | None, 
     steps = [c.step for c in readable if c.step is not None]
     lines = [
         "# auditclip audit", "",
-        f"- run: `{run.root}`, {len(readable)} checkpoint(s) read"
+        f"- run: `{shown_path(run.root)}`, {len(readable)} checkpoint(s) read"
         + (f", steps {min(steps)}..{max(steps)}" if steps else "")
         + f", {len(analysis.tensors)} tensor(s)",
         f"- formats: {', '.join(sorted({c.format for c in readable}))}",

@@ -149,8 +149,10 @@ def test_a_deepspeed_run_by_url_equals_the_local_run(s3: dict[str, Any], tmp_pat
 
 
 def test_audit_and_flag_by_url_give_the_local_findings(s3: dict[str, Any], tmp_path: Path) -> None:
-    want = invoke_cli("audit", s3["local"] / "run", "--max-abs", "1.5", "--out", tmp_path / "local")
-    got = invoke_cli("audit", "s3://bucket/run/", "--max-abs", "1.5", "--out", tmp_path / "remote")
+    want = invoke_cli("audit", s3["local"] / "run", "--max-abs", "1.5", "--out", tmp_path / "local",
+                      "--reference", s3["local"] / "run" / "step_10.safetensors")
+    got = invoke_cli("audit", "s3://bucket/run/", "--max-abs", "1.5", "--out", tmp_path / "remote",
+                     "--reference", "s3://bucket/run/step_10.safetensors")
     assert want.exit_code == got.exit_code == 1, got.output  # the bound is crossed: the gate fails both
     for name in ("stats.csv", "drift.csv", "flags.csv"):
         assert filecmp.cmp(tmp_path / "local" / name, tmp_path / "remote" / name, shallow=False), name
@@ -227,6 +229,27 @@ def test_an_interrupted_clip_to_s3_leaves_no_object(s3: dict[str, Any], monkeypa
     assert not [k for k in left if "partial" in k]
     assert calls[2].split(".auditclip-partial-")[0] not in left
     assert len(left) == 2
+
+
+def test_a_clip_interrupted_while_writing_publishes_nothing(s3: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import auditclip.clip_files as clip_files
+
+    real_write = clip_files.write_safetensors
+    written: list[Any] = []
+
+    def write_then_interrupt(dst: Any, *args: Any, **kw: Any) -> Any:
+        written.append(dst)
+        if len(written) == 2:  # Ctrl-C while the second checkpoint is written locally
+            raise KeyboardInterrupt
+        return real_write(dst, *args, **kw)
+
+    monkeypatch.setattr(clip_files, "write_safetensors", write_then_interrupt)
+    result = invoke_cli("clip", "s3://bucket/run/", "--max-abs", "1", "--out", "s3://bucket/cut2/")
+    assert result.exit_code != 0 and len(written) == 2
+    s3["fs"].invalidate_cache()
+    assert s3["fs"].find("bucket/cut2") == []
+    assert not Path(written[0]).exists()  # the local staging folder is gone too
 
 
 # --- the ranged reader alone, on fsspec's memory filesystem ------------------------------------

@@ -89,7 +89,6 @@ _pool: ThreadPoolExecutor | None = None
 _slots = threading.BoundedSemaphore(DEFAULT_IO_WORKERS)
 #: placeholder path in a view -> (filesystem, remote path, size listed)
 _placeholders: dict[str, tuple[Any, str, int]] = {}
-_views: dict[str, Path] = {}
 
 
 def is_url(text: object) -> bool:
@@ -338,7 +337,8 @@ def _mtime(info: dict[str, Any]) -> float | None:
 
 
 def local_view(url: str) -> Path:
-    """List the run at ``url`` once and return its local view (see the module docstring); a glob
+    """List the run at ``url`` and return its local view (see the module docstring), listed anew at
+    each call so checkpoints written since are seen; a glob
     (``s3://bucket/run/*.safetensors``) gives the view's path with the same pattern.
 
     Example: the module docstring.
@@ -349,9 +349,6 @@ def local_view(url: str) -> Path:
         parts = text.split("/")
         fixed = next(i for i, p in enumerate(parts) if _GLOB.search(p))
         base, pattern = "/".join(parts[:fixed]), "/".join(parts[fixed:])
-    if base in _views:
-        view = _views[base]
-        return Path(f"{view}/{pattern}") if pattern else view
     fs, root = _filesystem(base)
     root = root.rstrip("/") or root
     try:
@@ -399,7 +396,6 @@ def local_view(url: str) -> Path:
                 os.utime(local, (mtime, mtime))
     shown = f"{fs.unstrip_protocol(root)}" if hasattr(fs, "unstrip_protocol") else base
     SHOWN_PATHS[str(view)] = shown
-    _views[base] = view
     return Path(f"{view}/{pattern}") if pattern else view
 
 
