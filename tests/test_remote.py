@@ -317,3 +317,32 @@ def test_retries_end_and_a_replaced_object_is_changed(monkeypatch: pytest.Monkey
     with pytest.raises(CheckpointError) as info:
         f.check()
     assert info.value.kind == "changed"
+
+
+def test_a_key_leaving_the_folder_is_never_mirrored(tmp_path: Path) -> None:
+    from auditclip.notices import collect
+
+    mem = fsspec.filesystem("memory")
+    save_safetensors(tmp_path / "w.safetensors", {"w": torch.arange(2.0)})
+    mem.pipe("/hostile/run/step_1.safetensors", (tmp_path / "w.safetensors").read_bytes())
+    mem.pipe("/hostile/run/a/../../evil.safetensors", b"x" * 10)  # object stores allow such keys
+    mem.pipe("/hostile/run2/step_2.safetensors", b"x" * 10)  # a prefix listing would also match run2/
+    with collect() as notes:
+        view = remote.local_view("memory://hostile/run")
+    everything = sorted(p.relative_to(view.parent).as_posix() for p in view.parent.rglob("*"))
+    assert everything == [remote.MARKER, "run", "run/a", "run/step_1.safetensors"]
+    assert any("evil.safetensors" in n and "not a plain relative path" in n for n in notes)
+    with open_checkpoint_file(view / "step_1.safetensors") as reader:
+        assert reader.get("w").tolist() == [0.0, 1.0]
+
+
+def test_a_process_that_did_not_list_the_run_reads_the_objects_not_the_placeholders(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # a worker process handed a checkpoint's path in the view (Dask...) has no listing of its own
+    mem = fsspec.filesystem("memory")
+    save_safetensors(tmp_path / "w.safetensors", {"w": torch.arange(3.0)})
+    mem.pipe("/other/run/step_1.safetensors", (tmp_path / "w.safetensors").read_bytes())
+    view = remote.local_view("memory://other/run")
+    monkeypatch.setattr(remote, "_placeholders", {})
+    with open_checkpoint_file(view / "step_1.safetensors") as reader:
+        assert reader.get("w").tolist() == [0.0, 1.0, 2.0]

@@ -57,7 +57,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import SHOWN_PATHS, CheckpointError, InputError
+from ..errors import SHOWN_PATHS, CheckpointError, InputError, shown_path
+from ..notices import note
 
 __all__ = ["BLOCK_BYTES", "CHECK_SECONDS", "EDGE_BYTES", "RETRIES", "RemoteFile", "is_url", "local_view",
            "open_binary", "remote_file", "remote_output", "set_io_workers", "url_filesystem"]
@@ -76,6 +77,9 @@ DEFAULT_IO_WORKERS = 8
 #: Files copied into the local view whole (metadata); weight files and anything larger are placeholders.
 COPY_BYTES = 64 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".distcp")
+#: The local views' folders begin with this; each holds a MARKER naming its URL and placeholders.
+VIEW_PREFIX = "auditclip-remote-"
+MARKER = ".auditclip-view.json"
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _GLOB = re.compile(r"[*?\[]")
 #: object fields that change when an object is replaced, by filesystem (s3, gcs, azure, http, local...)
@@ -283,11 +287,34 @@ class _RawRemote(io.RawIOBase):
 
 def remote_file(path: str | os.PathLike[str]) -> RemoteFile | None:
     """The remote object a placeholder of a local view stands for, opened; None for any other path."""
-    found = _placeholders.get(os.path.abspath(os.fspath(path))) if _placeholders else None
+    text = os.fspath(path)
+    if not _placeholders and VIEW_PREFIX not in text:
+        return None
+    found = _placeholders.get(os.path.abspath(text)) or _placeholders.get(os.path.realpath(text))
+    if found is None and VIEW_PREFIX in text:
+        found = _from_marker(Path(os.path.abspath(text)))
     if found is None:
         return None
     fs, rpath, size = found
     return RemoteFile(fs, rpath, Path(path), size)
+
+
+def _from_marker(path: Path) -> tuple[Any, str, int] | None:
+    """A placeholder of a view listed by another process (a worker handed a checkpoint's path):
+    its object found through the view's marker file, never read as the zeros it holds."""
+    import json
+
+    top = next((p for p in path.parents if p.name.startswith(VIEW_PREFIX)), None)
+    if top is None or not (top / MARKER).is_file():
+        return None
+    doc = json.loads((top / MARKER).read_text(encoding="utf-8"))
+    rel = path.relative_to(top).as_posix()
+    if rel not in doc["placeholders"]:
+        return None
+    fs, _ = _filesystem(doc["url"])
+    entry = (fs, doc["placeholders"][rel], os.stat(path).st_size)
+    _placeholders[os.path.abspath(path)] = entry
+    return entry
 
 
 def open_binary(path: str | os.PathLike[str]) -> Any:
@@ -362,13 +389,22 @@ def local_view(url: str) -> Path:
         listed = _retry(lambda: fs.find(root, withdirs=True, detail=True), base)
     else:
         listed = {root: info}
-    top = Path(tempfile.mkdtemp(prefix="auditclip-remote-"))
+    # resolved: discovery resolves paths, and a placeholder must be found under either spelling
+    top = Path(tempfile.mkdtemp(prefix=VIEW_PREFIX)).resolve()
     _cleanup_at_exit(top)
     name = root.rstrip("/").rsplit("/", 1)[-1] or "run"
     view = top / name
+    SHOWN_PATHS[str(view)] = fs.unstrip_protocol(root) if hasattr(fs, "unstrip_protocol") else base
     small: dict[str, Path] = {}
+    marked: dict[str, str] = {}  # placeholder, relative to the view's folder -> remote path
     for rpath, entry in sorted(listed.items()):
-        rel = rpath[len(root):].lstrip("/") if rpath.startswith(root) else rpath.rsplit("/", 1)[-1]
+        if info.get("type") == "directory" and not rpath.startswith(root + "/"):
+            continue  # not below the folder named (a listing by prefix: run2/ beside run/)
+        rel = rpath[len(root):].lstrip("/") if info.get("type") == "directory" else ""
+        if any(part in ("", ".", "..") for part in rel.split("/")) and rel:
+            # a key such as run/../x or run//x would land outside the view, or on another name: never mirrored
+            note(f"{shown_path(view)}: left out the object {rpath!r}: its key is not a plain relative path")
+            continue
         local = view / rel if rel else view
         if entry.get("type") == "directory":
             local.mkdir(parents=True, exist_ok=True)
@@ -381,6 +417,7 @@ def local_view(url: str) -> Path:
             with open(local, "wb") as f:
                 f.truncate(size)  # sparse: takes no disk
             _placeholders[os.path.abspath(local)] = (fs, rpath, size)
+            marked[local.relative_to(top).as_posix()] = rpath
         mtime = _mtime(entry)
         if mtime is not None and rpath not in small:
             os.utime(local, (mtime, mtime))
@@ -394,8 +431,9 @@ def local_view(url: str) -> Path:
             mtime = _mtime(listed[rpath])
             if mtime is not None:
                 os.utime(local, (mtime, mtime))
-    shown = f"{fs.unstrip_protocol(root)}" if hasattr(fs, "unstrip_protocol") else base
-    SHOWN_PATHS[str(view)] = shown
+    import json
+
+    (top / MARKER).write_text(json.dumps({"url": base, "placeholders": marked}), encoding="utf-8")
     return Path(f"{view}/{pattern}") if pattern else view
 
 
