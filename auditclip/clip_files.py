@@ -42,6 +42,7 @@ from .notices import note
 from .formats.index import read_shard_index
 from .formats.pinned import PinnedFile
 from .formats.readers import open_checkpoint_file
+from .formats.remote import is_url
 from .formats.source import normalize_names
 from .formats.torch_pickle import (load_torch_file, load_torch_meta, note_tied, storage_identity, tensor_slots, untie,
                                    weight_copies, zip_byteorder)
@@ -665,6 +666,9 @@ def clip_run(
         raise InputError(f"--to {to!r}: only safetensors is supported")
     # with a model, its named_buffers() decide what clipping leaves alone, as in evaluate
     loader = ModelLoader(model) if model else None
+    if is_url(os.fspath(out)):
+        raise InputError(f"--out {os.fspath(out)}: clip_run writes a local folder; for a URL write into "
+                         "auditclip.formats.remote.remote_output(URL), as the clip command does")
     run = open_run(src, sort=sort, key=key)
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -94,7 +94,7 @@ def _runs(tmp: Path) -> None:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     pytest.importorskip("s3fs", reason="the S3 tests need s3fs (pip install 'auditclip[s3]')")
-    moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
+    moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[s3] and flask")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

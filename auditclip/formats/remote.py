@@ -60,7 +60,8 @@ from typing import Any, TypeVar
 from ..errors import SHOWN_PATHS, CheckpointError, InputError, shown_path
 from ..notices import note
 
-__all__ = ["BLOCK_BYTES", "CHECK_SECONDS", "EDGE_BYTES", "RETRIES", "RemoteFile", "is_url", "local_view",
+__all__ = ["BLOCK_BYTES", "CHECK_SECONDS", "EDGE_BYTES", "MARKER", "RETRIES", "RemoteFile", "VIEW_PREFIX", "is_url",
+           "local_view",
            "open_binary", "remote_file", "remote_output", "set_io_workers", "url_filesystem"]
 
 #: Bytes of one ranged request: a larger read is split into blocks fetched in parallel.
