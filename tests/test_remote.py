@@ -200,6 +200,12 @@ def test_clip_to_s3_writes_what_a_local_clip_writes(s3: dict[str, Any], tmp_path
     # a second clip to the same place is refused without --force
     again = invoke_cli("clip", "s3://bucket/sharded/", "--max-abs", "1.5", "--out", "s3://bucket/clipped/")
     assert again.exit_code == 2 and "--force" in again.output
+    # with --force it is written again, and a stale errors.csv of an earlier clip is removed, as locally
+    fs.pipe("bucket/clipped/errors.csv", b"checkpoint,error,message\nx,unreadable,old\n")
+    again = invoke_cli("clip", "s3://bucket/sharded/", "--max-abs", "1.5", "--out", "s3://bucket/clipped/", "--force")
+    assert again.exit_code == 0, again.output
+    fs.invalidate_cache()
+    assert sorted(k.removeprefix("bucket/clipped/") for k in fs.find("bucket/clipped")) == keys
 
 
 def test_an_interrupted_clip_to_s3_leaves_no_object(s3: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

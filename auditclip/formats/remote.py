@@ -44,6 +44,7 @@ final name.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -303,8 +304,6 @@ def remote_file(path: str | os.PathLike[str]) -> RemoteFile | None:
 def _from_marker(path: Path) -> tuple[Any, str, int] | None:
     """A placeholder of a view listed by another process (a worker handed a checkpoint's path):
     its object found through the view's marker file, never read as the zeros it holds."""
-    import json
-
     top = next((p for p in path.parents if p.name.startswith(VIEW_PREFIX)), None)
     if top is None or not (top / MARKER).is_file():
         return None
@@ -422,9 +421,12 @@ def local_view(url: str) -> Path:
         mtime = _mtime(entry)
         if mtime is not None and rpath not in small:
             os.utime(local, (mtime, mtime))
-    if small:
-        got = _retry(lambda: fs.cat(list(small), on_error="return"), base)
-        for rpath, local in small.items():
+    names = list(small)
+    for i in range(0, len(names), 32):  # fetched 32 at a time: memory bounded by 32 files, not the run
+        batch = names[i:i + 32]
+        got = _retry(lambda batch=batch: fs.cat(batch, on_error="return"), base)
+        for rpath in batch:
+            local = small[rpath]
             data = got.get(rpath)
             if not isinstance(data, bytes):
                 raise InputError(f"{url}: cannot read {rpath}: {data}")
@@ -432,8 +434,6 @@ def local_view(url: str) -> Path:
             mtime = _mtime(listed[rpath])
             if mtime is not None:
                 os.utime(local, (mtime, mtime))
-    import json
-
     (top / MARKER).write_text(json.dumps({"url": base, "placeholders": marked}), encoding="utf-8")
     return Path(f"{view}/{pattern}") if pattern else view
 
@@ -475,6 +475,9 @@ def remote_output(out: str, *, force: bool = False) -> Iterator[Path]:
                                   or p.name == "latest", p.as_posix()))
         for local in files:
             _publish(fs, local, f"{root}/{local.relative_to(staging).as_posix()}")
+        stale = f"{root}/errors.csv"  # a list from an earlier run (--force) would mislead, as locally
+        if stale in existing and not (staging / "errors.csv").exists():
+            _retry(lambda: fs.rm_file(stale), out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
