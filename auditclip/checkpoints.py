@@ -48,6 +48,7 @@ from .formats.dcp import read_dcp_index, read_dcp_object, read_dcp_tensor
 from .formats.index import read_checkpoint_metadata as read_safetensors_metadata
 from .formats.index import read_shard_index
 from .formats.readers import TensorReader, open_checkpoint_file
+from .formats.remote import is_url, local_view, open_binary
 from .formats.source import TORCH_SUFFIXES
 from .formats.deepspeed import deepspeed_model_states, deepspeed_step, deepspeed_tags, is_deepspeed_run, latest_tag
 from .formats.detect import (ACCELERATE_EXTRA_MODEL, ACCELERATE_FSDP_MODEL, DCP_OPTIMIZER_FOLDER, HF_WEIGHT_NAMES,
@@ -414,9 +415,10 @@ def _torch_stored_step(path: Path) -> tuple[int | None, str | None]:
     Anything unreadable is (None, None): a broken file is reported when it is opened.
     """
     try:
-        if not zipfile.is_zipfile(path):
-            return None, None  # the legacy (non-zip) format: no cheap way to its step
-        with zipfile.ZipFile(path) as archive:
+        with open_binary(path) as fh:
+            if not zipfile.is_zipfile(fh):
+                return None, None  # the legacy (non-zip) format: no cheap way to its step
+        with open_binary(path) as fh, zipfile.ZipFile(fh) as archive:
             names = [i for i in archive.infolist() if i.filename.endswith("data.pkl") and i.filename.count("/") <= 1]
             if len(names) != 1:
                 return None, None
@@ -837,6 +839,8 @@ def _expand(
     root: Path | None = None
     for raw in inputs:
         text = os.fspath(raw)
+        if is_url(text):  # a remote run: listed once into a local view whose weight files read the objects
+            text = os.fspath(local_view(text))
         path = Path(text)
         if path.exists():
             matches = [path]
@@ -985,7 +989,7 @@ _SAMPLES = 9
 def _sample_digest(path: Path, size: int) -> bytes:
     """A digest of a few blocks spread over the file: two different checkpoints differ in one of them at once."""
     h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
+    with open_binary(path) as f:
         for i in range(_SAMPLES):
             f.seek(max(0, (size - _SAMPLE_BLOCK) * i // (_SAMPLES - 1)))
             h.update(f.read(_SAMPLE_BLOCK))
@@ -994,7 +998,7 @@ def _sample_digest(path: Path, size: int) -> bytes:
 
 def _full_digest(path: Path) -> bytes:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_binary(path) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.digest()
@@ -1003,9 +1007,10 @@ def _full_digest(path: Path) -> bytes:
 def _tensor_records(path: Path) -> list[tuple[str, int, int]] | None:
     """The (name, CRC-32, size) of the tensor records of a ``torch.save`` zip, None if it is not one."""
     try:
-        if not zipfile.is_zipfile(path):
-            return None
-        with zipfile.ZipFile(path) as archive:
+        with open_binary(path) as fh:
+            if not zipfile.is_zipfile(fh):
+                return None
+        with open_binary(path) as fh, zipfile.ZipFile(fh) as archive:
             return sorted((i.filename.split("/", 1)[-1], i.CRC, i.file_size) for i in archive.infolist()
                           if "/data/" in "/" + i.filename.split("/", 1)[-1])
     except Exception:  # a broken zip: not a duplicate of anything
@@ -1018,7 +1023,7 @@ def _same_tensor_data(a: Path, b: Path) -> bool:
     if not records or records != _tensor_records(b):
         return False
     try:  # the CRCs agree: compare the bytes, so a CRC collision never folds two checkpoints
-        with zipfile.ZipFile(a) as za, zipfile.ZipFile(b) as zb:
+        with open_binary(a) as fa_, open_binary(b) as fb_, zipfile.ZipFile(fa_) as za, zipfile.ZipFile(fb_) as zb:
             pa = {i.filename.split("/", 1)[-1]: i for i in za.infolist()}
             pb = {i.filename.split("/", 1)[-1]: i for i in zb.infolist()}
             for name, _, _ in records:

@@ -82,7 +82,8 @@ class _Progress:
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.option("--allow-global", "allow_global", multiple=True, metavar="module.Class",
               help="Admit this class when unpickling .pt/.ckpt/.bin files (repeatable; only classes you trust).")
-def cli(debug: bool, allow_global: tuple[str, ...]) -> None:
+@use("io_workers")
+def cli(debug: bool, allow_global: tuple[str, ...], io_workers: int) -> None:
     """Audit the weights of a neural network across a training run.
 
     \b
@@ -92,6 +93,9 @@ def cli(debug: bool, allow_global: tuple[str, ...]) -> None:
       auditclip --allow-global collections.OrderedDict drift sample_checkpoints/wgan_clip --out report/
     """
     _show_notes()
+    from .formats.remote import set_io_workers
+
+    set_io_workers(io_workers)
     if allow_global:
         from .formats.torch_pickle import allow_globals
 
@@ -401,26 +405,31 @@ def clip(src: tuple[str, ...], out: str, to: str | None, force: bool, dry_run: b
       auditclip clip sample_checkpoints/high_lr/epoch_12.safetensors --percentile 99.99 --protect-top 1 --out clipped/
       auditclip clip 'sample_checkpoints/wgan_clip/*.safetensors' --sigma 6 --override '*.bias:skip=true' --out clipped/
     """
+    from contextlib import ExitStack
+
     from .clip_files import clip_run
     from .config import clip_settings
+    from .formats.remote import is_url, remote_output
     from .output import prepare_out_dir, write_csv
 
     options = pop(kw, "range", "max_abs", "percentile", "sigma", "protect", "protect_top", "include", "exclude",
                   "buffers")
     settings = clip_settings(config, options, overrides)
     _settings_note(settings)
-    result = clip_run(list(src) if len(src) > 1 else src[0], out, settings, to=to, key=key, sort=sort,
-                      force=force, dry_run=dry_run, model=kw.pop("model"),
-                      drop_trainer_state=kw.pop("drop_trainer_state"), adapter_mode=kw.pop("adapter_mode"))
-    report = result.report
-    written = list(result.written)
-    if dry_run:
-        for e in result.errors.itertuples():
-            echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
-    else:
-        out_dir = prepare_out_dir(out)
-        written.append(write_csv(report, out_dir / "clip_report.csv"))
-        _write_errors(result.errors, out_dir, written)
+    with ExitStack() as stack:  # --out s3://...: written locally, each file published once complete
+        local_out = stack.enter_context(remote_output(out, force=force)) if is_url(out) else out
+        result = clip_run(list(src) if len(src) > 1 else src[0], local_out, settings, to=to, key=key, sort=sort,
+                          force=force, dry_run=dry_run, model=kw.pop("model"),
+                          drop_trainer_state=kw.pop("drop_trainer_state"), adapter_mode=kw.pop("adapter_mode"))
+        report = result.report
+        written = list(result.written)
+        if dry_run:
+            for e in result.errors.itertuples():
+                echo(f"warning: skipped {e.checkpoint}: {e.message}", err=True)
+        else:
+            out_dir = prepare_out_dir(local_out)
+            written.append(write_csv(report, out_dir / "clip_report.csv"))
+            _write_errors(result.errors, out_dir, written)
     n_ckpt = report.checkpoint.nunique() if len(report) else 0
     verb = "Would clip" if dry_run else "Clipped"
     echo(f"{verb} {int(report.n_clipped.sum()) if len(report) else 0} value(s) in "

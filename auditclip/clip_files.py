@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import struct
 import zlib
 from collections.abc import Iterator, Mapping
@@ -45,12 +44,13 @@ from .notices import note
 from .formats.index import read_shard_index
 from .formats.pinned import PinnedFile
 from .formats.readers import open_checkpoint_file
+from .formats.remote import is_url
 from .formats.source import normalize_names
 from .formats.torch_pickle import (load_torch_file, load_torch_meta, note_tied, storage_identity, tensor_slots, untie,
                                    weight_copies, zip_byteorder)
 from .selection import name_filter
 from .formats.torch_zip import ZipRecord, zip_records
-from .formats.writers import (PROVENANCE_SUFFIX, provenance_file, save_torch, sha256_file, write_json, write_patched_copy,
+from .formats.writers import (PROVENANCE_SUFFIX, copy_file, provenance_file, save_torch, sha256_file, write_json, write_patched_copy,
                                write_provenance, write_safetensors)
 
 
@@ -723,6 +723,9 @@ def clip_run(
         raise InputError(f"--to {to!r}: only safetensors is supported")
     # with a model, its named_buffers() decide what clipping leaves alone, as in evaluate
     loader = _loader(model) if model else None
+    if is_url(os.fspath(out)):
+        raise InputError(f"--out {os.fspath(out)}: clip_run writes a local folder; for a URL write into "
+                         "auditclip.formats.remote.remote_output(URL), as the clip command does")
     run = open_run(src, sort=sort, key=key)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -806,8 +809,7 @@ def clip_run(
             target = dst.parent / extra.relative_to(ckpt.path)
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
-                shutil.copyfile(extra, tmp)
-                shutil.copystat(extra, tmp, follow_symlinks=True)
+                copy_file(extra, tmp)
             result.written.append(target)
     run_files, run_notes = _deepspeed_run_files(clipped, run.root, out)  # for the tags clipped, not those refused
     for text in run_notes:
@@ -817,8 +819,7 @@ def clip_run(
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 if isinstance(content, Path):
-                    shutil.copyfile(content, tmp)
-                    shutil.copystat(content, tmp, follow_symlinks=True)
+                    copy_file(content, tmp)
                 else:
                     tmp.write_text(content, encoding="utf-8")
             result.written.append(target)

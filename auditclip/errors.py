@@ -7,6 +7,23 @@ never sees a traceback for bad input or a broken file.
 
 from __future__ import annotations
 
+#: Local folder -> the URL it stands for (the local views of remote runs, filled by
+#: :func:`auditclip.formats.remote.local_view`), so messages name what the user typed.
+SHOWN_PATHS: dict[str, str] = {}
+
+
+def shown_path(path: object) -> str:
+    """``path`` as the user knows it: a file of a remote run's local view as its URL.
+
+    >>> shown_path("runs/step_1.pt")
+    'runs/step_1.pt'
+    """
+    text = str(path)
+    for local, url in SHOWN_PATHS.items():
+        if text == local or text.startswith(local + "/"):
+            return url + text[len(local):]
+    return text
+
 
 class AuditclipError(Exception):
     """Base class of every error auditclip raises on purpose."""
@@ -27,7 +44,7 @@ class CheckpointError(AuditclipError):
     """
 
     def __init__(self, path: object, message: str, kind: str = "unreadable") -> None:
-        self.path = str(path)
+        self.path = shown_path(path)
         self.message = message
         #: short machine-readable cause: ``unreadable``, ``unsafe``, ``missing_shard``...
         self.kind = kind

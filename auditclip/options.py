@@ -64,6 +64,9 @@ OPTIONS: dict[str, Option] = {
     "tensorboard": _o("--tensorboard", "tensorboard", type=click.Path(path_type=str), metavar="DIR",
                       help="Also write TensorBoard event files into DIR: a histogram per tensor at each checkpoint's "
                            "step and scalars (needs pip install 'auditclip[tensorboard]'; wandb sync DIR for W&B)."),
+    "io_workers": _o("--io-workers", type=click.IntRange(1), default=8, show_default=True, metavar="N",
+                     help="Ranged reads in flight at once for runs named by URL (s3://, gs://, az://, hf://, "
+                          "https://)."),
     "top": _o("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table."),
     # flag rules
     "range": _o("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error)."),

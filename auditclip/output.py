@@ -210,8 +210,17 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
 def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
     """Create the output directory if needed; refuse a path that is an existing file.
 
-    Temporary files that dead auditclip processes left in it are removed.
+    Temporary files that dead auditclip processes left in it are removed. A URL is refused:
+    reports are written to a local folder (``clip --out s3://...`` publishes its output itself).
+
+    >>> prepare_out_dir("s3://bucket/report")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    auditclip.errors.InputError: --out s3://bucket/report: reports are written to a local folder; ...
     """
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", os.fspath(path)):  # not a folder named "s3:"
+        raise InputError(f"--out {os.fspath(path)}: reports are written to a local folder; give a local path "
+                         "(clip --out accepts a URL)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a directory to write the reports into")

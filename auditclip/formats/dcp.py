@@ -88,6 +88,7 @@ import torch
 
 from auditclip.formats.dtypes import dtype_name, torch_dtype
 from auditclip.errors import CheckpointError
+from auditclip.formats.remote import open_binary, remote_file
 from auditclip.formats.source import Source, one_line
 from auditclip.notices import note
 
@@ -334,7 +335,7 @@ def _load_metadata(path: Path) -> tuple[Any, dict[str, type[_Record]]]:
         size = path.stat().st_size
         if size > MAX_METADATA_BYTES:
             raise CheckpointError(path, f"DCP .metadata of {size} bytes is larger than {MAX_METADATA_BYTES}; refused")
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             unpickler = _MetadataUnpickler(f)
             metadata = unpickler.load()
     except CheckpointError:
@@ -593,6 +594,12 @@ def _build_index(folder: Path, path: Path, metadata: Any, classes: dict[str, typ
 def _read_span(index: DcpIndex, file: str, offset: int, length: int) -> bytes:
     """The bytes of one record, read with ``os.pread``; the file must be the one indexed."""
     path = index.folder / file
+    remote = remote_file(path)
+    if remote is not None:  # a remote run's placeholder: ranged reads of its object
+        if offset + length > remote.size:
+            raise CheckpointError(path, f"truncated: a record lies at bytes {offset}..{offset + length}, the file "
+                                        f"has {remote.size}")
+        return remote.read(offset, length)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

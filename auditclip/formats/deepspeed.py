@@ -408,8 +408,7 @@ class _Loaded:
         f = PinnedFile(folder / name)
         try:
             self.obj, lazy = load_torch_meta(f)
-            st = os.fstat(f.fd)
-            self.stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+            self.stamp = f.stamp
         finally:
             f.close()
         if not lazy:
@@ -894,8 +893,7 @@ def _read_piece(index: DeepSpeedIndex, piece: DeepSpeedPiece, dtype: torch.dtype
     except CheckpointError as exc:
         raise CheckpointError(path, exc.message, kind="missing_shard" if not path.exists() else "unreadable") from None
     try:
-        st = os.fstat(f.fd)
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        stamp = f.stamp
         if index.files.get(piece.file, stamp) != stamp:
             raise CheckpointError(path, "changed since the checkpoint was indexed (size, time or inode differ): a "
                                         "trainer is probably still writing it", kind="changed")

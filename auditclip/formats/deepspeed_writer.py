@@ -94,8 +94,7 @@ class _Outputs:
                                       kind="unsafe")
             f = PinnedFile(src)
             stack.callback(f.close)
-            st = os.fstat(f.fd)
-            if src.name in index.files and index.files[src.name] != (st.st_size, st.st_mtime_ns, st.st_ino):
+            if src.name in index.files and index.files[src.name] != f.stamp:
                 raise CheckpointError(src, "changed since the checkpoint was indexed: a trainer is probably still "
                                            "writing it", kind="changed")
             tmp = stack.enter_context(atomic_path(dst / src.name))

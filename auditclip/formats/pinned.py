@@ -5,7 +5,8 @@ read (``torch.save`` over an existing name during a live run does exactly that)
 kills the process with SIGBUS. A short ``pread`` is an ordinary error instead,
 and the file's size, mtime and inode are compared after every read, so a file
 rewritten in place (even at the same size) is reported as ``changed``, never
-read half old, half new.
+read half old, half new. A placeholder of a remote run's local view opens as a
+:class:`~auditclip.formats.remote.RemoteFile` (ranged reads, the same interface).
 
 >>> import tempfile
 >>> path = Path(tempfile.mkdtemp()) / "x.bin"
@@ -40,6 +41,16 @@ class PinnedFile:
     :class:`CheckpointError` of kind ``changed``, never a crash or a mixed read.
     """
 
+    def __new__(cls, path: Path) -> Any:
+        # a placeholder of a remote run's local view is read from its object, never from the placeholder
+        if cls is PinnedFile:
+            from .remote import remote_file
+
+            remote = remote_file(path)
+            if remote is not None:
+                return remote
+        return super().__new__(cls)
+
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
@@ -49,6 +60,11 @@ class PinnedFile:
         st = os.fstat(self.fd)
         self.size = st.st_size
         self._stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    @property
+    def stamp(self) -> tuple[int, ...]:
+        """(size, mtime_ns, inode) when opened: what an index records to notice a file changed since."""
+        return self._stamp[:3]
 
     def check(self) -> None:
         """Raise ``changed`` if the file is not the one opened (size, mtime or inode differ)."""

@@ -41,6 +41,7 @@ from ..errors import CheckpointError
 from ..notices import note
 from .dtypes import dtype_name
 from .pinned import PinnedFile, read_strided
+from .remote import open_binary
 from .source import Source, normalize_names, one_line
 
 __all__ = [
@@ -320,7 +321,7 @@ def pickle_globals(path: Path, limit: int = SCAN_BYTES) -> list[str]:
 
     found: list[str] = []
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             stream = io.BytesIO(f.read(limit))
         for _ in range(8):  # legacy torch files: magic, protocol, sys info, then the object
             strings: list[str] = []

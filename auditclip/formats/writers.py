@@ -24,6 +24,7 @@ import torch
 from ..errors import InputError
 from ..output import atomic_path
 from .dtypes import CODE_OF, SAFETENSORS, dtype_name
+from .remote import open_binary
 
 
 Entry = tuple[str, "torch.dtype | str", tuple[int, ...]]
@@ -32,10 +33,24 @@ Entry = tuple[str, "torch.dtype | str", tuple[int, ...]]
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy ``src`` to ``dst`` byte for byte, streamed, with its permissions and times; a
+    remote run's file is copied from its object (:func:`~auditclip.formats.remote.open_binary`).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp()); _ = (d / "a").write_bytes(b"xy"); copy_file(d / "a", d / "b")
+    >>> (d / "b").read_bytes()
+    b'xy'
+    """
+    with open_binary(src) as f, open(dst, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+    shutil.copystat(src, dst, follow_symlinks=True)
 
 
 def write_safetensors(

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import shown_path
 from ..output import atomic_path
 from .summary import SEVERITIES, at_bound_table, first_bad, headline, per_checkpoint, severity_counts, top_tensors
 
@@ -87,7 +88,7 @@ def render_html(result: Any, tolerance: float | None = None) -> str:
     steps = [c.step for c in readable if c.step is not None]
     counts = severity_counts(result.flags.flags)
     failed = result.flags.failed
-    parts = [f"<h1>auditclip audit of <code>{escape(str(run.root))}</code></h1>"]
+    parts = [f"<h1>auditclip audit of <code>{escape(shown_path(run.root))}</code></h1>"]
     verdict = ("FAILED" if failed else "passed") + f" at --fail-on {escape(result.flags.fail_on)}"
     parts.append(f'<div class="verdict {"fail" if failed else "pass"}">'
                  + " ".join(f'<span class="badge {s}">{counts[s]} {s}</span>' for s in SEVERITIES)
@@ -150,7 +151,7 @@ def render_html(result: Any, tolerance: float | None = None) -> str:
     body = "\n".join(parts)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>auditclip audit: {escape(str(run.root))}</title><style>{_CSS}</style></head>"
+            f"<title>auditclip audit: {escape(shown_path(run.root))}</title><style>{_CSS}</style></head>"
             f"<body>\n{body}\n</body></html>\n")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import shown_path
 from ..output import atomic_path
 
 #: Most lines of a per-tensor list (first bad checkpoints, layers at the bound) before "... N more".
@@ -205,7 +206,7 @@ def write_summary(result: Any, tolerance: float | None, top: int, out: Path) -> 
     steps = [c.step for c in readable if c.step is not None]
     lines = [
         "# auditclip audit", "",
-        f"- run: `{run.root}`, {len(readable)} checkpoint(s) read"
+        f"- run: `{shown_path(run.root)}`, {len(readable)} checkpoint(s) read"
         + (f", steps {min(steps)}..{max(steps)}" if steps else "")
         + f", {len(analysis.tensors)} tensor(s)",
         f"- formats: {', '.join(sorted({c.format for c in readable}))}",
