@@ -142,3 +142,31 @@ def blocks_pass(x, shift, p, r, block, first, out, hist):  # pragma: no cover - 
             _pair(x, p, start, stop, o[10:14])
         if hr:
             _pair(x, r, start, stop, o[14:18])
+
+
+@njit(nogil=True, cache=True)
+def _hist16(raw, start, stop, hist):  # pragma: no cover - compiled
+    for i in range(start, stop):
+        k = np.int32(raw[i])
+        hist[(k ^ ((k >> 15) & 0x7FFF)) + 32768] += 1
+
+
+@njit(nogil=True, cache=True)
+def blocks_pass16(raw, x, p, r, block, first, out, hist):  # pragma: no cover - compiled
+    """:func:`blocks_pass` for float16/bfloat16 data: the histogram of the raw 16-bit values
+    (``raw``: their bits as int16; 65,536 bins, one per value, NaN and Inf included) and the
+    element-wise sums of the widened ``x`` against ``p``/``r``; every statistic is read off the
+    histogram (:func:`auditclip.fused.fused_pass`)."""
+    n = raw.size
+    nb = (n + block - 1) // block
+    hp = p.size == n and x.size == n
+    hr = r.size == n and x.size == n
+    for b in range(nb):
+        start = b * block
+        stop = min(n, start + block)
+        o = out[first + b]
+        _hist16(raw, start, stop, hist)
+        if hp:
+            _pair(x, p, start, stop, o[10:14])
+        if hr:
+            _pair(x, r, start, stop, o[14:18])

@@ -777,7 +777,7 @@ def _natural_sorted(names: Iterable[str]) -> list[str]:
 
 
 #: Elements from which a tensor's pass is shared by all workers and such tensors are walked one at a time.
-BIG_TENSOR = 1 << 20
+BIG_TENSOR = 1 << 18
 
 #: Most tensor names one task of the thread pool walks: enough that the pool's cost per
 #: task vanishes next to a checkpoint of 100,000 tiny tensors.
