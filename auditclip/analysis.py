@@ -222,9 +222,8 @@ def analyze(
     ``workers``: threads walking tensors in parallel (default: the number of
     cores); results do not depend on it.
     ``device``: where the one pass over each large tensor runs (:mod:`auditclip.fused`):
-    ``cpu`` (default), ``cuda`` (each version moved to the GPU once; an :class:`InputError`
-    when there is none) or ``auto`` (the GPU when there is one); the numbers agree within
-    the documented bounds.
+    ``cpu`` (default; ``auto`` too) or ``cuda`` (each version moved to the GPU once; an
+    :class:`InputError` when there is none); the numbers agree within the documented bounds.
     ``visit(label, name, tensor, summary)`` is called for every floating tensor
     version read, while it is in memory (``flag`` checks elements this way).
     ``bounds(name)``: the tensor's clip bound ``(lo, hi)`` or None; when given, ``stats``

@@ -118,7 +118,8 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
                                           buffers=settings.buffers)
     variants = clip_variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
     out_dir = prepare_out_dir(out)
-    flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress)
+    flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress,
+                   device=eval_options.device if eval_options is not None else None)
     analysis = flagged.analysis
     result = AuditResult(out=out_dir, flags=flagged)
     for name, df in (("stats.csv", analysis.stats), ("drift.csv", analysis.drift), ("flags.csv", flagged.flags)):

@@ -138,19 +138,18 @@ class PassResult:
 def stats_device(name: str | None) -> torch.device | None:
     """The device the statistics pass runs on for ``--device NAME``; None for the CPU.
 
-    ``auto`` is the GPU when CUDA has one, else the CPU. ``cuda`` (or ``cuda:N``) without
-    CUDA is an :class:`~auditclip.errors.InputError`, as is ``mps`` (it has no float64,
-    which every sum here is accumulated in).
+    ``auto`` (the shared option's default) is the CPU: the GPU only when asked for, with
+    ``cuda`` (or ``cuda:N``), which is an :class:`~auditclip.errors.InputError` without CUDA.
+    ``mps`` runs the statistics on the CPU (MPS has no float64, which every sum here is
+    accumulated in), with a note.
 
     >>> stats_device(None), stats_device("cpu")
     (None, None)
     """
     from .errors import InputError
 
-    if name in (None, "cpu"):
+    if name in (None, "cpu", "auto"):
         return None
-    if name == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else None
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: no CUDA device is available here (torch {torch.__version__} "
@@ -159,7 +158,12 @@ def stats_device(name: str | None) -> torch.device | None:
             return torch.device(name)
         except RuntimeError as exc:
             raise InputError(f"--device {name}: {exc}") from exc
-    raise InputError(f"--device {name}: statistics run on cpu or cuda ({name} has no float64 to accumulate in)")
+    if name == "mps":
+        from .notices import note
+
+        note("--device mps: the statistics run on the CPU (MPS has no float64 to accumulate in)")
+        return None
+    raise InputError(f"--device {name}: the statistics run on cpu or cuda")
 
 
 def widen(block: torch.Tensor, out: np.ndarray | None = None) -> torch.Tensor:
@@ -447,7 +451,7 @@ def bin_values(bins: np.ndarray) -> np.ndarray:
 
     >>> r = fused_pass(torch.tensor([-1.5, 0.25, 0.25], dtype=torch.bfloat16))
     >>> bin_values(r.bins).tolist(), r.counts.tolist()
-    [[-1.5, 0.25], [1.0, 2.0]]
+    ([-1.5, 0.25], [1.0, 2.0])
     """
     keys = (bins.astype(np.int64) - _HALF) << _SHIFT
     # a 16-bit value widened to float32 has its low 13 bits zero: in a negative bin that is the bin's top key
