@@ -170,3 +170,41 @@ def blocks_pass16(raw, x, p, r, block, first, out, hist):  # pragma: no cover - 
             _pair(x, p, start, stop, o[10:14])
         if hr:
             _pair(x, r, start, stop, o[14:18])
+
+
+@njit(nogil=True, cache=True)
+def clamp_count(x, lo, hi, o):  # pragma: no cover - compiled
+    """Clamp float32 ``x`` into [lo, hi] in place, in one pass: ``o`` = (elements moved, finite
+    min and max before, finite min and max after). NaN stays NaN and is not counted."""
+    lo32 = np.float32(lo)
+    hi32 = np.float32(hi)
+    n = 0
+    bmin = np.inf
+    bmax = -np.inf
+    amin = np.inf
+    amax = -np.inf
+    for i in range(x.size):
+        v = x[i]
+        w = v
+        if v < lo32:
+            w = lo32
+        elif v > hi32:
+            w = hi32
+        if w != v:
+            x[i] = w
+            n += 1
+        if v - v == 0.0:
+            if v < bmin:
+                bmin = v
+            if v > bmax:
+                bmax = v
+        if w - w == 0.0:
+            if w < amin:
+                amin = w
+            if w > amax:
+                amax = w
+    o[0] = n
+    o[1] = bmin
+    o[2] = bmax
+    o[3] = amin
+    o[4] = amax

@@ -80,6 +80,19 @@ def set_numba(enabled: bool) -> bool:
     return previous
 
 
+def numba_kernels(name: str):  # noqa: ANN201 - a numba dispatcher or None
+    """A compiled kernel of :mod:`auditclip._fused_numba` by name, or None without numba.
+
+    >>> numba_kernels("clamp_count") is None or callable(numba_kernels("clamp_count"))
+    True
+    """
+    if _kernel() is None:
+        return None
+    from . import _fused_numba
+
+    return getattr(_fused_numba, name)
+
+
 def _kernel():  # noqa: ANN202 - a numba dispatcher or None
     if not _use_numba:
         return None
