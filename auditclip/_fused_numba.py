@@ -188,9 +188,10 @@ def clamp_count(x, lo, hi, o):  # pragma: no cover - compiled
         w = v
         if v < lo32:
             w = lo32
+            x[i] = w
+            n += 1
         elif v > hi32:
             w = hi32
-        if w != v:
             x[i] = w
             n += 1
         if v - v == 0.0:

@@ -183,3 +183,26 @@ def test_cli_import_loads_no_heavy_library() -> None:
     version = subprocess.run([sys.executable, "-m", "auditclip.cli", "--version"], capture_output=True, text=True,
                              check=True, cwd=ROOT)
     assert "version" in version.stdout
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("protect_top", [0, 3])
+def test_in_place_clip_is_the_copying_clip(dtype: torch.dtype, protect_top: int, path: str) -> None:
+    if path == "cuda":
+        pytest.skip("clip runs on the CPU")
+    from auditclip.clipping import clip_tensor_outcome
+    from auditclip.config import ClipSpec
+
+    a, _ = _pair(dtype)
+    a = a[: N // 7 * 7].reshape(-1, 7)
+    spec = ClipSpec.parse("max_abs=0.03")
+    want = clip_tensor_outcome(a, spec, protect_top=protect_top)
+    mine = a.clone()
+    got = clip_tensor_outcome(mine, spec, protect_top=protect_top, inplace=True)
+    assert got.tensor is mine  # clamped where it lies: no copy
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    nan = torch.isnan(want.tensor)
+    assert torch.equal(torch.isnan(got.tensor), nan)  # NaN stays NaN (in place, even its payload stays)
+    assert torch.equal(got.tensor.view(bits)[~nan], want.tensor.view(bits)[~nan])  # the rest bit for bit
+    assert (got.n_clipped, got.n_protected) == (want.n_clipped, want.n_protected) and got.n_clipped > 1000
+    assert got.report(a) == want.report(a)
