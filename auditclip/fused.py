@@ -271,9 +271,9 @@ def _merge(rows: np.ndarray, hist: np.ndarray, flat: torch.Tensor, others: list[
         sums = np.array([cy.sum(), cy2.sum(), np.dot(cy2, y), np.dot(cy2 * y, y), sq])
         lo, hi = (float(v[0]), float(v[-1])) if v.size else (math.inf, -math.inf)
         zeros = int(c[v == 0].sum())
-        bins, hist = bins[fin], np.zeros(BINS, dtype=np.int64)
-        hist[bins] = counts[fin]
+        bins, counts = bins[fin], c
     else:
+        counts = hist[bins].astype(np.float64)
         sums = rows[:, :5].sum(axis=0)  # numpy's pairwise sum over blocks, in block order
         nfin, n_nan, zeros = int(rows[:, 8].sum()), int(rows[:, 9].sum()), int(rows[:, 7].sum())
         lo = float(rows[:, 5].min()) if len(rows) else math.inf
@@ -291,7 +291,7 @@ def _merge(rows: np.ndarray, hist: np.ndarray, flat: torch.Tensor, others: list[
     return PassResult(
         numel=flat.numel(), n_finite=nfin, n_nan=n_nan, zeros=zeros, shift=shift,
         s1=float(sums[0]), s2=float(sums[1]), s3=float(sums[2]), s4=float(sums[3]), lo=lo, hi=hi,
-        bins=bins, counts=hist[bins].astype(np.float64), exact_bins=flat.dtype in EXACT_DTYPES, pairs=pairs,
+        bins=bins, counts=counts, exact_bins=flat.dtype in EXACT_DTYPES, pairs=pairs,
     )
 
 
@@ -320,7 +320,9 @@ def _numba_rows(kernel, flat: torch.Tensor, others: list[torch.Tensor | None], s
     parts = [(b, min(nb, b + per_part)) for b in range(0, nb, per_part)]
 
     def run(part: tuple[int, int]) -> np.ndarray:
-        hist = np.zeros(BINS if shift is not None else 1 << 16, dtype=np.int64)
+        # int32 counts while a tensor has fewer than 2**31 elements: half the cache and memory of int64
+        count_type = np.int32 if n < (1 << 31) else np.int64
+        hist = np.zeros(BINS if shift is not None else 1 << 16, dtype=count_type)
         first, last = part
         start, stop = first * BLOCK, min(n, last * BLOCK)
         native = all(t.dtype == torch.float32 for t in (flat, *(o for o in pads if o is not None)))
