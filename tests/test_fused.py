@@ -87,17 +87,20 @@ def test_one_pass_matches_float64_scipy(dtype: torch.dtype, path: str) -> None:
 def test_element_wise_sums_match_numpy(dtype: torch.dtype, path: str) -> None:
     a, b = _pair(dtype)
     a = torch.nan_to_num(a, posinf=0.5, neginf=-0.5)  # finite: the sums are numbers
-    da, db = _on(a, path), _on(b, path)
-    sb = describe(db)
-    sa = describe(da, against=[(sb, db)])
-    metrics, sums = compare(sa, da, sb, db)
-    x, y = a.double().numpy(), b.double().numpy()
-    assert sums["delta_sq"] == pytest.approx(float((x - y) @ (x - y)), rel=1e-9)
-    assert sums["dot"] == pytest.approx(float(x @ y), rel=1e-9)
-    assert sums["cur_sq"] == pytest.approx(float(x @ x), rel=1e-9)
-    assert metrics["max_abs_change"] == np.abs(x - y).max()
-    assert metrics["rel_l2_change"] == pytest.approx(np.linalg.norm(x - y) / np.linalg.norm(y), rel=1e-9)
-    assert metrics["cosine"] == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y), rel=1e-9)
+    c = (b.float() * 0.9).to(dtype)  # a third version: previous and reference both measured in the one pass
+    da, db, dc = _on(a, path), _on(b, path), _on(c, path)
+    sb, sc = describe(db), describe(dc)
+    sa = describe(da, against=[(sb, db), (sc, dc)])
+    x = a.double().numpy()
+    for s_base, d_base, base in ((sb, db, b), (sc, dc, c)):
+        metrics, sums = compare(sa, da, s_base, d_base)
+        y = base.double().numpy()
+        assert sums["delta_sq"] == pytest.approx(float((x - y) @ (x - y)), rel=1e-9)
+        assert sums["dot"] == pytest.approx(float(x @ y), rel=1e-9)
+        assert sums["cur_sq"] == pytest.approx(float(x @ x), rel=1e-9)
+        assert metrics["max_abs_change"] == np.abs(x - y).max()
+        assert metrics["rel_l2_change"] == pytest.approx(np.linalg.norm(x - y) / np.linalg.norm(y), rel=1e-9)
+        assert metrics["cosine"] == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y), rel=1e-9)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
