@@ -43,7 +43,7 @@ from .formats.peft import AdapterIndex, adapter_index_for
 from .notices import note
 from .formats.readers import TensorInfo, TensorReader, is_float_dtype
 from .selection import name_filter
-from .fused import DTYPES as FUSED_DTYPES, stats_device
+from .fused import DTYPES as FUSED_DTYPES, bound_heap, stats_device
 from .stats import STAT_COLUMNS, STATS_COLUMNS, TINY_MAX, TensorSummary, count_at_bound, describe, describe_many, shape_text
 
 DRIFT_COLUMNS: tuple[str, ...] = (
@@ -240,6 +240,7 @@ def analyze(
     4.01
     """
     on = stats_device(device)  # a GPU asked for and absent is an error before anything is read
+    bound_heap()  # memory follows the live tensors (see auditclip.fused.bound_heap)
     run = open_run(run, sort=sort, key=key)
     key = key if key is not None else run.key
     errors: list[dict[str, str]] = []

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,32 @@ class PassResult:
     @property
     def n_inf(self) -> int:
         return self.numel - self.n_finite - self.n_nan
+
+
+_heap = {"bounded": False}
+
+
+def bound_heap() -> None:
+    """Have glibc give every freed block of 4 MB or more straight back to the system.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to
+    32 MB), so later tensors below that size come from the heap, and each thread's arena
+    keeps what they free: on a 4 x 200 MB run that held 120 MB more than the three live
+    versions of a tensor with two workers. A fixed threshold keeps the peak near what is
+    alive. Nothing is done where the C library has no ``mallopt`` or the user set
+    ``MALLOC_MMAP_THRESHOLD_`` themselves.
+
+    >>> bound_heap()
+    """
+    if _heap["bounded"] or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return
+    _heap["bounded"] = True
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def stats_device(name: str | None) -> torch.device | None:
