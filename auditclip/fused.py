@@ -261,6 +261,8 @@ def fused_pass(t: torch.Tensor, against: Sequence[torch.Tensor | None] = (), *, 
     flat = t.detach().reshape(-1)
     if flat.dtype not in DTYPES:
         raise TypeError(f"fused_pass reads {', '.join(map(str, DTYPES))}, not {flat.dtype}")
+    if len(against) > 2:  # the kernels hold two comparisons (previous and reference)
+        raise ValueError(f"fused_pass compares with at most two other versions, not {len(against)}")
     others = [o.detach().reshape(-1) if o is not None and tuple(o.shape) == tuple(t.shape)
               and o.dtype in DTYPES and o.device == t.device else None for o in against]
     shift = _shift_of(flat)

@@ -241,7 +241,7 @@ def describe(t: torch.Tensor, info: TensorInfo | None = None, *, spectral: bool 
     A tensor above :data:`auditclip.sketch.EXACT_MAX` elements stored as float32, float16
     or bfloat16 is read once by :func:`auditclip.fused.fused_pass`, on the device it is on
     (a CUDA tensor is measured on its GPU). ``against``: ``(summary, tensor)`` of other
-    versions of the same tensor (previous, reference); that same pass also measures the
+    versions of the same tensor (previous, reference: at most two); that same pass also measures the
     element-wise sums against each, kept in ``pairs`` for :func:`auditclip.distances.compare`.
     ``threads``: CPU threads sharing that pass (the numbers do not depend on it).
 
