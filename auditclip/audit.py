@@ -125,7 +125,8 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
     # counted while each tensor version is in memory: no second read for the pictures or TensorBoard
     collector = HistogramCollector() if pictures or tensorboard is not None else None
     flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress,
-                   visit=collector.visit if collector is not None else None)
+                   visit=collector.visit if collector is not None else None,
+                   device=eval_options.device if eval_options is not None else None)
     analysis = flagged.analysis
     result = AuditResult(out=out_dir, flags=flagged, files=report.files)
     if collector is not None:

@@ -156,10 +156,10 @@ def _bounds(run: Any, max_abs: float | None, range_: str | None) -> Any:
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Directory for stats.csv and drift.csv.")
-@use("sort", "reference", "top", "quiet", "workers", "max_abs", "range", "tensorboard", help=_BOUND_HELP)
+@use("sort", "reference", "top", "quiet", "workers", "device", "max_abs", "range", "tensorboard", help=_BOUND_HELP)
 @_run_options
 def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
-          workers: int | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
+          workers: int | None, device: str, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
           spectral: bool, max_abs: float | None = None, range_: str | None = None,
           tensorboard: str | None = None) -> None:
     """Per-tensor statistics at every checkpoint and how they move.
@@ -194,7 +194,7 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     try:
         result = analyze(opened, include=include, exclude=exclude, spectral=spectral, reference=reference,
                          sort=sort, key=key, progress=progress, workers=workers, bounds=bounds,
-                         visit=collector.visit if collector is not None else None)
+                         visit=collector.visit if collector is not None else None, device=device)
     finally:
         progress.close()
     written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]
@@ -327,7 +327,7 @@ def _flag_settings(kw: dict[str, Any], overrides: tuple[str, ...]) -> Any:
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @use("out", *RULES, "sort", "reference", "key", "include", "exclude", "quiet", "buffers", "override", "config",
-     help={"out": "Directory for flags.csv.",
+     "device", help={"out": "Directory for flags.csv.",
            "override": "Per-pattern rule setting, e.g. '*.bias:max_abs=1' or 'norm*:off=range+outlier' (repeatable; "
                        "names may contain ':')."})
 def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
@@ -359,7 +359,7 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
         result = run_flag(_open_run(run, kw["sort"], kw["key"]), settings, reference=kw["reference"], sort=kw["sort"],
-                          key=kw["key"], progress=progress)
+                          key=kw["key"], progress=progress, device=kw["device"])
     finally:
         progress.close()
     written = [write_csv(result.flags, out_dir / "flags.csv")]

@@ -92,15 +92,17 @@ class _Clipper:
         self.keep = name_filter(settings.include, settings.exclude)
         self.rows: list[dict[str, Any]] = []
 
-    def __call__(self, name: str, t: torch.Tensor, copy: str | None = None) -> torch.Tensor:
+    def __call__(self, name: str, t: torch.Tensor, copy: str | None = None, inplace: bool = False) -> torch.Tensor:
         """Clip ``name`` as the settings select it; ``copy``: the container entry of a further
-        copy of the weights (EMA, live weights), whose rows name the tensor ``COPY.name``."""
-        return self.clip(name, t, copy)[0]
+        copy of the weights (EMA, live weights), whose rows name the tensor ``COPY.name``;
+        ``inplace``: ``t`` is a buffer of our own, clamped in it."""
+        return self.clip(name, t, copy, inplace)[0]
 
-    def clip(self, name: str, t: torch.Tensor, copy: str | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    def clip(self, name: str, t: torch.Tensor, copy: str | None = None,
+             inplace: bool = False) -> tuple[torch.Tensor, dict[str, Any] | None]:
         """:meth:`__call__`, also giving the report row (its ``lo``/``hi``), or None when not clipped."""
         clipped, row = clip_selected(name, t, self.settings, self.keep, self.kinds, siblings=self.siblings,
-                                     adapter=self.adapter)
+                                     adapter=self.adapter, inplace=inplace)
         if row is not None:
             if copy is not None:
                 row = {**row, "tensor": f"{copy}.{row['tensor']}"}
@@ -155,7 +157,7 @@ def _clip_safetensors(src: Path, dst: Path, clipper: _Clipper, dry_run: bool) ->
             clean = clean_of[raw]
             if not reader.info(clean).is_float:  # integers, bools, sub-byte floats: the stored bytes
                 return reader.raw_bytes(clean)
-            return clipper(clean, reader.get(clean))
+            return clipper(clean, reader.get(clean), inplace=True)  # get() reads into a fresh buffer: ours
 
         if dry_run:
             for raw, *_ in entries:

@@ -45,13 +45,16 @@ class ClipOutcome:
     hi: float
     n_clipped: int
     n_protected: int
+    #: (abs_max before, after) when measured during the clamp (an in-place clip has no "before" left)
+    abs_max: tuple[float, float] | None = None
 
     def report(self, before: torch.Tensor) -> dict[str, Any]:
         n = before.numel()
+        before_max, after_max = self.abs_max if self.abs_max is not None else (_abs_max(before), _abs_max(self.tensor))
         return {
             "lo": self.lo, "hi": self.hi, "n_clipped": self.n_clipped,
             "frac_clipped": self.n_clipped / n if n else 0.0, "n_protected": self.n_protected,
-            "abs_max_before": _abs_max(before), "abs_max_after": _abs_max(self.tensor),
+            "abs_max_before": before_max, "abs_max_after": after_max,
         }
 
 
@@ -150,9 +153,15 @@ def _protected_positions(t: torch.Tensor, name: str, protect: tuple[str, ...], t
 
 
 def clip_tensor_outcome(
-    t: torch.Tensor, spec: ClipSpec, *, name: str = "", protect: tuple[str, ...] = (), protect_top: int = 0
+    t: torch.Tensor, spec: ClipSpec, *, name: str = "", protect: tuple[str, ...] = (), protect_top: int = 0,
+    inplace: bool = False,
 ) -> ClipOutcome:
-    """Clip one tensor and count what changed (see :func:`clip_tensor`)."""
+    """Clip one tensor and count what changed (see :func:`clip_tensor`).
+
+    ``inplace``: ``t`` is the caller's own buffer (``clip`` streaming a file): float32,
+    float16 and bfloat16 are clamped in it, in one pass that also counts and measures,
+    with no copy (:func:`_clamp_in_place`); the outcome's tensor is ``t`` itself.
+    """
     if not _analysed(t):
         return ClipOutcome(t, math.nan, math.nan, 0, 0)
     lo, hi = bounds(t, spec)
@@ -161,6 +170,17 @@ def clip_tensor_outcome(
     lo_d, hi_d = inward(lo, t.dtype, down=False), inward(hi, t.dtype, down=True)
     if lo_d > hi_d:
         raise InputError(f"{name or 'tensor'}: no {t.dtype} value lies in [{lo:g}, {hi:g}]")
+    if inplace and t.dtype in _IN_PLACE and t.is_contiguous() and t.device.type == "cpu" and not t.requires_grad:
+        positions = _protected_positions(t, name, protect, protect_top)
+        flat = t.reshape(-1)
+        kept = flat[positions].clone() if positions.numel() else None  # the originals a protection puts back
+        n_out, before, after = _clamp_in_place(flat, lo_d, hi_d)
+        n_protected = 0
+        if kept is not None:
+            n_protected = int(torch.count_nonzero((kept < lo_d) | (kept > hi_d)))
+            flat[positions] = kept
+            after = _abs_max(t)
+        return ClipOutcome(t, lo_d, hi_d, n_out - n_protected, n_protected, abs_max=(before, after))
     wide = t.dtype.itemsize == 1  # torch cannot clamp fp8: clamp exactly in float32 and come back
     work = t.to(torch.float32) if wide else t
     outside = (work < lo_d) | (work > hi_d)
@@ -177,6 +197,53 @@ def clip_tensor_outcome(
         flat_out = flat_out.view(t.dtype) if wide else flat_out
         clipped = flat_out.reshape(t.shape)
     return ClipOutcome(clipped, lo_d, hi_d, int(torch.count_nonzero(outside)) - n_protected, n_protected)
+
+
+_IN_PLACE = (torch.float32, torch.float16, torch.bfloat16)
+_CLAMP_CHUNK = 1 << 18  # 16-bit data is widened, clamped and narrowed back this many elements at a time
+
+
+def _clamp_in_place(flat: torch.Tensor, lo: float, hi: float) -> tuple[int, float, float]:
+    """Clamp a contiguous 1-D CPU tensor into [lo, hi] in place (lo/hi representable in its dtype).
+
+    Returns (elements moved, largest finite |x| before, after). With numba, one pass per
+    element (float32 in place; 16-bit widened a chunk at a time into a cached buffer,
+    clamped, narrowed back exactly: the bounds and every other value are representable);
+    without it, torch's comparisons and ``clamp_``. NaN is left alone and not counted.
+    """
+    from .fused import numba_kernels, widen
+
+    clamp = numba_kernels("clamp_count")
+    if not flat.numel():
+        return 0, math.nan, math.nan
+    if clamp is None:
+        before = _abs_max(flat)
+        moved = int(torch.count_nonzero(flat < lo)) + int(torch.count_nonzero(flat > hi))
+        flat.clamp_(lo, hi)
+        return moved, before, _abs_max(flat)
+    o = np.zeros(5)
+    moved, lows, highs = 0, [], []
+    step = flat.numel() if flat.dtype == torch.float32 else _CLAMP_CHUNK
+    scratch = None if flat.dtype == torch.float32 else np.empty(min(step, flat.numel()), dtype=np.float32)
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
+        x = widen(part, scratch).numpy()
+        clamp(x, lo, hi, o)
+        moved += int(o[0])
+        lows.append(o[1:3].copy())
+        highs.append(o[3:5].copy())
+        if part.dtype != torch.float32 and o[0]:  # narrow back: exact, every value is representable
+            raw = part.view(torch.int16).numpy()
+            if part.dtype == torch.bfloat16:
+                np.copyto(raw.view(np.uint16), x.view(np.uint32) >> 16, casting="unsafe")
+            else:
+                np.copyto(raw.view(np.float16), x, casting="same_kind")
+
+    def top(pairs: list[np.ndarray]) -> float:
+        lo_, hi_ = min(p[0] for p in pairs), max(p[1] for p in pairs)
+        return max(-lo_, hi_) if lo_ <= hi_ else math.nan  # no finite value: NaN, as _abs_max says
+
+    return moved, top(lows), top(highs)
 
 
 def clip_tensor(t: torch.Tensor, spec: ClipSpec | str, **protection: Any) -> torch.Tensor:
@@ -223,8 +290,8 @@ def clip_state_dict(
 
 
 def clip_selected(name: str, t: Any, settings: ClipSettings, keep: Any = None, kinds: Kinds | None = None,
-                  siblings: Collection[str] | None = None,
-                  adapter: Mapping[str, tuple[str, str]] | None = None) -> tuple[Any, dict[str, Any] | None]:
+                  siblings: Collection[str] | None = None, adapter: Mapping[str, tuple[str, str]] | None = None,
+                  inplace: bool = False) -> tuple[Any, dict[str, Any] | None]:
     """Clip one named tensor as the settings select it: (the result, its report row or None).
 
     The one place that decides what clipping touches, for ``clip`` and for the clipped
@@ -234,6 +301,7 @@ def clip_selected(name: str, t: Any, settings: ClipSettings, keep: Any = None, k
     With ``kinds`` (the model's parameter and buffer names) the model decides, so a
     custom ``register_buffer("scale", ...)`` is a buffer although its name says nothing.
     ``adapter``: a PEFT adapter folder's kinds by name (its config decides, kinds.tensor_kind).
+    ``inplace``: ``t`` is the caller's own buffer and may be clamped in it (:func:`clip_tensor_outcome`).
 
     >>> s = ClipSettings(ClipSpec.parse("max_abs=1"))
     >>> clip_selected("bn.running_var", torch.tensor([5.0]), s)[1]["spec"]
@@ -256,5 +324,6 @@ def clip_selected(name: str, t: Any, settings: ClipSettings, keep: Any = None, k
         return t, {"tensor": name, "kind": kind, "kind_rule": rule, "spec": "none (buffer; --buffers clips it)",
                    "lo": math.nan, "hi": math.nan, "n_clipped": 0, "frac_clipped": 0.0, "n_protected": 0,
                    "abs_max_before": _abs_max(t) if n else math.nan, "abs_max_after": _abs_max(t) if n else math.nan}
-    outcome = clip_tensor_outcome(t, spec, name=name, protect=settings.protect, protect_top=settings.protect_top)
+    outcome = clip_tensor_outcome(t, spec, name=name, protect=settings.protect, protect_top=settings.protect_top,
+                                  inplace=inplace)
     return outcome.tensor, {"tensor": name, "kind": kind, "kind_rule": rule, "spec": str(spec), **outcome.report(t)}

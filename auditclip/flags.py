@@ -409,6 +409,7 @@ def flag(
     key: str | None = None,
     progress: Any = None,
     visit: Any = None,
+    device: str | None = None,
     **options: Any,
 ) -> FlagResult:
     """Check every tensor of a run against the rules; one row per finding (``flags.csv``).
@@ -417,6 +418,7 @@ def flag(
     directly: ``max_abs``, ``range``, ``zscore``, ``jump``, ``norm_growth``,
     ``spike``, ``include``, ``exclude``, ``fail_on``. ``visit``: a further
     :data:`auditclip.analysis.Visitor`, called on every tensor version read, as the rules are.
+    ``device``: where the statistics pass runs (:func:`auditclip.analysis.analyze`).
 
     The sample WGAN critic, clipped to +-0.01 after every step, stays inside the bound;
     the run trained with too high a learning rate does not:
@@ -456,7 +458,7 @@ def flag(
     bound = bounds_of(settings, names, kinds)
     bounded = settings.rules.range is not None or any("range" in changes for _, changes in settings.overrides)
     result = analyze(run, include=settings.include, exclude=settings.exclude, reference=reference, sort=sort,
-                     key=key, progress=progress, visit=check, bounds=bound if bounded else None)
+                     key=key, progress=progress, visit=check, bounds=bound if bounded else None, device=device)
     if not checked[0]:
         raise InputError(f"nothing was checked, so the gate cannot pass: {_why_nothing(result, settings)}")
     order = {c.label: i for i, c in enumerate(result.run)}

@@ -147,7 +147,10 @@ OPTIONS: dict[str, Option] = {
     "batch_size": _o("--batch-size", type=click.IntRange(1), default=256, show_default=True),
     "limit": _o("--limit", type=click.IntRange(1), metavar="N",
                 help="Evaluate on the first N samples (sequences for a language model) only."),
-    "device": _o("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True),
+    "device": _o("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+                 help="Where tensors are processed: the evaluation's forward passes (auto: cuda, else mps, else "
+                      "cpu), and the statistics of drift/flag/audit (auto: cpu; cuda: on the GPU, each tensor "
+                      "moved there once; same numbers within the documented bounds)."),
     "strict": _o("--strict/--no-strict", default=True, show_default=True,
                  help="Missing or unexpected state-dict keys are an error."),
     "strip_prefix": _o("--strip-prefix", metavar="P", help="Remove P from the checkpoint's tensor names before loading."),

@@ -194,6 +194,64 @@ def build(flat: torch.Tensor, lo: float, hi: float, n: int) -> Sketch:  # noqa: 
     return Sketch(xs[keep], np.maximum.accumulate(cum)[keep], n)
 
 
+def from_histogram(bins: np.ndarray, counts: np.ndarray, lo: float, hi: float, n: int, *, exact: bool,
+                   atoms: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> Sketch:
+    """The sketch of a value-ordered key histogram (:mod:`auditclip.fused`): no pass over the data.
+
+    ``bins``/``counts``: the non-empty bins and their counts; ``lo``/``hi``/``n``: finite
+    min, max and count. ``exact``: every bin holds a single value (float16/bfloat16
+    data): the CDF is exact steps. Otherwise each bin is a linear segment between its
+    edges (the outer ones clipped to ``lo``/``hi``), and ``atoms`` gives the exact
+    values and counts of the bins holding more than :data:`HEAVY` of the values
+    (:func:`auditclip.fused.refine`): those become exact steps, as in :func:`build`.
+
+    >>> import torch
+    >>> from auditclip.fused import fused_pass
+    >>> r = fused_pass(torch.tensor([0.5, 0.5, -1.0], dtype=torch.bfloat16))
+    >>> s = from_histogram(r.bins, r.counts, r.lo, r.hi, r.n_finite, exact=True)
+    >>> s.quantile(50), s.quantile(0)
+    (0.5, -1.0)
+    """
+    from .fused import bin_edges, bin_values
+
+    if n == 0:
+        return Sketch(np.array([0.0]), np.array([0.0]), 0)
+    if exact:
+        values = bin_values(bins)
+        uniq, inverse = np.unique(values, return_inverse=True)  # -0.0 and 0.0 share a value
+        xs, cum = _steps(uniq, np.bincount(inverse, weights=counts), 0.0)
+        return Sketch(xs, cum, n)
+    lower, upper = bin_edges(bins)
+    lower[0], upper[-1] = lo, hi
+    after = np.cumsum(counts)
+    before = after - counts
+    xs = np.empty(2 * len(bins))
+    cum = np.empty(2 * len(bins))
+    # a bin of one value (its edges clipped together by lo/hi) is a step, not a segment of no width
+    xs[0::2], xs[1::2] = np.where(upper > lower, lower, np.nextafter(lower, -np.inf)), upper
+    cum[0::2], cum[1::2] = before, after
+    if atoms:
+        parts_x, parts_c, prev = [], [], 0
+        position = {int(b): i for i, b in enumerate(bins.tolist())}
+        for b in sorted(atoms):
+            i = position[b]
+            parts_x.append(xs[2 * prev:2 * i])
+            parts_c.append(cum[2 * prev:2 * i])
+            values, cnt = atoms[b]
+            sx, sc = _steps(values, cnt, float(before[i]))
+            parts_x.append(sx)
+            parts_c.append(sc)
+            prev = i + 1
+        parts_x.append(xs[2 * prev:])
+        parts_c.append(cum[2 * prev:])
+        xs, cum = np.concatenate(parts_x), np.concatenate(parts_c)
+    # increasing breakpoints for np.interp: order by (x, count), keep the larger count where x repeats
+    order = np.lexsort((cum, xs))
+    xs, cum = xs[order], np.maximum.accumulate(cum[order])
+    keep = np.concatenate([xs[1:] > xs[:-1], [True]])
+    return Sketch(xs[keep], cum[keep], n)
+
+
 def _atoms(flat: torch.Tensor, lo: float, hi: float, paths: np.ndarray, depth: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Distinct values and counts inside still-heavy deepest bins, counted per block and merged."""
     wanted = torch.from_numpy(paths)

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import torch
 
 from .formats.readers import TensorInfo
-from .sketch import EXACT_MAX, Sketch, blocks, build, from_sorted
+from .fused import DTYPES as FUSED_DTYPES, fused_pass, refine
+from .sketch import EXACT_MAX, HEAVY, Sketch, blocks, build, from_histogram, from_sorted
 
 PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p0_1", 0.1), ("p1", 1.0), ("p5", 5.0), ("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p99_9", 99.9),
@@ -57,6 +58,9 @@ class TensorSummary:
     stats: dict[str, float]
     sketch: Sketch | None = None  # for tensors above EXACT_MAX elements, instead of ``values``
     n_finite: int = 0
+    #: element-wise sums against other versions measured in the same pass (:func:`describe`'s
+    #: ``against``), by ``id`` of the other version's summary; :func:`auditclip.distances.compare` reads them
+    pairs: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def cdf_sketch(self) -> Sketch:
         """The value distribution as a sketch (exact steps for small tensors)."""
@@ -230,8 +234,16 @@ def spectral_norm(t: torch.Tensor) -> float:
     return float(svds(work, k=1, tol=1e-4, v0=start, return_singular_vectors=False)[0])
 
 
-def describe(t: torch.Tensor, info: TensorInfo | None = None, *, spectral: bool = False) -> TensorSummary:
+def describe(t: torch.Tensor, info: TensorInfo | None = None, *, spectral: bool = False,
+             against: Sequence[tuple[TensorSummary, torch.Tensor]] = (), threads: int = 1) -> TensorSummary:
     """Statistics of one floating tensor (see :data:`STAT_COLUMNS`).
+
+    A tensor above :data:`auditclip.sketch.EXACT_MAX` elements stored as float32, float16
+    or bfloat16 is read once by :func:`auditclip.fused.fused_pass`, on the device it is on
+    (a CUDA tensor is measured on its GPU). ``against``: ``(summary, tensor)`` of other
+    versions of the same tensor (previous, reference: at most two); that same pass also measures the
+    element-wise sums against each, kept in ``pairs`` for :func:`auditclip.distances.compare`.
+    ``threads``: CPU threads sharing that pass (the numbers do not depend on it).
 
     >>> s = describe(torch.tensor([[1.0, -2.0], [0.0, 4.0]]), spectral=True)
     >>> s.stats["abs_max"], s.stats["frac_zero"], round(s.stats["spectral_norm"], 4)
@@ -241,7 +253,11 @@ def describe(t: torch.Tensor, info: TensorInfo | None = None, *, spectral: bool 
         info = TensorInfo("", str(t.dtype).removeprefix("torch."), tuple(t.shape))
     numel = t.numel()
     stats: dict[str, float] = dict.fromkeys(STAT_COLUMNS, math.nan)
-    if numel > EXACT_MAX:
+    if numel > EXACT_MAX and t.dtype in FUSED_DTYPES:
+        summary = _describe_fused(t, info, stats, against, threads)
+    elif t.device.type != "cpu":
+        return describe(t.cpu(), info, spectral=spectral)
+    elif numel > EXACT_MAX:
         summary = _describe_large(t, info, stats)
     else:
         values, n_nan, n_inf = _small_sorted(t) if numel else finite_sorted(t)
@@ -265,7 +281,7 @@ def describe(t: torch.Tensor, info: TensorInfo | None = None, *, spectral: bool 
 
 
 def _add_spectral(stats: dict[str, float], t: torch.Tensor) -> None:
-    sigma = spectral_norm(t)
+    sigma = spectral_norm(t.cpu())
     stats["spectral_norm"] = sigma
     frob2 = stats["l2_norm"] ** 2
     stats["stable_rank"] = frob2 / sigma**2 if sigma > 0 else math.nan
@@ -466,3 +482,38 @@ def _describe_large(t: torch.Tensor, info: TensorInfo, stats: dict[str, float]) 
     for name, q in PERCENTILES:
         stats[name] = sketch.quantile(q)
     return TensorSummary(info=info, values=None, stats=stats, sketch=sketch, n_finite=n)
+
+
+def _describe_fused(t: torch.Tensor, info: TensorInfo, stats: dict[str, float],
+                    against: Sequence[tuple[TensorSummary, torch.Tensor]], threads: int) -> TensorSummary:
+    """:func:`_describe_large` in one pass (:func:`auditclip.fused.fused_pass`), with the element-wise
+    sums against ``against`` and the sketch from the pass's histogram (plus the exact values of heavy
+    float32 bins, the only second pass, and only where a point mass is)."""
+    r = fused_pass(t, [other for _, other in against], threads=threads)
+    n = r.n_finite
+    stats["n_nan"], stats["n_inf"] = r.n_nan, r.n_inf
+    stats["frac_zero"] = r.zeros / t.numel()
+    pairs = {id(base): p.as_dict() for (base, _), p in zip(against, r.pairs) if p is not None}
+    if n == 0:
+        return TensorSummary(info=info, values=None, stats=stats, sketch=build(t.reshape(-1)[:0].cpu(), 0.0, 0.0, 0),
+                             n_finite=0, pairs=pairs)
+    shift = r.shift
+    e1, e2, e3, e4 = r.s1 / n, r.s2 / n, r.s3 / n, r.s4 / n
+    mean = shift + e1
+    m2 = max(e2 - e1 * e1, 0.0)
+    m3 = e3 - 3 * e1 * e2 + 2 * e1**3
+    m4 = e4 - 4 * e1 * e3 + 6 * e1 * e1 * e2 - 3 * e1**4
+    sumsq = r.s2 + 2 * shift * r.s1 + n * shift * shift
+    constant = m2 <= (np.finfo(np.float64).resolution * 10 * mean) ** 2
+    lo, hi = r.lo, r.hi
+    stats.update(mean=mean, std=math.sqrt(m2), skew=math.nan if constant else m3 / m2**1.5,
+                 kurtosis=math.nan if constant else m4 / m2**2 - 3.0, l2_norm=math.sqrt(max(sumsq, 0.0)),
+                 rms=math.sqrt(max(sumsq, 0.0) / n), min=lo, max=hi, abs_max=max(abs(lo), abs(hi)))
+    atoms = None
+    if not r.exact_bins:
+        heavy = r.bins[r.counts > HEAVY * n]
+        atoms = refine(t, heavy) if heavy.size else None
+    sketch = from_histogram(r.bins, r.counts, lo, hi, n, exact=r.exact_bins, atoms=atoms)
+    for name, q in PERCENTILES:
+        stats[name] = sketch.quantile(q)
+    return TensorSummary(info=info, values=None, stats=stats, sketch=sketch, n_finite=n, pairs=pairs)

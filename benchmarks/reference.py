@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.stats
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 
 PCTS = [0.1, 1, 5, 50, 95, 99, 99.9]
 
@@ -25,7 +25,7 @@ def main(run: Path, out: Path) -> None:
     rows = []
     prev = None
     for path in sorted(run.glob("*.safetensors")):
-        sd = {k: v.astype(np.float64).ravel() for k, v in load_file(str(path)).items()}
+        sd = {k: v.double().numpy().ravel() for k, v in load_file(str(path)).items()}  # bf16 too
         for name, x in sd.items():
             d = scipy.stats.describe(x)
             p = np.percentile(x, PCTS)

@@ -167,11 +167,11 @@ def test_interrupted_clip_leaves_no_partial_file(run_dir: Path, tmp_path: Path, 
     calls = {"n": 0}
     real = clip_files._Clipper.__call__
 
-    def fault(self, name, t):  # type: ignore[no-untyped-def]
+    def fault(self, name, t, **kw):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 2:  # after the first tensor has been written
             raise KeyboardInterrupt
-        return real(self, name, t)
+        return real(self, name, t, **kw)
 
     monkeypatch.setattr(clip_files._Clipper, "__call__", fault)
     out = tmp_path / "out"
