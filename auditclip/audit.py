@@ -80,6 +80,7 @@ def audit(
     key: str | None = None,
     top: int = 10,
     progress: Any = None,
+    scheduler: str | None = None,
 ) -> AuditResult:
     """Audit a run end to end and write every report into ``out``.
 
@@ -88,7 +89,8 @@ def audit(
     ``histograms.png`` and (with ``clips``) ``sweep.png``. The clipped variants take
     their tensor selection from ``eval_options`` (include/exclude/overrides/config/buffers),
     as ``clip`` would. Every note said during the audit (:mod:`auditclip.notices`) and the
-    run's own notes are in summary.md under "Notes".
+    run's own notes are in summary.md under "Notes". ``scheduler``: a Dask cluster walks the
+    run's statistics pass (see :func:`auditclip.analysis.analyze`).
 
     >>> result = audit("sample_checkpoints/high_lr", "report/", model="sample_checkpoints/digits_mlp.py:make_model",
     ...                data="sample_checkpoints/digits_test.safetensors", clips=["max_abs=1.5"])  # doctest: +SKIP
@@ -99,7 +101,7 @@ def audit(
         raise InputError("--clip needs --model and --data to evaluate the clipped variants")
     with collect() as said:
         result = _audit(run, out, model, data, clips, settings, eval_options, tolerance, reference, sort, key, top,
-                        progress)
+                        progress, scheduler)
         result.notes = _unique([*said, *getattr(result.flags.analysis.run, "notes", []), *result.notes])
     result.files.append(_write_summary(result, result.flags.analysis, tolerance, top, result.out))
     return result
@@ -111,14 +113,15 @@ def _unique(notes: list[Any]) -> list[str]:
 
 def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: str | None, clips: Any,
            settings: FlagSettings | None, eval_options: EvalOptions | None, tolerance: float | None,
-           reference: Any, sort: str, key: str | None, top: int, progress: Any) -> AuditResult:
+           reference: Any, sort: str, key: str | None, top: int, progress: Any,
+           scheduler: str | None = None) -> AuditResult:
     settings = settings or flag_settings(search=False)
     # without options of their own, the clipped variants take the rules' tensor selection
     options = eval_options or EvalOptions(sort=sort, key=key, include=settings.include, exclude=settings.exclude,
                                           buffers=settings.buffers)
     variants = clip_variants(list(clips), options)  # parse before the long work, so a bad spec fails fast
     out_dir = prepare_out_dir(out)
-    flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress)
+    flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress, scheduler=scheduler)
     analysis = flagged.analysis
     result = AuditResult(out=out_dir, flags=flagged)
     for name, df in (("stats.csv", analysis.stats), ("drift.csv", analysis.drift), ("flags.csv", flagged.flags)):

@@ -136,13 +136,13 @@ def inspect(checkpoint: str, fmt: str, key: str | None, include: tuple[str, ...]
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Directory for stats.csv and drift.csv.")
-@use("sort", "reference", "top", "quiet", "workers", "max_abs", "range",
+@use("sort", "reference", "top", "quiet", "workers", "scheduler", "max_abs", "range",
      help={"max_abs": "The run's clip bound [-C, C]: stats.csv gains frac_at_bound (parameters within one ulp of it).",
            "range": "The run's clip bound [LO, HI], as --max-abs."})
 @_run_options
 def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
-          workers: int | None, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          spectral: bool, max_abs: float | None = None, range_: str | None = None) -> None:
+          workers: int | None, scheduler: str | None, key: str | None, include: tuple[str, ...],
+          exclude: tuple[str, ...], spectral: bool, max_abs: float | None = None, range_: str | None = None) -> None:
     """Per-tensor statistics at every checkpoint and how they move.
 
     RUN is a directory of checkpoints (files or checkpoint-<step>/ folders), a glob,
@@ -171,7 +171,7 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     progress = _Progress(hidden=quiet or not sys.stderr.isatty())
     try:
         result = analyze(opened, include=include, exclude=exclude, spectral=spectral, reference=reference,
-                         sort=sort, key=key, progress=progress, workers=workers, bounds=bounds)
+                         sort=sort, key=key, progress=progress, workers=workers, bounds=bounds, scheduler=scheduler)
     finally:
         progress.close()
     written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]
@@ -258,7 +258,8 @@ def _flag_settings(kw: dict[str, Any], overrides: tuple[str, ...]) -> Any:
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@use("out", *RULES, "sort", "reference", "key", "include", "exclude", "quiet", "buffers", "override", "config",
+@use("out", *RULES, "sort", "reference", "key", "include", "exclude", "quiet", "scheduler", "buffers", "override",
+     "config",
      help={"out": "Directory for flags.csv.",
            "override": "Per-pattern rule setting, e.g. '*.bias:max_abs=1' or 'norm*:off=range+outlier' (repeatable; "
                        "names may contain ':')."})
@@ -291,7 +292,7 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
         result = run_flag(_open_run(run, kw["sort"], kw["key"]), settings, reference=kw["reference"], sort=kw["sort"],
-                          key=kw["key"], progress=progress)
+                          key=kw["key"], progress=progress, scheduler=kw["scheduler"])
     finally:
         progress.close()
     written = [write_csv(result.flags, out_dir / "flags.csv")]
@@ -478,7 +479,7 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@use("out", "clip", "tolerance", *RULES, "sort", "reference", "key", "quiet", *SELECTION, *EVALUATION,
+@use("out", "clip", "tolerance", *RULES, "sort", "reference", "key", "quiet", "scheduler", *SELECTION, *EVALUATION,
      help={"out": "Directory for every report.",
            "clip": "Evaluate a clipped variant too (needs --model/--data): max_abs=C, percentile=P... (repeatable).",
            "override": "Per-pattern setting: a bound ('*.bias:max_abs=1') for the rules and the clipped variants, "
@@ -510,7 +511,7 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
     try:
         result = run_audit(_open_run(run, kw["sort"], kw["key"]), out, model=model, data=data, clips=clips,
                            settings=settings, eval_options=options, tolerance=tolerance, reference=kw["reference"],
-                           sort=kw["sort"], key=kw["key"], progress=progress)
+                           sort=kw["sort"], key=kw["key"], progress=progress, scheduler=kw["scheduler"])
     finally:
         progress.close()
     counts = result.flags.flags.severity.value_counts()

@@ -61,6 +61,10 @@ OPTIONS: dict[str, Option] = {
                    help="Also compute spectral_norm and stable_rank for tensors of 2+ dimensions."),
     "workers": _o("--workers", type=click.IntRange(1), metavar="N",
                   help="Threads walking tensors in parallel (default: the number of cores); results do not change."),
+    "scheduler": _o("--scheduler", metavar="ADDRESS",
+                    help="Walk the tensors as tasks of a Dask cluster: tcp://HOST:PORT (a running dask scheduler) or "
+                         "local[:N] (N worker processes here); results do not change. Needs "
+                         "pip install 'auditclip[dask]'."),
     "top": _o("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table."),
     # flag rules
     "range": _o("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error)."),
