@@ -26,10 +26,12 @@ import contextlib
 import math
 import os
 import uuid
+from dataclasses import replace
 from collections.abc import Iterator
 from typing import Any
 
 from .analysis import CHUNK_NAMES, Block, BlockRows, walk_block
+from .checkpoints import Checkpoint
 from .errors import AuditclipError, InputError
 
 #: What ``pip`` installs for ``--scheduler``.
@@ -77,9 +79,12 @@ def connect(spec: str) -> Iterator[Any]:
     """A ``distributed.Client`` of the scheduler ``spec`` names (see :func:`parse_scheduler`);
     a local cluster is started for the block and closed after it.
 
-    >>> with connect("local:1") as client:  # doctest: +SKIP
-    ...     len(client.nthreads())
-    1
+    The spec is checked before anything starts:
+
+    >>> with connect("local:0") as client:
+    ...     pass
+    Traceback (most recent call last):
+    auditclip.errors.InputError: --scheduler 'local:0': local:N takes a number of worker processes >= 1, e.g. local:4
     """
     address, n_workers = parse_scheduler(spec)
     distributed = _distributed()
@@ -123,6 +128,10 @@ def name_runs(n_names: int, n_workers: int) -> list[range]:
     return [range(start, min(start + size, n_names)) for start in range(0, n_names, size)]
 
 
+def _absolute(ckpt: Checkpoint) -> Checkpoint:
+    return replace(ckpt, path=ckpt.path.absolute(), weights=ckpt.weights.absolute())
+
+
 def _same(job: Block) -> Block:
     """The job as a task of its own: the scheduler keeps it (small: paths, names, settings), and
     recomputes it if the worker holding it dies, which a scattered value would not survive."""
@@ -155,6 +164,9 @@ def walk_parts(spec: str, job: Block) -> Iterator[BlockRows]:
     import torch
 
     labels = [c.label for c in job.checkpoints]
+    # a worker runs in a folder of its own: it gets absolute paths (the labels stay the user's)
+    job = replace(job, checkpoints=[_absolute(c) for c in job.checkpoints],
+                  reference=_absolute(job.reference) if job.reference is not None else None)
     with connect(spec) as client:
         n_workers = max(1, sum(client.nthreads().values()))
         runs = name_runs(len(job.names), n_workers)

@@ -93,7 +93,8 @@ def test_unreadable_checkpoints_end_in_errors_as_without_dask(cluster: str, tmp_
         save_file(sd, str(run / f"step_{step}.safetensors"))
     (run / "step_4.safetensors").write_bytes((run / "step_4.safetensors").read_bytes()[:100])  # truncated
     monkeypatch.setattr(walk_dask, "BLOCK_CHECKPOINTS", 2)
-    want, got = analyze(run), analyze(run, scheduler=cluster)
+    monkeypatch.chdir(tmp_path)  # a relative path here, where the workers were not started
+    want, got = analyze("run"), analyze("run", scheduler=cluster)
     assert_same(want, got)
     assert list(got.errors.checkpoint) == ["step_3.safetensors", "step_4.safetensors"]
     assert got.errors.error.iloc[0] == "out_of_range"  # found on a worker, while it read the tensor
@@ -140,8 +141,11 @@ def test_a_cluster_without_workers_is_an_error_not_a_hang(monkeypatch: pytest.Mo
     assert "has had no worker for 1 s" in result.output
 
 
-@pytest.mark.parametrize("spec, fragment", [("local:0", "local:N takes"), ("dask-host", "tcp://HOST:PORT")])
-def test_a_bad_scheduler_is_one_error_line(tmp_path: Path, spec: str, fragment: str) -> None:
+@pytest.mark.parametrize("spec, fragment", [("local:0", "local:N takes"), ("dask-host", "tcp://HOST:PORT"),
+                                            ("tcp://127.0.0.1:9", "cannot reach the Dask scheduler")])
+def test_a_bad_scheduler_is_one_error_line(tmp_path: Path, spec: str, fragment: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(walk_dask, "CONNECT_TIMEOUT", 1.0)
     result = CliRunner().invoke(cli, ["drift", str(SAMPLES / "high_lr"), "--out", str(tmp_path), "--scheduler", spec])
     assert result.exit_code == 2 and fragment in result.output, result.output
 
