@@ -8,6 +8,9 @@ filesystem every worker sees), reads and describes the tensors there and returns
 small rows. The client merges the rows in name order, checkpoint order within, exactly
 as the threads' parts are merged, so the frames are the same bit for bit whatever the
 number of workers. Tensors never travel: not through the scheduler, not to the client.
+Workers get absolute paths (a worker runs in a folder of its own; the labels stay the
+user's), use the client's torch thread count, and the notes they say while reading
+(:mod:`auditclip.notices`) are said again by the client, so they reach summary.md.
 
 A block after the first also reads the checkpoint before it (its ``previous``
 baseline) and the reference, so a block of B checkpoints reads up to B + 2 versions
@@ -33,6 +36,7 @@ from typing import Any
 from .analysis import CHUNK_NAMES, Block, BlockRows, walk_block
 from .checkpoints import Checkpoint
 from .errors import AuditclipError, InputError
+from .notices import collect, note
 
 #: What ``pip`` installs for ``--scheduler``.
 INSTALL_HINT = "pip install 'auditclip[dask]'"
@@ -138,16 +142,19 @@ def _same(job: Block) -> Block:
     return job
 
 
-def _walk(job: Block, names: list[str], start: int, stop: int, threads: int) -> BlockRows:
-    """One task. torch splits a reduction by its thread count, and the last bit of a sum follows
-    the split: the task uses the client's count, so its rows are the threaded run's, bit for bit
-    (a Dask worker process starts with one thread: OMP_NUM_THREADS=1)."""
+def _walk(job: Block, names: list[str], start: int, stop: int, threads: int) -> tuple[BlockRows, list[str]]:
+    """One task: its rows, and the notes said while it read (the client says them again, so they
+    reach its stderr and summary.md). torch splits a reduction by its thread count, and the last
+    bit of a sum follows the split: the task uses the client's count, so its rows are the
+    threaded run's, bit for bit (a Dask worker process starts with one thread: OMP_NUM_THREADS=1)."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return walk_block(job.part(names, start, stop))
+        with collect() as said:
+            rows = walk_block(job.part(names, start, stop))
+        return rows, said
     finally:
         torch.set_num_threads(before)
 
@@ -179,14 +186,17 @@ def walk_parts(spec: str, job: Block) -> Iterator[BlockRows]:
                    for k, r in enumerate(runs)]
         try:
             for run_futures in futures:
-                yield BlockRows.join([_result(client, f, spec) for f in run_futures], labels)
+                done = [_result(client, f, spec) for f in run_futures]
+                for message in dict.fromkeys(m for _, said in done for m in said):
+                    note(message)
+                yield BlockRows.join([rows for rows, _ in done], labels)
                 for f in run_futures:
                     f.release()
         finally:
             client.cancel([f for fs in futures for f in fs] + [shared])
 
 
-def _result(client: Any, future: Any, spec: str) -> BlockRows:
+def _result(client: Any, future: Any, spec: str) -> tuple[BlockRows, list[str]]:
     """The task's rows; an error if it failed or the cluster has had no worker for :data:`NO_WORKER_TIMEOUT`."""
     distributed = _distributed()
     idle = 0.0
