@@ -142,18 +142,41 @@ def _same(job: Block) -> Block:
     return job
 
 
-def _walk(job: Block, names: list[str], start: int, stop: int, threads: int) -> tuple[BlockRows, list[str]]:
-    """One task: its rows, and the notes said while it read (the client says them again, so they
-    reach its stderr and summary.md). torch splits a reduction by its thread count, and the last
-    bit of a sum follows the split: the task uses the client's count, so its rows are the
-    threaded run's, bit for bit (a Dask worker process starts with one thread: OMP_NUM_THREADS=1)."""
+def _threads() -> tuple[int, int | None]:
+    """This process's torch threads and numpy's BLAS threads (None: unknown, threadpoolctl absent)."""
+    import numpy  # noqa: F401  (loads the BLAS threadpoolctl looks for)
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        with collect() as said:
-            rows = walk_block(job.part(names, start, stop))
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return torch.get_num_threads(), None
+    blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    return torch.get_num_threads(), max(blas) if blas else None
+
+
+def _walk(job: Block, names: list[str], start: int, stop: int, threads: tuple[int, int | None]
+          ) -> tuple[BlockRows, list[str]]:
+    """One task: its rows, and the notes said while it read (the client says them again, so they
+    reach its stderr and summary.md).
+
+    torch and numpy's BLAS split a long sum across their threads, and the last bit of the sum
+    follows the split: the task runs with the client's thread counts, so its rows are the
+    threaded run's, bit for bit (a Dask worker starts with OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=1).
+    """
+    import torch
+
+    torch_threads, blas_threads = threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        with contextlib.ExitStack() as stack:
+            if blas_threads is not None:
+                from threadpoolctl import threadpool_limits
+
+                stack.enter_context(threadpool_limits(blas_threads, user_api="blas"))
+            with collect() as said:
+                rows = walk_block(job.part(names, start, stop))
         return rows, said
     finally:
         torch.set_num_threads(before)
@@ -168,8 +191,6 @@ def walk_parts(spec: str, job: Block) -> Iterator[BlockRows]:
     if job.visit is not None and not hasattr(job.visit, "absorb"):
         raise InputError("a visit function cannot run on a Dask cluster: give an object with fresh() and absorb() "
                          "(as auditclip.flags.ElementChecker)")
-    import torch
-
     labels = [c.label for c in job.checkpoints]
     # a worker runs in a folder of its own: it gets absolute paths (the labels stay the user's)
     job = replace(job, checkpoints=[_absolute(c) for c in job.checkpoints],
@@ -180,7 +201,7 @@ def walk_parts(spec: str, job: Block) -> Iterator[BlockRows]:
         blocks = blocks_of(len(job.checkpoints), len(runs), n_workers, BLOCK_CHECKPOINTS)
         token = uuid.uuid4().hex
         shared = client.submit(_same, job, key=f"auditclip-job-{token}", pure=False)
-        threads = torch.get_num_threads()
+        threads = _threads()
         futures = [[client.submit(_walk, shared, job.names[r.start:r.stop], b.start, b.stop, threads,
                                   key=f"auditclip-walk-{token}-{k}-{b.start}", pure=False) for b in blocks]
                    for k, r in enumerate(runs)]

@@ -45,7 +45,8 @@ def task_overhead(run: Path) -> tuple[int, float]:
             distributed.Client(cluster) as client:
         client.run(lambda: __import__("auditclip.analysis"))  # warm: torch imported on the worker
         start = time.perf_counter()
-        futures = [client.submit(walk_dask._walk, job, [n], i, i + 1, 1, pure=False) for n, i in parts]
+        threads = walk_dask._threads()
+        futures = [client.submit(walk_dask._walk, job, [n], i, i + 1, threads, pure=False) for n, i in parts]
         client.gather(futures)
         there = time.perf_counter() - start
     return len(parts), (there - here) / len(parts)
