@@ -26,7 +26,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
@@ -179,12 +179,12 @@ def _open_readers(
 
 
 def _resolve_reference(
-    reference: str | os.PathLike[str] | None, readers: list[tuple[Checkpoint, TensorReader]], key: str | None
+    reference: str | os.PathLike[str] | Checkpoint | None, readers: list[tuple[Checkpoint, TensorReader]], key: str | None
 ) -> tuple[int | None, Checkpoint, TensorReader]:
     """Index of the reference inside the run (None if outside), its checkpoint and reader."""
     if reference is None:
         return 0, readers[0][0], readers[0][1]
-    ref_run = open_run(reference, key=key)
+    ref_run = [reference] if isinstance(reference, Checkpoint) else open_run(reference, key=key)
     if len(ref_run) != 1:
         raise InputError(f"--reference must name one checkpoint; {reference} holds {len(ref_run)}")
     ref = ref_run[0]
@@ -212,6 +212,8 @@ def analyze(
     workers: int | None = None,
     bounds: Bounds | None = None,
     device: str | None = None,
+    scheduler: str | None = None,
+    _block: Block | None = None,
 ) -> AnalysisResult:
     """Statistics of every tensor at every checkpoint, and drift between checkpoints.
 
@@ -224,6 +226,10 @@ def analyze(
     ``device``: where the one pass over each large tensor runs (:mod:`auditclip.fused`):
     ``cpu`` (default; ``auto`` too) or ``cuda`` (each version moved to the GPU once; an
     :class:`InputError` when there is none); the numbers agree within the documented bounds.
+    ``scheduler``: walk the tensors as tasks of a Dask cluster instead of threads:
+    ``tcp://HOST:PORT`` (a running ``dask.distributed`` scheduler), ``local`` or
+    ``local:N`` (a local cluster of N processes for this call); needs ``auditclip[dask]``
+    (:mod:`auditclip.walk_dask`). The frames are the same, bit for bit.
     ``visit(label, name, tensor, summary)`` is called for every floating tensor
     version read, while it is in memory (``flag`` checks elements this way).
     ``bounds(name)``: the tensor's clip bound ``(lo, hi)`` or None; when given, ``stats``
@@ -246,6 +252,8 @@ def analyze(
     errors: list[dict[str, str]] = []
     adapters: dict[str, AdapterIndex] = {}  # label -> index, for the checkpoints that are PEFT adapter folders
     readers = _open_readers(run.checkpoints, key, errors, adapters=adapters)
+    if _block is not None and not readers:  # a task of a scheduler whose checkpoints all failed to open
+        return _block.rows(_Part(0), [], errors, [])  # type: ignore[return-value]
     if not readers and len(run) == 1:
         readers = _open_readers(run.checkpoints, key, [], raise_errors=True)
     if not readers:
@@ -253,6 +261,8 @@ def analyze(
             "no checkpoint of the run could be read: "
             + "; ".join(f"{e['checkpoint']}: {e['message']}" for e in errors)
         )
+    if _block is not None:
+        reference = _block.reference
     ref_index, ref_ckpt, ref_reader = _resolve_reference(reference, readers, key) if drift else (0, None, None)
     ref_adapter = adapters.get(ref_ckpt.label) if ref_ckpt is not None and ref_index is not None else None
     if ref_ckpt is not None and ref_index is None:
@@ -261,11 +271,14 @@ def analyze(
         except CheckpointError as exc:
             raise InputError(f"cannot read the reference checkpoint: {exc}") from exc
     keep = name_filter(include, exclude) if include or exclude else None
-    found = {n for _, r in readers for n in r.names()}
-    if ref_reader is not None and ref_index is None:
-        found.update(ref_reader.names())
-    names = _natural_sorted(found if keep is None else {n for n in found if keep(n)})
-    del found
+    if _block is not None:  # a task of a scheduler walks the names it is given
+        names = list(_block.names)
+    else:
+        found = {n for _, r in readers for n in r.names()}
+        if ref_reader is not None and ref_index is None:
+            found.update(ref_reader.names())
+        names = _natural_sorted(found if keep is None else {n for n in found if keep(n)})
+        del found
 
     totals = [_Totals() for _ in readers]
     change_sums = [{b: dict(delta_sq=0.0, base_sq=0.0, cur_sq=0.0, dot=0.0, max_abs=0.0) for b in BASELINES}
@@ -514,13 +527,19 @@ def analyze(
     # (30-50% slower), so one thread at a time does it (``python_lock``). Parts are merged
     # in name order, so the sums come out the same for any --workers.
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    if _block is not None or scheduler is not None:
+        workers = 1  # the cluster's tasks are the parallelism
 
     def fused_threads(numel: int) -> int:
         # a large tensor's pass is shared by every worker's core, one such tensor at a time
         # (see ``big``): its three versions, not each worker's three, bound the memory
         return workers if numel >= BIG_TENSOR else 1
     chunks = _name_chunks(len(names), workers)
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 and len(chunks) > 1 else None
+    # torch's thread count is per OS thread (OpenMP): the walker threads are set to one, as the
+    # main thread is below, or their sums would differ in the last bit from --workers 1 and Dask's
+    pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads,
+                              initargs=(1 if on is None else torch.get_num_threads(),)) \
+        if workers > 1 and len(chunks) > 1 else None
     python_lock: threading.Lock | contextlib.nullcontext = threading.Lock() if pool else contextlib.nullcontext()
     big = threading.Lock()
     pending: deque[Future[_Part]] = deque()
@@ -532,6 +551,25 @@ def analyze(
     torch_threads = torch.get_num_threads()
     if on is None:
         torch.set_num_threads(1)
+    if _block is not None:  # one task of a scheduler: its rows, for the client to merge
+        try:  # one thread, as the threaded walk below runs: the same sums, bit for bit
+            rows = _block.rows(walk_chunk(probe_chunk(range(len(names)))), labels, errors, at_bound)
+        finally:
+            torch.set_num_threads(torch_threads)
+        for _, reader in readers:
+            reader.close()
+        if ref_index is None and ref_reader is not None:
+            ref_reader.close()
+        return rows  # type: ignore[return-value]
+    if scheduler is not None:  # tasks of a Dask cluster walk the names (auditclip.walk_dask), merged in order
+        from .walk_dask import walk_parts
+
+        job = Block([c for c, _ in readers], names, ref_ckpt, key=key, drift=drift, spectral=spectral,
+                    bounds=bounds, visit=visit)
+        chunks = []
+        for found_rows in walk_parts(scheduler, job):
+            merge(found_rows.part)
+            found_rows.add_to(errors, at_bound, visit)
     try:
         for chunk in chunks:
             with python_lock:
@@ -1043,3 +1081,106 @@ def inspect_checkpoint(path: str | os.PathLike[str] | Checkpoint, **options: obj
     if len(result.errors):
         raise CheckpointError(run[0].path, str(result.errors.message.iloc[0]), kind=str(result.errors.error.iloc[0]))
     return result.stats
+
+
+@dataclass
+class Block:
+    """Some tensor names across consecutive checkpoints of a run: what one task of a scheduler walks.
+
+    ``checkpoints[:first]`` (the checkpoint before the block, if any) are read only as the
+    ``previous`` baseline of ``checkpoints[first]``: their own rows come from another block.
+    ``reference``: the checkpoint the ``reference`` rows compare with, in the block or not
+    (None without drift). ``visit``: an object with ``fresh()`` (an empty copy with the
+    same settings) and ``absorb(other)`` (take a copy's findings), as
+    :class:`auditclip.flags.ElementChecker`, since it runs where the tensors are.
+    """
+
+    checkpoints: list[Checkpoint]
+    names: list[str]
+    reference: Checkpoint | None
+    key: str | None = None
+    drift: bool = True
+    spectral: bool = False
+    bounds: Bounds | None = None
+    visit: Visitor | None = None
+    first: int = 0
+
+    def part(self, names: Sequence[str], start: int, stop: int) -> Block:
+        """The block of ``names`` at checkpoints ``[start, stop)``, the one before ``start`` as a baseline."""
+        lo = max(0, start - 1)
+        return replace(self, checkpoints=self.checkpoints[lo:stop], names=list(names), first=start - lo)
+
+    def rows(self, part: _Part, labels: Sequence[str], errors: list[dict[str, str]],
+             at_bound: list[dict[str, int]]) -> BlockRows:
+        """The rows of the checkpoints this block owns, out of what walking it produced."""
+        baselines_only = {c.label for c in self.checkpoints[:self.first]}
+        kept = [i for i, label in enumerate(labels) if label not in baselines_only]
+        out = _Part(len(kept))
+        for j, i in enumerate(kept):
+            out.stats[j], out.drift[j], out.totals[j], out.sums[j] = part.stats[i], part.drift[i], part.totals[i], part.sums[i]
+        out.count = len(self.names)
+        return BlockRows(out, [labels[i] for i in kept], [e for e in errors if e["checkpoint"] not in baselines_only],
+                         [at_bound[i] for i in kept] if at_bound else [{} for _ in kept], self.visit)
+
+
+@dataclass
+class BlockRows:
+    """What :func:`walk_block` returns: the rows of each checkpoint it owns (``labels``), the errors
+    it met, the elements at the bound, and the ``visit`` object that saw its tensors."""
+
+    part: _Part
+    labels: list[str]
+    errors: list[dict[str, str]]
+    at_bound: list[dict[str, int]]
+    visit: Visitor | None = None
+
+    @classmethod
+    def join(cls, pieces: Sequence[BlockRows], labels: Sequence[str]) -> BlockRows:
+        """The blocks of one run of names, each checkpoint's rows at its place in ``labels`` (empty if
+        no block has it: it could not be opened where the task ran); errors in block order."""
+        where = {label: i for i, label in enumerate(labels)}
+        part = _Part(len(labels))
+        at_bound: list[dict[str, int]] = [{} for _ in labels]
+        for piece in pieces:
+            for j, label in enumerate(piece.labels):
+                i = where[label]
+                part.stats[i], part.drift[i], part.totals[i], part.sums[i] = \
+                    piece.part.stats[j], piece.part.drift[j], piece.part.totals[j], piece.part.sums[j]
+                at_bound[i] = piece.at_bound[j]
+        part.count = pieces[0].part.count if pieces else 0
+        visit = pieces[0].visit if pieces else None
+        for piece in pieces[1:]:
+            if visit is not None and piece.visit is not None:
+                visit.absorb(piece.visit)  # type: ignore[attr-defined]
+        return cls(part, list(labels), [e for piece in pieces for e in piece.errors], at_bound, visit)
+
+    def add_to(self, errors: list[dict[str, str]], at_bound: list[dict[str, int]], visit: Visitor | None) -> None:
+        """Fold into :func:`analyze`'s own: the first error of a checkpoint wins, as in a walk in name order."""
+        seen = {e["checkpoint"] for e in errors}
+        for e in self.errors:
+            if e["checkpoint"] not in seen:
+                seen.add(e["checkpoint"])
+                errors.append(e)
+        for mine, theirs in zip(at_bound, self.at_bound):
+            mine.update(theirs)
+        if visit is not None and self.visit is not None:
+            visit.absorb(self.visit)  # type: ignore[attr-defined]
+
+
+def walk_block(block: Block) -> BlockRows:
+    """The rows :func:`analyze` gives ``block.names`` at the checkpoints of ``block``, for a client to merge.
+
+    What one task of a scheduler runs, on a machine that can open the files
+    (:mod:`auditclip.walk_dask`): it opens the checkpoints itself and hands back rows,
+    never tensors. A checkpoint it cannot read is in ``errors``, as in :func:`analyze`.
+
+    >>> run = open_run("sample_checkpoints/high_lr")
+    >>> rows = walk_block(Block(run.checkpoints, ["net.0.bias"], run[0]).part(["net.0.bias"], 2, 4))
+    >>> rows.labels, len(rows.part.drift[0].values)  # previous and reference rows of epoch_03
+    (['epoch_03.safetensors', 'epoch_04.safetensors'], 2)
+    """
+    visit = block.visit.fresh() if block.visit is not None else None  # type: ignore[attr-defined]
+    block = replace(block, visit=visit)
+    run = Run(list(block.checkpoints), root=Path("."), key=block.key)
+    return analyze(run, drift=block.drift, spectral=block.spectral, key=block.key, bounds=block.bounds,  # type: ignore[return-value]
+                   visit=visit, _block=block)

@@ -15,7 +15,7 @@ from .errors import InputError
 from .evaluation import EvalOptions, evaluate_rows, clip_variants, recommend, recommendations
 from .flags import FlagResult, flag
 from .histograms import HistogramCollector, TensorHistograms
-from .notices import collect
+from .notices import collect, note
 from .report.writer import Report
 from .report.pictures import PLOT_HINT, drift_heatmap, have_matplotlib, histograms, sweep_plot
 from .report.summary import md_table, top_tensors, write_summary
@@ -72,6 +72,7 @@ def audit(
     top: int = 10,
     progress: Any = None,
     tensorboard: str | os.PathLike[str] | None = None,
+    scheduler: str | None = None,
 ) -> AuditResult:
     """Audit a run end to end and write every report into ``out``.
 
@@ -82,7 +83,8 @@ def audit(
     step (:mod:`auditclip.report.tensorboard`), counted in the same one read of the run. The clipped variants take
     their tensor selection from ``eval_options`` (include/exclude/overrides/config/buffers),
     as ``clip`` would. Every note said during the audit (:mod:`auditclip.notices`) and the
-    run's own notes are in summary.md under "Notes".
+    run's own notes are in summary.md under "Notes". ``scheduler``: a Dask cluster walks the
+    run's statistics pass (see :func:`auditclip.analysis.analyze`).
 
     >>> result = audit("sample_checkpoints/high_lr", "report/", model="sample_checkpoints/digits_mlp.py:make_model",
     ...                data="sample_checkpoints/digits_test.safetensors", clips=["max_abs=1.5"])  # doctest: +SKIP
@@ -97,7 +99,7 @@ def audit(
         check_available()  # before the long work
     with collect() as said:
         result = _audit(run, out, model, data, clips, settings, eval_options, tolerance, reference, sort, key, top,
-                        progress, tensorboard)
+                        progress, tensorboard, scheduler)
         result.notes = _unique([*said, *getattr(result.flags.analysis.run, "notes", []), *result.notes])
     from .report.html import write_html
 
@@ -113,7 +115,7 @@ def _unique(notes: list[Any]) -> list[str]:
 def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: str | None, clips: Any,
            settings: FlagSettings | None, eval_options: EvalOptions | None, tolerance: float | None,
            reference: Any, sort: str, key: str | None, top: int, progress: Any,
-           tensorboard: str | os.PathLike[str] | None) -> AuditResult:
+           tensorboard: str | os.PathLike[str] | None, scheduler: str | None = None) -> AuditResult:
     settings = settings or flag_settings(search=False)
     # without options of their own, the clipped variants take the rules' tensor selection
     options = eval_options or EvalOptions(sort=sort, key=key, include=settings.include, exclude=settings.exclude,
@@ -123,10 +125,13 @@ def _audit(run: RunLike, out: str | os.PathLike[str], model: str | None, data: s
     out_dir = report.out
     pictures = have_matplotlib()
     # counted while each tensor version is in memory: no second read for the pictures or TensorBoard
-    collector = HistogramCollector() if pictures or tensorboard is not None else None
+    collector = HistogramCollector() if (pictures or tensorboard is not None) and scheduler is None else None
+    if scheduler is not None and (pictures or tensorboard is not None):
+        note("--scheduler: the value histograms (histograms.png, TensorBoard histograms) are not drawn: the "
+             "tensors are read on the Dask workers; the statistics, drift and flags are complete")
     flagged = flag(run, settings, reference=reference, sort=sort, key=key, progress=progress,
                    visit=collector.visit if collector is not None else None,
-                   device=eval_options.device if eval_options is not None else None)
+                   device=eval_options.device if eval_options is not None else None, scheduler=scheduler)
     analysis = flagged.analysis
     result = AuditResult(out=out_dir, flags=flagged, files=report.files)
     if collector is not None:

@@ -156,11 +156,12 @@ def _bounds(run: Any, max_abs: float | None, range_: str | None) -> Any:
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Directory for stats.csv and drift.csv.")
-@use("sort", "reference", "top", "quiet", "workers", "device", "max_abs", "range", "tensorboard", help=_BOUND_HELP)
+@use("sort", "reference", "top", "quiet", "workers", "device", "scheduler", "max_abs", "range", "tensorboard",
+     help=_BOUND_HELP)
 @_run_options
 def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top: int, quiet: bool,
-          workers: int | None, device: str, key: str | None, include: tuple[str, ...], exclude: tuple[str, ...],
-          spectral: bool, max_abs: float | None = None, range_: str | None = None,
+          workers: int | None, device: str, scheduler: str | None, key: str | None, include: tuple[str, ...],
+          exclude: tuple[str, ...], spectral: bool, max_abs: float | None = None, range_: str | None = None,
           tensorboard: str | None = None) -> None:
     """Per-tensor statistics at every checkpoint and how they move.
 
@@ -183,6 +184,9 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     opened = _open_run(run, sort, key)
     bounds = _bounds(opened, max_abs, range_)
     collector = None
+    if tensorboard is not None and scheduler is not None:
+        raise CliError("--tensorboard needs the tensors in this process (its histograms are counted as each is "
+                       "read); with --scheduler they are read on the Dask workers: drop one of the two")
     if tensorboard is not None:
         from .histograms import HistogramCollector
         from .report.tensorboard import check_available
@@ -194,7 +198,8 @@ def drift(run: tuple[str, ...], out: str, sort: str, reference: str | None, top:
     try:
         result = analyze(opened, include=include, exclude=exclude, spectral=spectral, reference=reference,
                          sort=sort, key=key, progress=progress, workers=workers, bounds=bounds,
-                         visit=collector.visit if collector is not None else None, device=device)
+                         visit=collector.visit if collector is not None else None, device=device,
+                         scheduler=scheduler)
     finally:
         progress.close()
     written = [write_csv(result.stats, out_dir / "stats.csv"), write_csv(result.drift, out_dir / "drift.csv")]
@@ -326,8 +331,8 @@ def _flag_settings(kw: dict[str, Any], overrides: tuple[str, ...]) -> Any:
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@use("out", *RULES, "sort", "reference", "key", "include", "exclude", "quiet", "buffers", "override", "config",
-     "device", help={"out": "Directory for flags.csv.",
+@use("out", *RULES, "sort", "reference", "key", "include", "exclude", "quiet", "scheduler", "buffers", "override",
+     "config", "device", help={"out": "Directory for flags.csv.",
            "override": "Per-pattern rule setting, e.g. '*.bias:max_abs=1' or 'norm*:off=range+outlier' (repeatable; "
                        "names may contain ':')."})
 def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
@@ -359,7 +364,8 @@ def flag(run: tuple[str, ...], out: str, **kw: Any) -> None:
     progress = _Progress(hidden=kw["quiet"] or not sys.stderr.isatty())
     try:
         result = run_flag(_open_run(run, kw["sort"], kw["key"]), settings, reference=kw["reference"], sort=kw["sort"],
-                          key=kw["key"], progress=progress, device=kw["device"])
+                          key=kw["key"], progress=progress, device=kw["device"],
+                          scheduler=kw["scheduler"])
     finally:
         progress.close()
     written = [write_csv(result.flags, out_dir / "flags.csv")]
@@ -560,7 +566,7 @@ def sweep(run: tuple[str, ...], out: str, max_abs: str | None, percentile: str |
 
 @cli.command()
 @click.argument("run", nargs=-1, required=True)
-@use("out", "clip", "tolerance", *RULES, "sort", "reference", "key", "quiet", "tensorboard", *SELECTION, *EVALUATION,
+@use("out", "clip", "tolerance", *RULES, "sort", "reference", "key", "quiet", "tensorboard", "scheduler", *SELECTION, *EVALUATION,
      help={"out": "Directory for every report.",
            "clip": "Evaluate a clipped variant too (needs --model/--data): max_abs=C, percentile=P... (repeatable).",
            "override": "Per-pattern setting: a bound ('*.bias:max_abs=1') for the rules and the clipped variants, "
@@ -593,7 +599,8 @@ def audit(run: tuple[str, ...], out: str, clips: tuple[str, ...], tolerance: flo
     try:
         result = run_audit(_open_run(run, kw["sort"], kw["key"]), out, model=model, data=data, clips=clips,
                            settings=settings, eval_options=options, tolerance=tolerance, reference=kw["reference"],
-                           sort=kw["sort"], key=kw["key"], progress=progress, tensorboard=kw["tensorboard"])
+                           sort=kw["sort"], key=kw["key"], progress=progress, tensorboard=kw["tensorboard"],
+                           scheduler=kw["scheduler"])
     finally:
         progress.close()
     counts = result.flags.flags.severity.value_counts()

@@ -400,6 +400,53 @@ def _run_findings(result: AnalysisResult, settings: FlagSettings, norms: dict[tu
     return out
 
 
+class ElementChecker:
+    """The element rules of ``flag``, called on each tensor version :func:`analyze` reads (its ``visit``).
+
+    ``found[(checkpoint, tensor)]``: that version's findings; ``norms``: the L2 norms
+    ``norm_growth`` compares; ``checked``: versions whose elements were looked at.
+    :meth:`fresh` and :meth:`absorb` let copies run where the tensors are (Dask workers).
+
+    >>> import torch
+    >>> from auditclip.stats import describe
+    >>> check = ElementChecker(flag_settings(options={"max_abs": 0.01}, search=False), ["w"])
+    >>> t = torch.tensor([0.001, 0.5, -0.002])
+    >>> copy = check.fresh()
+    >>> copy("step_1", "w", t, describe(t))
+    >>> check.absorb(copy)
+    >>> [f["rule"] for f in check.found[("step_1", "w")]], check.checked
+    (['range'], 1)
+    """
+
+    def __init__(self, settings: FlagSettings, names: Collection[str],
+                 kinds: tuple[frozenset[str], frozenset[str]] | None = None) -> None:
+        self.settings, self.names, self.kinds = settings, names, kinds
+        self.rules_for = _rules_cache(settings, names, kinds)
+        self.found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.norms: dict[tuple[str, str], float] = {}
+        self.checked = 0  # tensor versions with elements the rules looked at
+
+    def __call__(self, label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
+        rules = self.rules_for(name)
+        findings = element_findings(name, tensor, summary, self.settings, rules=rules)  # type: ignore[arg-type]
+        if findings:
+            self.found[(label, name)] = findings
+        if rules.on("norm_growth"):
+            self.norms[(label, name)] = summary.stats["l2_norm"]
+        if tensor.numel():
+            self.checked += 1  # ints and the GIL make this safe across walker threads
+
+    def fresh(self) -> ElementChecker:
+        """An empty checker with the same settings."""
+        return ElementChecker(self.settings, self.names, self.kinds)
+
+    def absorb(self, other: ElementChecker) -> None:
+        """Take what a copy found (a version seen by two tasks, as a baseline, gives the same findings)."""
+        self.found.update(other.found)
+        self.norms.update(other.norms)
+        self.checked += other.checked
+
+
 def flag(
     run: RunLike,
     settings: FlagSettings | None = None,
@@ -410,6 +457,7 @@ def flag(
     progress: Any = None,
     visit: Any = None,
     device: str | None = None,
+    scheduler: str | None = None,
     **options: Any,
 ) -> FlagResult:
     """Check every tensor of a run against the rules; one row per finding (``flags.csv``).
@@ -418,7 +466,9 @@ def flag(
     directly: ``max_abs``, ``range``, ``zscore``, ``jump``, ``norm_growth``,
     ``spike``, ``include``, ``exclude``, ``fail_on``. ``visit``: a further
     :data:`auditclip.analysis.Visitor`, called on every tensor version read, as the rules are.
-    ``device``: where the statistics pass runs (:func:`auditclip.analysis.analyze`).
+    ``device``: where the statistics pass runs (:func:`auditclip.analysis.analyze`). ``scheduler``: a Dask cluster walks
+    the run (see :func:`auditclip.analysis.analyze`); ``visit`` then is not called (the tensors
+    are read on the workers).
 
     The sample WGAN critic, clipped to +-0.01 after every step, stays inside the bound;
     the run trained with too high a learning rate does not:
@@ -432,34 +482,23 @@ def flag(
     """
     if settings is None:
         settings = flag_settings(options=options, search=False)
-    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    norms: dict[tuple[str, str], float] = {}
-
-    checked = [0]  # tensor versions with elements the rules looked at
-
     run = open_run(run, sort=sort, key=key)
     names, kinds = _tensor_names(run)
-    rules_for = _rules_cache(settings, names, kinds)
-
+    checker = ElementChecker(settings, names, kinds)
+    found, norms, rules_for = checker.found, checker.norms, checker.rules_for
     also = visit
 
     def check(label: str, name: str, tensor: torch.Tensor, summary: TensorSummary) -> None:
-        if also is not None:
-            also(label, name, tensor, summary)
-        rules = rules_for(name)
-        findings = element_findings(name, tensor, summary, settings, rules=rules)  # type: ignore[arg-type]
-        if findings:
-            found[(label, name)] = findings
-        if rules.on("norm_growth"):
-            norms[(label, name)] = summary.stats["l2_norm"]
-        if tensor.numel():
-            checked[0] += 1  # ints and the GIL make this safe across walker threads
+        also(label, name, tensor, summary)  # type: ignore[misc]
+        checker(label, name, tensor, summary)
 
     bound = bounds_of(settings, names, kinds)
     bounded = settings.rules.range is not None or any("range" in changes for _, changes in settings.overrides)
     result = analyze(run, include=settings.include, exclude=settings.exclude, reference=reference, sort=sort,
-                     key=key, progress=progress, visit=check, bounds=bound if bounded else None, device=device)
-    if not checked[0]:
+                     key=key, progress=progress, bounds=bound if bounded else None, device=device, scheduler=scheduler,
+                     # the element rules run where the tensors are (Dask workers too); a further visitor only here
+                     visit=check if also is not None and scheduler is None else checker)
+    if not checker.checked:
         raise InputError(f"nothing was checked, so the gate cannot pass: {_why_nothing(result, settings)}")
     order = {c.label: i for i, c in enumerate(result.run)}
     steps = {c.label: c.step for c in result.run}

@@ -67,6 +67,10 @@ OPTIONS: dict[str, Option] = {
     "io_workers": _o("--io-workers", type=click.IntRange(1), default=8, show_default=True, metavar="N",
                      help="Ranged reads in flight at once for runs named by URL (s3://, gs://, az://, hf://, "
                           "https://)."),
+    "scheduler": _o("--scheduler", metavar="ADDRESS",
+                    help="Walk the tensors as tasks of a Dask cluster: tcp://HOST:PORT (a running dask scheduler) or "
+                         "local[:N] (N worker processes here); results do not change. Needs "
+                         "pip install 'auditclip[dask]'."),
     "top": _o("--top", default=10, show_default=True, type=click.IntRange(0), help="Tensors shown in the summary table."),
     # flag rules
     "range": _o("--range", "range_", metavar="LO:HI", help="Values must lie in [LO, HI] (rule range, error)."),

@@ -155,3 +155,14 @@ def test_drift_bound_option_adds_frac_at_bound_and_audit_writes_it_too(tmp_path:
     both = runner.invoke(cli, ["drift", str(tmp_path / "run"), "--max-abs", "1", "--range", "-1:1",
                                "--out", str(tmp_path / "e")])
     assert both.exit_code == 2 and "Error: give --range or --max-abs, not both" in both.output
+
+
+def test_workers_1_and_2_write_the_same_bytes(tmp_path: Path) -> None:
+    """torch's thread count is per OS thread: walker threads left at the default summed the
+    sample's 64x64 weights in another order than --workers 1 (and Dask's tasks), in the last bit."""
+    from conftest import invoke_cli
+
+    for n in ("1", "2"):
+        assert invoke_cli("drift", "sample_checkpoints/high_lr", "--workers", n, "--out", tmp_path / n).exit_code == 0
+    for name in ("stats.csv", "drift.csv"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
