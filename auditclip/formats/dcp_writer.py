@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import struct
 import zipfile
 import zlib
@@ -43,10 +42,8 @@ import torch
 
 from auditclip.errors import CheckpointError
 from auditclip.formats.dcp import DcpChunk, DcpIndex, DcpTensor, read_dcp_tensor
-from auditclip.formats.pinned import PinnedFile
 from auditclip.formats.torch_zip import zip_records
-from auditclip.formats.writers import PROVENANCE_SUFFIX
-from auditclip.output import atomic_path
+from auditclip.formats.writers import patchable_copies
 
 __all__ = ["rewrite_dcp_folder"]
 
@@ -108,24 +105,8 @@ def rewrite_dcp_folder(index: DcpIndex, dst: str | os.PathLike[str], keys: Itera
     with ExitStack() as stack:
         handles: dict[str, Any] = {}
         if not dry_run:
-            dst.mkdir(parents=True, exist_ok=True)
-            # an input's provenance record (a clip of a clip) is not copied: the caller writes the output's
-            for src in sorted(p for p in index.folder.iterdir() if p.is_file() and not p.name.endswith(PROVENANCE_SUFFIX)):
-                if src.is_symlink():
-                    raise CheckpointError(src, "is a symlink; clip copies only the files of the DCP folder",
-                                          kind="unsafe")
-                f = PinnedFile(src)
-                stack.callback(f.close)
-                st = os.fstat(f.fd)
-                if src.name in index.files and index.files[src.name] != (st.st_size, st.st_mtime_ns, st.st_ino):
-                    raise CheckpointError(src, "changed since the checkpoint was indexed: a trainer is probably "
-                                               "still writing it", kind="changed")
-                tmp = stack.enter_context(atomic_path(dst / src.name))
-                out = stack.enter_context(open(tmp, "w+b"))
-                with f.dup() as fh:
-                    shutil.copyfileobj(fh, out, 1 << 20)
-                f.check()
-                handles[src.name] = out
+            handles = {name: out for name, (_, out) in
+                       patchable_copies(index.folder, dst, index.files, stack, "DCP folder").items()}
         for key in keys:
             entry = index.tensor(key)
             if not entry.numel:

@@ -40,7 +40,6 @@ whose fp32 master copy is an unnamed list inside ``module``'s file.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -50,11 +49,9 @@ import torch
 from auditclip.errors import CheckpointError
 from auditclip.formats.deepspeed import DeepSpeedIndex, DeepSpeedPiece, DeepSpeedTensor, read_deepspeed_tensor
 from auditclip.formats.dtypes import torch_dtype
-from auditclip.formats.pinned import PinnedFile
 from auditclip.formats.torch_pickle import zip_byteorder
 from auditclip.formats.torch_zip import ZipRecord, fix_crcs, zip_records
-from auditclip.formats.writers import PROVENANCE_SUFFIX
-from auditclip.output import atomic_path
+from auditclip.formats.writers import patchable_copies
 
 __all__ = ["Transform", "copies_of", "rewrite_deepspeed_tag"]
 
@@ -87,27 +84,13 @@ class _Outputs:
     def __init__(self, index: DeepSpeedIndex, dst: Path, stack: ExitStack) -> None:
         self.index, self.handles, self.records = index, {}, {}
         self.dirty: dict[str, set[int]] = {}
-        # an input's provenance record (a clip of a clip) is not copied: the caller writes the output's
-        for src in sorted(p for p in index.folder.iterdir() if p.is_file() and not p.name.endswith(PROVENANCE_SUFFIX)):
-            if src.is_symlink():
-                raise CheckpointError(src, "is a symlink; clip copies only the files of the DeepSpeed tag folder",
-                                      kind="unsafe")
-            f = PinnedFile(src)
-            stack.callback(f.close)
-            if src.name in index.files and index.files[src.name] != f.stamp:
-                raise CheckpointError(src, "changed since the checkpoint was indexed: a trainer is probably still "
-                                           "writing it", kind="changed")
-            tmp = stack.enter_context(atomic_path(dst / src.name))
-            out = stack.enter_context(open(tmp, "w+b"))
-            with f.dup() as fh:
-                shutil.copyfileobj(fh, out, 1 << 20)
-            f.check()
-            self.handles[src.name] = out
-            if src.name in index.files:  # a file the index reads tensors from: its zip records
+        for name, (f, out) in patchable_copies(index.folder, dst, index.files, stack, "DeepSpeed tag folder").items():
+            self.handles[name] = out
+            if name in index.files:  # a file the index reads tensors from: its zip records
                 if zip_byteorder(f) not in (None, "little"):
-                    raise CheckpointError(src, "records big-endian tensors; clip writes little-endian files only",
+                    raise CheckpointError(f.path, "records big-endian tensors; clip writes little-endian files only",
                                           kind="unsupported")
-                self.records[src.name] = zip_records(f)
+                self.records[name] = zip_records(f)
 
     def write(self, piece: DeepSpeedPiece, values: torch.Tensor) -> None:
         """Write ``values`` (the piece's elements, in order) over the piece's bytes."""

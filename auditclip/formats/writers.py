@@ -16,14 +16,16 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..output import atomic_path
 from .dtypes import CODE_OF, SAFETENSORS, dtype_name
+from .pinned import PinnedFile
 from .remote import open_binary
 
 
@@ -182,3 +184,43 @@ def write_provenance(dest: str | os.PathLike[str], fields: dict[str, Any]) -> Pa
     {'auditclip_spec': 'max_abs=1'}
     """
     return write_json(fields, provenance_file(dest))
+
+
+def patchable_copies(folder: Path, dst: Path, stamps: dict[str, tuple[int, ...]], stack: ExitStack,
+                     what: str) -> dict[str, tuple[Any, BinaryIO]]:
+    """Copy every file of ``folder`` to a temporary file in ``dst``, open for patching in place.
+
+    For the writers that rewrite a multi-file checkpoint (a DeepSpeed tag, a DCP folder):
+    each file is copied byte for byte through a ``PinnedFile`` (a file changed while copied,
+    or since it was indexed, when ``stamps`` has its name, is ``changed``), and each copy is
+    renamed into place when ``stack`` closes without error; on an error none is. A symlink
+    is refused (``unsafe``); an input's provenance record is not copied (the caller writes
+    the output's). Returns, by file name, the open source and the copy (``w+b``).
+
+    >>> import tempfile
+    >>> from contextlib import ExitStack
+    >>> src, dst = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    >>> _ = (src / "a.bin").write_bytes(b"abc")
+    >>> with ExitStack() as stack:
+    ...     files = patchable_copies(src, dst, {}, stack, "folder")
+    ...     _ = files["a.bin"][1].seek(1), files["a.bin"][1].write(b"X")
+    >>> (dst / "a.bin").read_bytes()
+    b'aXc'
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    copies: dict[str, tuple[Any, BinaryIO]] = {}
+    for src in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(PROVENANCE_SUFFIX)):
+        if src.is_symlink():
+            raise CheckpointError(src, f"is a symlink; clip copies only the files of the {what}", kind="unsafe")
+        f = PinnedFile(src)
+        stack.callback(f.close)
+        if src.name in stamps and stamps[src.name] != f.stamp:
+            raise CheckpointError(src, "changed since the checkpoint was indexed: a trainer is probably still "
+                                       "writing it", kind="changed")
+        tmp = stack.enter_context(atomic_path(dst / src.name))
+        out = stack.enter_context(open(tmp, "w+b"))
+        with f.dup() as fh:
+            shutil.copyfileobj(fh, out, 1 << 20)
+        f.check()
+        copies[src.name] = (f, out)
+    return copies
