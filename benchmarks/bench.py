@@ -190,7 +190,7 @@ def main() -> None:
                 continue
             print(f"{name:28} {secs:8.2f} {total_mb / 1e3 / secs:7.2f} "
                   f"{net(total_mb, secs, bare_s):9.2f} {mem / 1e6:13.0f}")
-        a, c = rows["(a) auditclip drift"], rows["(c) floor: read+sum"]
+        a = rows["(a) auditclip drift"]
         a_net = net(total_mb, a[0], bare_s)
         floor_rate = total_mb / 1e3 / floor_loop  # its read-and-sum loop alone: net of start-up
         clip_mb = sum(p.stat().st_size for p in clip_out.glob("*.safetensors")) / 1e6
